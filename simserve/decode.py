@@ -1,0 +1,103 @@
+"""Safe image decoding: untrusted bytes -> RGB PIL image, or a typed DecodeError.
+
+The single place where bytes become pixels, for the server, the batch tools
+and training alike. The pixel limit is checked from the header, before any
+pixel is decoded, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 6,000 photo
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+
+class DecodeError(ValueError):
+    """An image that cannot be used; ``reason`` is a stable machine-readable code.
+
+    Reasons: ``empty``, ``too_large`` (bytes), ``too_many_pixels``,
+    ``undecodable``, ``truncated``, ``bad_dimensions``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
+    """Decode any Pillow-readable image to RGB: EXIF orientation applied,
+    first frame of an animation, transparency composited over white."""
+    if not data:
+        raise DecodeError("empty", "image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise DecodeError("too_large", f"image is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise DecodeError("bad_dimensions", f"image has zero size ({w}x{h})")
+            if w * h > max_pixels:
+                raise DecodeError("too_many_pixels", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError("too_many_pixels", f"image exceeds the pixel limit: {e}") from None
+    except UnidentifiedImageError:
+        raise DecodeError("undecodable", "bytes are not an image format this server can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e)
+        reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "undecodable"
+        raise DecodeError(reason, f"image could not be decoded: {msg or type(e).__name__}") from None
+    return to_rgb(img)
+
+
+def decode_file(path: str | os.PathLike, **limits: int) -> Image.Image:
+    with open(path, "rb") as f:
+        return decode_image(f.read(), **limits)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert every Pillow mode to 8-bit RGB, with the right scaling for deep modes."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img))).convert("RGB")
+    return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """Scale a 16/32-bit or float grey image to 0..255 by the range its type implies."""
+    a = a.astype(np.float64)
+    if a.size == 0:
+        return a.astype(np.uint8)
+    hi = float(a.max())
+    if hi <= 1.0 and float(a.min()) >= 0.0 and not np.all(a == np.round(a)):
+        a = a * 255.0  # float image in [0, 1]
+    elif hi > 255.0:
+        a = a / (257.0 if hi <= 65535.0 else hi / 255.0)
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)

@@ -1,0 +1,4 @@
+"""Training code for simserve: data sources, pair sampling, losses, loop, evaluation.
+
+Never imported by the serving path.
+"""

@@ -1,0 +1,60 @@
+"""Losses and miners as small composable parts (pytorch-metric-learning style).
+
+A batch is two views, ``za[i]`` and ``zb[i]``, of items with ``labels[i]``;
+any (i, j) with equal labels is a positive, so the same code serves
+self-supervised copy pairs (every label unique) and class data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+    """Symmetric InfoNCE with every same-label entry counted as a positive (SupCon form)."""
+    logits = za @ zb.t() / tau
+    pos = (labels[:, None] == labels[None, :]).float()
+
+    def one_side(lg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        log_prob = lg - torch.logsumexp(lg, dim=1, keepdim=True)
+        return -((log_prob * p).sum(1) / p.sum(1)).mean()
+
+    return 0.5 * (one_side(logits, pos) + one_side(logits.t(), pos.t()))
+
+
+def contrastive(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """Classic contrastive loss on cosine distance over all cross-view pairs."""
+    dist = 1.0 - za @ zb.t()
+    pos = labels[:, None] == labels[None, :]
+    pos_loss = dist[pos].pow(2).mean()
+    neg = F.relu(margin - dist[~pos])
+    neg_loss = neg.pow(2).sum() / neg.gt(0).sum().clamp(min=1)
+    return pos_loss + neg_loss
+
+
+METRIC_LOSSES = {"infonce": info_nce, "contrastive": contrastive}
+
+
+@torch.no_grad()
+def hardest_negatives(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """For each i, the j whose view-b embedding is most similar to za[i] among other labels."""
+    sim = za @ zb.t()
+    sim = sim.masked_fill(labels[:, None] == labels[None, :], float("-inf"))
+    return sim.argmax(dim=1)
+
+
+@torch.no_grad()
+def random_negatives(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each i, a random j with a different label (itself if none exists; masked out by the caller)."""
+    n = labels.shape[0]
+    scores = torch.rand(n, n, generator=generator)
+    scores = scores.masked_fill(labels[:, None] == labels[None, :], -1.0)
+    return scores.argmax(dim=1)
+
+
+def pair_bce(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+    """Balanced BCE: positives and negatives weigh the same whatever their counts."""
+    pos = F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits))
+    neg = F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits))
+    return 0.5 * (pos + neg)

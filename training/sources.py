@@ -1,0 +1,181 @@
+"""Image sources: labelled collections of images that pair samplers draw from.
+
+Every source yields in-memory PIL images (decoded once with the safe decoder,
+downsized to ``max_side``) and an integer label: the class for class data,
+the image's own index for self-supervised copy pairs. Where each source
+comes from, and its licence, is in its docstring and in the model card.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from simserve.decode import DecodeError, decode_file
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist, MIT
+TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")  # Debian tuxpaint-stamps-default, GPL-2
+OPENCLIPART_DIR = Path("/usr/share/openclipart/png")  # Debian openclipart-png, public domain
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageSet:
+    """Images with integer labels and a name for each (for reports)."""
+
+    images: list[Image.Image]
+    labels: np.ndarray
+    names: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx: np.ndarray | list[int]) -> "ImageSet":
+        idx = list(idx)
+        return ImageSet(
+            [self.images[i] for i in idx],
+            self.labels[idx],
+            [self.names[i] for i in idx] if self.names else [],
+            self.classes,
+        )
+
+    def __add__(self, other: "ImageSet") -> "ImageSet":
+        offset = int(self.labels.max()) + 1 if len(self) else 0
+        return ImageSet(
+            self.images + other.images,
+            np.concatenate([self.labels, other.labels + offset]),
+            self.names + other.names,
+            self.classes + other.classes,
+        )
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root} (is the Debian package installed? see README)")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def _load_one(path: Path, max_side: int, trim: bool) -> Image.Image | None:
+    try:
+        img = decode_file(path)
+    except (DecodeError, OSError):
+        return None
+    if trim:  # clip art: cut the empty white margin so crops land on content
+        bbox = Image.eval(img.convert("L"), lambda v: 255 - v).getbbox()
+        if bbox is None:
+            return None
+        img = img.crop(bbox)
+    if min(img.size) < 8:
+        return None
+    img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return img
+
+
+def load_paths(paths: list[Path], labels: list[int], max_side: int, trim: bool = False, workers: int = 4) -> ImageSet:
+    """Decode many files in threads (Pillow releases the GIL while decoding)."""
+    with ThreadPoolExecutor(workers) as ex:
+        imgs = list(ex.map(lambda p: _load_one(p, max_side, trim), paths))
+    keep = [i for i, im in enumerate(imgs) if im is not None]
+    return ImageSet([imgs[i] for i in keep], np.asarray([labels[i] for i in keep], dtype=np.int64), [str(paths[i]) for i in keep])
+
+
+def image_folder(root: str | os.PathLike, max_side: int = 192, trim: bool = False) -> ImageSet:
+    """A user's folder of class sub-folders (torchvision ImageFolder layout): label = sub-folder."""
+    root = Path(root)
+    paths = list_images(root)
+    classes = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
+    if not classes:
+        raise ValueError(f"{root}: expected class sub-folders (ImageFolder layout), found none")
+    index = {c: i for i, c in enumerate(classes)}
+    paths = [p for p in paths if len(p.relative_to(root).parts) > 1]
+    s = load_paths(paths, [index[p.relative_to(root).parts[0]] for p in paths], max_side, trim)
+    s.classes = classes
+    return s
+
+
+def instance_folder(root: str | os.PathLike, max_side: int = 192, trim: bool = False) -> ImageSet:
+    """Every image in a folder tree as its own instance (label = index): copy-pair data."""
+    paths = list_images(root)
+    s = load_paths(paths, list(range(len(paths))), max_side, trim)
+    s.labels = np.arange(len(s), dtype=np.int64)
+    return s
+
+
+def tuxpaint(max_side: int = 192) -> ImageSet:
+    """Tux Paint stamps (Debian tuxpaint-stamps-default, GPL-2): ~800 object cut-outs, 121 categories."""
+    return image_folder(TUXPAINT_DIR, max_side, trim=True)
+
+
+def openclipart(max_side: int = 192) -> ImageSet:
+    """Open Clip Art Library (Debian openclipart-png, public domain dedication): ~8,000 drawings."""
+    return image_folder(OPENCLIPART_DIR, max_side, trim=True)
+
+
+def skimage_photos(max_side: int = 192) -> ImageSet:
+    """The natural photos bundled with scikit-image (skimage/data; BSD/CC0/public domain, see its README)."""
+    import skimage.data
+
+    root = Path(skimage.data.__file__).parent
+    keep = [p for p in sorted(root.glob("*")) if p.suffix.lower() in {".png", ".jpg"}]
+    return load_paths(keep, list(range(len(keep))), max_side)
+
+
+def fashion_mnist(split: str = "train") -> ImageSet:
+    """Fashion-MNIST (Debian dataset-fashion-mnist, MIT licence): 28x28 grey, 10 classes."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = _read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")
+    labels = _read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    return ImageSet([Image.fromarray(a, "L") for a in images], labels, [f"{split}/{i}" for i in range(len(labels))], classes)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: install the Debian package dataset-fashion-mnist")
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    _, _, dtype, ndim = struct.unpack(">BBBB", data[:4])
+    if dtype != 0x08:
+        raise ValueError(f"{path}: unsupported idx dtype {dtype:#x}")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def holdout_split(names: list[str], fraction: float, salt: str = "simserve") -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic split by a hash of each name: stable across runs, machines and ordering."""
+    h = np.array([int(hashlib.sha256(f"{salt}:{n}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for n in names])
+    held = h < fraction
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+SOURCES = {
+    "tuxpaint": tuxpaint,
+    "openclipart": openclipart,
+    "skimage": skimage_photos,
+}
+
+
+def load_sources(names: list[str], max_side: int) -> ImageSet:
+    """Several named sources as one instance set (every image its own label)."""
+    out: ImageSet | None = None
+    for n in names:
+        if n in SOURCES:
+            s = SOURCES[n](max_side)
+        elif Path(n).is_dir():
+            s = instance_folder(n, max_side)
+        else:
+            raise ValueError(f"unknown source {n!r}; known: {sorted(SOURCES)}, or a folder path")
+        out = s if out is None else out + s
+    assert out is not None
+    out.labels = np.arange(len(out), dtype=np.int64)
+    return out

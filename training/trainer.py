@@ -1,0 +1,222 @@
+"""The training loop: one function, ``train``, driven by a recipe.
+
+Reproducible: a run is fixed by (recipe, seed). Data order and every
+augmentation are seeded by (seed, epoch, index), the model by the seed, and
+checkpoints (written atomically at every epoch end) carry the optimiser and
+the epoch, so ``--resume`` continues exactly where the run stopped. Under
+``torchrun`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import simserve
+from simserve.config import ModelConfig
+from simserve.model import SiameseNet, build_model, save_checkpoint
+from simserve.model.heads import set_temperature
+from training import sources
+from training.augment import CopyAugment, LightAugment
+from training.evaluate import evaluate_class, evaluate_copy
+from training.losses import METRIC_LOSSES, hardest_negatives, pair_bce, random_negatives
+from training.pairs import EpochBatchSampler, PairDataset
+from training.recipe import Recipe, TrainSettings
+
+
+class TrainStep(nn.Module):
+    """The whole forward pass of one step, in one module so DDP syncs all of it.
+
+    Both views go through the tower as one batch; the head sees every
+    positive pair, each anchor's hardest in-batch negative and a random one.
+    """
+
+    def __init__(self, model: SiameseNet, settings: TrainSettings) -> None:
+        super().__init__()
+        self.model = model
+        self.metric = METRIC_LOSSES[settings.metric_loss]
+        self.metric_weight = settings.metric_weight
+        self.metric_kw = {"tau": settings.tau} if settings.metric_loss == "infonce" else {}
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        # channels_last: ~1.7x faster depthwise convs on CPU (measured, batch 256 at 96 px).
+        fmap, emb = self.model.tower(torch.cat([a, b]).contiguous(memory_format=torch.channels_last))
+        fa, fb = fmap.split(a.shape[0])
+        za, zb = emb.split(a.shape[0])
+        metric = self.metric(za, zb, labels, **self.metric_kw)
+        hard = hardest_negatives(za, zb, labels)
+        rand = random_negatives(labels, gen)
+        valid = labels[rand] != labels  # a batch of one class has no negative
+        neg_b = torch.cat([fb[hard], fb[rand][valid]])
+        neg_a = torch.cat([fa, fa[valid]])
+        # One head call over positives and negatives together: with separate
+        # calls, batch norm could tell them apart by batch statistics alone.
+        logits = self.model.head(torch.cat([fa, neg_a]), torch.cat([fb, neg_b]))
+        pos_logits, neg_logits = logits[: fa.shape[0]], logits[fa.shape[0] :]
+        bce = pair_bce(pos_logits, neg_logits)
+        loss = bce + self.metric_weight * metric
+        with torch.no_grad():
+            acc = 0.5 * ((pos_logits > 0).float().mean() + (neg_logits < 0).float().mean())
+        return loss, {"loss": loss.item(), "bce": bce.item(), "metric": metric.item(), "pair_acc": acc.item()}
+
+
+@dataclass
+class Data:
+    train: sources.ImageSet
+    held_out: sources.ImageSet
+    mode: str
+    augment: Any
+
+
+def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
+    d = recipe.data
+    mode = d.get("mode", "copy")
+    augment = CopyAugment(cfg.input_size) if d.get("augment", "copy") == "copy" else LightAugment(cfg.input_size)
+    if d.get("dataset") == "fashion-mnist":
+        return Data(sources.fashion_mnist("train"), sources.fashion_mnist("test"), mode, augment)
+    if "folder" in d:
+        loader = sources.image_folder if mode == "class" else sources.instance_folder
+        everything = loader(d["folder"], d.get("max_side", 192))
+    else:
+        everything = sources.load_sources(d["sources"], d.get("max_side", 192))
+    tr, ho = sources.holdout_split(everything.names, d.get("holdout", 0.15))
+    train_set, held = everything.subset(tr), everything.subset(ho)
+    if mode == "copy":  # every image its own identity
+        train_set.labels = np.arange(len(train_set), dtype=np.int64)
+        held.labels = np.arange(len(held), dtype=np.int64)
+    return Data(train_set, held, mode, augment)
+
+
+def evaluate(model: SiameseNet, data: Data, recipe: Recipe, quick: bool = False) -> dict[str, float]:
+    e = recipe.eval
+    if data.mode == "copy":
+        return evaluate_copy(model, data.held_out, data.augment, n_queries=200 if quick else e.get("queries", 1000))
+    return evaluate_class(
+        model, data.held_out, n_pairs=1000 if quick else e.get("pairs", 5000), n_queries=500 if quick else e.get("queries", 2000)
+    )
+
+
+def lr_at(step: int, total: int, s: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to 1% of the peak."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    p = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+    return s.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def temperature_at(step: int, total: int, s: TrainSettings) -> float:
+    p = min(1.0, step / max(1.0, s.temperature_fraction * total))
+    return s.temperature_start * (s.temperature_end / s.temperature_start) ** p
+
+
+def _dist_setup() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    final_eval: bool = True,
+    data: Data | None = None,
+) -> dict[str, Any]:
+    """Train per ``recipe`` into ``out_dir`` (last.pt, model.pt, metrics.json, log.jsonl)."""
+    out = Path(out_dir)
+    rank, world = _dist_setup()
+    s = recipe.train
+    threads = s.threads or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(max(1, threads))
+    torch.manual_seed(recipe.seed)
+    cfg = ModelConfig().replace(**ModelConfig.from_dict(recipe.model).to_dict()) if recipe.model else ModelConfig()
+    model = build_model(cfg).to(memory_format=torch.channels_last)
+    step_module: nn.Module = TrainStep(model, s)
+    data = data or load_data(recipe, cfg)
+    dataset = PairDataset(data.train, data.mode, data.augment, cfg, recipe.seed)
+    sampler = EpochBatchSampler(len(dataset), s.batch_size, s.steps_per_epoch, recipe.seed, rank, world)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers, persistent_workers=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    start_epoch, history = 0, []
+    ckpt = out / "last.pt"
+    if resume and ckpt.exists():
+        payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(payload["model"])
+        opt.load_state_dict(payload["optimizer"])
+        start_epoch, history = int(payload["epoch"]), json.loads(payload["history"])
+        if rank == 0:
+            print(f"resuming {ckpt} at epoch {start_epoch}", file=sys.stderr)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module)
+    total = s.epochs * s.steps_per_epoch
+    t_start = time.time()
+    for epoch in range(start_epoch, s.epochs):
+        model.train()
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not progress or rank != 0, unit="step", leave=False)
+        sums: dict[str, float] = {}
+        t0 = time.time()
+        for i, (a, b, labels) in enumerate(bar):
+            gstep = epoch * s.steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = lr_at(gstep, total, s)
+            set_temperature(model, temperature_at(gstep, total, s))
+            gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + gstep)
+            loss, stats = step_module(a, b, labels, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['pair_acc']:.3f}")
+        n = max(1, len(loader))
+        row = {k: v / n for k, v in sums.items()}
+        row.update(epoch=epoch + 1, seconds=time.time() - t0, pairs_per_s=len(loader) * s.batch_size / (time.time() - t0))
+        history.append(row)
+        if rank == 0:
+            save_checkpoint(ckpt, model, optimizer=opt.state_dict(), epoch=epoch + 1, history=json.dumps(history), recipe=json.dumps(recipe.to_dict()))
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if progress:
+                print(f"epoch {epoch + 1}/{s.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), file=sys.stderr)
+        if world > 1:
+            dist.barrier()
+    set_temperature(model, s.temperature_end)
+    result: dict[str, Any] = {"history": history, "train_seconds": time.time() - t_start}
+    if rank == 0:
+        metrics = evaluate(model, data, recipe) if final_eval else {}
+        result.update(
+            metrics=metrics,
+            recipe=recipe.to_dict(),
+            config=cfg.to_dict(),
+            seed=recipe.seed,
+            world_size=world,
+            simserve_version=simserve.__version__,
+            torch_version=torch.__version__,
+            machine=f"{platform.machine()} {os.cpu_count()} cpus",
+            train_images=len(data.train),
+            held_out_images=len(data.held_out),
+        )
+        save_checkpoint(out / "model.pt", model, metrics=json.dumps(metrics), recipe=json.dumps(recipe.to_dict()))
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()
+    return result
