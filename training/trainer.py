@@ -130,6 +130,25 @@ def _dist_setup() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def _average_buffers(model: nn.Module) -> None:
+    """DDP syncs gradients, not batch-norm statistics: average those over ranks at the end."""
+    world = dist.get_world_size()
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+
+
+def _max_weight_diff_across_ranks(model: nn.Module) -> float:
+    """Largest |w_rank - w_rank0| over all parameters and buffers: 0.0 when DDP kept ranks in sync."""
+    flat = torch.cat([t.detach().float().reshape(-1) for t in model.state_dict().values()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
 def train(
     recipe: Recipe,
     out_dir: str | os.PathLike,
@@ -201,6 +220,9 @@ def train(
             dist.barrier()
     set_temperature(model, s.temperature_end)
     result: dict[str, Any] = {"history": history, "train_seconds": time.time() - t_start}
+    if world > 1:
+        _average_buffers(model)
+        result["ddp_max_weight_diff"] = _max_weight_diff_across_ranks(model)
     if rank == 0:
         metrics = evaluate(model, data, recipe) if final_eval else {}
         result.update(

@@ -1,0 +1,142 @@
+"""Inference engines: one interface, two backends.
+
+- ``onnx`` (default, the serving backend): ONNX Runtime over the bundle's
+  graphs; needs neither torch nor the training code.
+- ``torch`` (the reference): the eager model rebuilt from the manifest's
+  config and the bundle's npz weights; used to check parity.
+
+Arrays in, arrays out: ``embed`` takes preprocessed NCHW float32 and returns
+(features, L2-normalised embeddings); ``fuse`` takes two feature batches and
+returns scores in [0, 1]. The image-level helpers sit on top.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from simserve.bundle import HEAD_FILE, TOWER_FILE, WEIGHTS_FILE, Bundle, load_bundle
+from simserve.preprocess import to_array
+
+BACKENDS = ("onnx", "torch")
+
+
+def default_threads() -> int:
+    """All the cores this process may use (respects taskset / cgroup affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Engine(ABC):
+    def __init__(self, bundle: Bundle, max_batch: int = 64) -> None:
+        self.bundle = bundle
+        self.config = bundle.config
+        self.max_batch = max_batch
+
+    @abstractmethod
+    def _embed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @abstractmethod
+    def _fuse(self, fa: np.ndarray, fb: np.ndarray) -> np.ndarray: ...
+
+    def embed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed [n, C, S, S] float32 -> (features [n, C', h, w], embeddings [n, d])."""
+        if len(x) == 0:
+            d = self.bundle.embedding_dim
+            return np.zeros((0, *self.bundle.manifest["feature_shape"]), np.float32), np.zeros((0, d), np.float32)
+        parts = [self._embed(x[s : s + self.max_batch]) for s in range(0, len(x), self.max_batch)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def fuse(self, fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
+        """Two feature batches -> similarity scores in [0, 1] (symmetric)."""
+        if len(fa) == 0:
+            return np.zeros((0,), np.float32)
+        return np.concatenate([self._fuse(fa[s : s + self.max_batch], fb[s : s + self.max_batch]) for s in range(0, len(fa), self.max_batch)])
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        c = self.config
+        return np.stack([to_array(im, c.input_size, c.mean, c.std) for im in images]) if images else np.zeros((0, c.in_channels, c.input_size, c.input_size), np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        return self.embed(self.preprocess(images))
+
+    def score_images(self, pairs: Sequence[tuple[Image.Image, Image.Image]]) -> np.ndarray:
+        """Each distinct image goes through the tower once, however many pairs use it."""
+        index: dict[int, int] = {}
+        unique: list[Image.Image] = []
+        for a, b in pairs:
+            for im in (a, b):
+                if id(im) not in index:
+                    index[id(im)] = len(unique)
+                    unique.append(im)
+        feats, _ = self.embed_images(unique)
+        ia = np.array([index[id(a)] for a, _ in pairs], dtype=np.int64)
+        ib = np.array([index[id(b)] for _, b in pairs], dtype=np.int64)
+        return self.fuse(feats[ia], feats[ib])
+
+
+class OnnxEngine(Engine):
+    def __init__(self, bundle: Bundle, threads: int | None = None, max_batch: int = 64) -> None:
+        super().__init__(bundle, max_batch)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        self.tower = ort.InferenceSession(str(bundle.file(TOWER_FILE)), opts, providers=providers)
+        self.head = ort.InferenceSession(str(bundle.file(HEAD_FILE)), opts, providers=providers)
+
+    def _embed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f, e = self.tower.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})
+        return f, e
+
+    def _fuse(self, fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
+        (s,) = self.head.run(None, {"features_a": np.ascontiguousarray(fa, np.float32), "features_b": np.ascontiguousarray(fb, np.float32)})
+        return s
+
+
+class TorchEngine(Engine):
+    """Eager PyTorch, the reference for parity (imports torch and simserve.model)."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, max_batch: int = 64) -> None:
+        super().__init__(bundle, max_batch)
+        import torch
+
+        from simserve.model import build_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.model = build_model(self.config)
+        with np.load(bundle.file(WEIGHTS_FILE), allow_pickle=False) as w:
+            self.model.load_state_dict({k: torch.from_numpy(w[k]) for k in w.files})
+        self.model.eval()
+
+    def _embed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._torch.inference_mode():
+            f, e = self.model.embed(self._torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        return f.numpy(), e.numpy()
+
+    def _fuse(self, fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
+        t = self._torch
+        with t.inference_mode():
+            return t.sigmoid(self.model.fuse(t.from_numpy(np.ascontiguousarray(fa)), t.from_numpy(np.ascontiguousarray(fb)))).numpy()
+
+
+def load_engine(bundle: str | os.PathLike | Bundle | None = None, backend: str = "onnx", threads: int | None = None, max_batch: int = 64) -> Engine:
+    """The engine for a bundle path (or the shipped default model when None)."""
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if backend == "onnx":
+        return OnnxEngine(b, threads, max_batch)
+    if backend == "torch":
+        return TorchEngine(b, threads, max_batch)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

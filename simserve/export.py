@@ -1,0 +1,106 @@
+"""Checkpoint -> bundle: ONNX tower and head with a dynamic batch, npz weights, manifest.
+
+Uses the TorchScript-based exporter (``dynamo=False``): one self-contained
+file per graph, no onnxscript dependency, and it keeps the batch dynamic.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import simserve
+from simserve.bundle import FORMAT, FORMAT_VERSION, HEAD_FILE, MANIFEST, TOWER_FILE, WEIGHTS_FILE, sha256_file
+from simserve.model import SiameseNet, load_checkpoint
+
+OPSET = 17
+
+
+class _Head(nn.Module):
+    def __init__(self, model: SiameseNet) -> None:
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(fa, fb))
+
+
+def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write a bundle atomically: built in a temp folder, then renamed into place."""
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    cfg = model.cfg
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
+    try:
+        x = torch.zeros(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+        with torch.no_grad():
+            fmap, emb = model.tower(x)
+        torch.onnx.export(
+            model.tower, (x,), str(tmp / TOWER_FILE), dynamo=False, opset_version=OPSET,
+            input_names=["images"], output_names=["features", "embeddings"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}, "embeddings": {0: "batch"}},
+        )
+        torch.onnx.export(
+            _Head(model), (fmap, fmap.flip(0)), str(tmp / HEAD_FILE), dynamo=False, opset_version=OPSET,
+            input_names=["features_a", "features_b"], output_names=["scores"],
+            dynamic_axes={"features_a": {0: "batch"}, "features_b": {0: "batch"}, "scores": {0: "batch"}},
+        )
+        np.savez(tmp / WEIGHTS_FILE, **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+        metrics = metrics or {}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "simserve_version": simserve.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": cfg.to_dict(),
+            "preprocess": {
+                "input_size": cfg.input_size,
+                "resize": "squash, bilinear (whole image to a square; no crop)",
+                "colour_mode": cfg.colour_mode,
+                "mean": list(cfg.mean),
+                "std": list(cfg.std),
+                "layout": "NCHW float32",
+            },
+            "embedding_dim": cfg.embed_dim,
+            "feature_shape": list(fmap.shape[1:]),
+            "threshold": {
+                "score": float(metrics.get("threshold", 0.5)),
+                "precision": metrics.get("precision"),
+                "recall": metrics.get("recall"),
+                "accuracy": metrics.get("pair_accuracy"),
+                "note": "best-accuracy threshold on the held-out validation pairs",
+            },
+            "metrics": metrics,
+            "onnx_opset": OPSET,
+            "torch_version": torch.__version__,
+            **(extra or {}),
+        }
+        manifest["files"] = {
+            name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+            for name in (TOWER_FILE, HEAD_FILE, WEIGHTS_FILE)
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    model, payload = load_checkpoint(checkpoint)
+    metrics = json.loads(payload["metrics"]) if isinstance(payload.get("metrics"), str) else {}
+    recipe = json.loads(payload["recipe"]) if isinstance(payload.get("recipe"), str) else None
+    return export_bundle(model, out_dir, metrics, {"recipe": recipe} if recipe else None)

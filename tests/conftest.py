@@ -1,0 +1,57 @@
+"""Shared fixtures: small sets of real images, written to disk in the test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("XDG_CACHE_HOME", str(Path(__file__).parent / ".cache"))
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fmnist_folder(tmp_path_factory) -> Path:
+    """An ImageFolder of real Fashion-MNIST test images: 10 classes x 24 PNGs."""
+    if not FASHION.exists():
+        pytest.fail("Fashion-MNIST missing: run ./scripts/install-data.sh (Debian dataset-fashion-mnist)")
+    from training.sources import fashion_mnist
+
+    data = fashion_mnist("test")
+    root = tmp_path_factory.mktemp("fmnist")
+    for c in range(10):
+        (root / f"class{c}").mkdir()
+        for k, i in enumerate(np.flatnonzero(data.labels == c)[:24]):
+            data.images[i].save(root / f"class{c}" / f"{k}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    """Natural photos bundled with scikit-image (no download)."""
+    import skimage.data
+
+    root = Path(skimage.data.__file__).parent
+    names = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg"]
+    return {n.split(".")[0]: Image.open(root / n).convert("RGB") for n in names}
+
+
+def tiny_recipe_dict(folder: Path, **train) -> dict:
+    """A recipe small enough to train in seconds on 2 cores."""
+    t = {"epochs": 2, "steps_per_epoch": 4, "batch_size": 32, "lr": 3e-3, "warmup_steps": 2, "workers": 0}
+    t.update(train)
+    return {
+        "name": "tiny",
+        "data": {"mode": "class", "folder": str(folder), "holdout": 0.25, "augment": "light", "max_side": 32},
+        "model": {
+            "input_size": 32, "in_channels": 1, "mean": [0.286], "std": [0.353], "stem_width": 8,
+            "stages": [[16, 2, 1], [32, 2, 1], [48, 1, 1]], "embed_dim": 16, "head": "concat", "head_width": 16,
+        },
+        "train": t,
+        "eval": {"pairs": 100, "queries": 50},
+        "seed": 3,
+    }

@@ -1,0 +1,79 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.conftest import tiny_recipe_dict
+from training.recipe import Recipe, load_recipe
+from training.trainer import train
+from simserve.config import ModelConfig
+from simserve.model import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_short_training_on_real_images_lowers_loss(fmnist_folder, tmp_path):
+    recipe = Recipe.from_dict(tiny_recipe_dict(fmnist_folder, epochs=5, steps_per_epoch=8, lr=5e-3))
+    result = train(recipe, tmp_path, progress=False)
+    losses = [row["loss"] for row in result["history"]]
+    assert losses[-1] < losses[0] * 0.9, losses
+    m = result["metrics"]
+    assert 0.0 <= m["pair_auc"] <= 1.0 and 0.0 <= m["recall@1"] <= 1.0
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "metrics.json").exists()
+
+
+def test_killed_run_resumes_to_the_same_weights(fmnist_folder, tmp_path):
+    """kill -9 a CLI training run after its first checkpoint; --resume must end
+    with exactly the weights of an uninterrupted run."""
+    recipe_dict = tiny_recipe_dict(fmnist_folder, epochs=6, steps_per_epoch=4)
+    recipe_file = tmp_path / "tiny.json"
+    recipe_file.write_text(json.dumps(recipe_dict))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "simserve.cli", "train", "--recipe", str(recipe_file), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "last.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "model.pt").exists(), "run finished before it was killed; nothing was tested"
+    done = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 6
+    recipe = Recipe.from_dict(recipe_dict)
+    train(recipe, out, resume=True, progress=False, final_eval=False)
+    train(recipe, tmp_path / "straight", progress=False, final_eval=False)
+    a, _ = load_checkpoint(tmp_path / "straight" / "model.pt")
+    b, _ = load_checkpoint(out / "model.pt")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_recipes_shipped_with_the_package_load():
+    for name in ("default", "fashion_mnist"):
+        r = load_recipe(name)
+        ModelConfig.from_dict(r.model)  # valid architecture
+
+
+def test_cli_train_under_torchrun_ddp_keeps_ranks_identical(fmnist_folder, tmp_path):
+    recipe_file = tmp_path / "tiny.json"
+    recipe_file.write_text(json.dumps(tiny_recipe_dict(fmnist_folder, epochs=1, steps_per_epoch=3)))
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "simserve.cli", "train", "--recipe", str(recipe_file), "--out", str(out), "--quiet",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["ddp_max_weight_diff"] == 0.0
+    assert (out / "command.txt").read_text().startswith("simserve train --recipe")
