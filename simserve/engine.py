@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from simserve.bundle import HEAD_FILE, TOWER_FILE, WEIGHTS_FILE, Bundle, load_bundle
-from simserve.preprocess import to_array
+from simserve.preprocess import normalize, to_pixels
 
 BACKENDS = ("onnx", "torch")
 
@@ -46,7 +46,13 @@ class Engine(ABC):
     def _fuse(self, fa: np.ndarray, fb: np.ndarray) -> np.ndarray: ...
 
     def embed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed [n, C, S, S] float32 -> (features [n, C', h, w], embeddings [n, d])."""
+        """[n, C, S, S] -> (features [n, C', h, w], embeddings [n, d]).
+
+        uint8 input is raw pixels (from ``to_pixels`` / the decode pool) and is
+        normalised here, a batch at a time; float32 input is taken as normalised.
+        """
+        if x.dtype == np.uint8:
+            x = normalize(x, self.config.mean, self.config.std)
         if len(x) == 0:
             d = self.bundle.embedding_dim
             return np.zeros((0, *self.bundle.manifest["feature_shape"]), np.float32), np.zeros((0, d), np.float32)
@@ -60,8 +66,11 @@ class Engine(ABC):
         return np.concatenate([self._fuse(fa[s : s + self.max_batch], fb[s : s + self.max_batch]) for s in range(0, len(fa), self.max_batch)])
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images -> uint8 pixels [n, C, S, S] for ``embed``."""
         c = self.config
-        return np.stack([to_array(im, c.input_size, c.mean, c.std) for im in images]) if images else np.zeros((0, c.in_channels, c.input_size, c.input_size), np.float32)
+        if not images:
+            return np.zeros((0, c.in_channels, c.input_size, c.input_size), np.uint8)
+        return np.stack([to_pixels(im, c.input_size, c.in_channels) for im in images])
 
     def embed_images(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         return self.embed(self.preprocess(images))

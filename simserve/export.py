@@ -21,6 +21,7 @@ from torch import nn
 import simserve
 from simserve.bundle import FORMAT, FORMAT_VERSION, HEAD_FILE, MANIFEST, TOWER_FILE, WEIGHTS_FILE, sha256_file
 from simserve.model import SiameseNet, load_checkpoint
+from simserve.model.profile import count_params, flops_per_pair
 
 OPSET = 17
 
@@ -81,6 +82,7 @@ def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[s
                 "note": "best-accuracy threshold on the held-out validation pairs",
             },
             "metrics": metrics,
+            "cost": {**flops_per_pair(model), "tower_params": count_params(model.tower), "head_params": count_params(model.head)},
             "onnx_opset": OPSET,
             "torch_version": torch.__version__,
             **(extra or {}),

@@ -1,10 +1,14 @@
-"""PIL image -> normalised float32 array, exactly as the model was trained.
+"""PIL image -> model input, exactly as the model was trained.
 
 numpy only (no torch): the serving path, the batch tools and training all
-call this one function, so there is no train/serve skew in resizing or
+call these functions, so there is no train/serve skew in resizing or
 normalisation. Policy: squash the whole image to a square (no centre crop),
 because for copy detection the border of an image is as telling as its
 centre.
+
+Two steps, so the expensive part parallelises and the cheap part
+vectorises: ``to_pixels`` (resize, per image, in decode workers) gives
+uint8; ``normalize`` (per batch, in the engine) gives float32.
 """
 
 from __future__ import annotations
@@ -15,15 +19,29 @@ import numpy as np
 from PIL import Image
 
 
-def to_array(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Return a [C, size, size] float32 array; C is 1 for "L" models and 3 for RGB."""
-    mode = "L" if len(mean) == 1 else "RGB"
+def to_pixels(img: Image.Image, size: int, channels: int = 3) -> np.ndarray:
+    """Return [C, size, size] uint8; C is 1 for grey ("L") models and 3 for RGB."""
+    mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:
         img = img.convert(mode)
     if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        # reducing_gap only acts when shrinking by 3x or more (e.g. big photos).
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0 if min(img.size) >= 3 * size else None)
+    arr = np.asarray(img)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [..., C, H, W] -> float32 ((x / 255) - mean) / std, vectorised over the batch."""
+    shape = (len(mean), 1, 1)
+    m = np.asarray(mean, np.float32).reshape(shape)
+    s = np.asarray(std, np.float32).reshape(shape)
+    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    x -= m
+    x /= s
+    return x
+
+
+def to_array(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Both steps for one image: [C, size, size] float32."""
+    return normalize(to_pixels(img, size, len(mean)), mean, std)

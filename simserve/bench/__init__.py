@@ -1,0 +1,1 @@
+"""Benchmarks behind ``simserve bench``: ratios measured side by side, medians reported."""

@@ -1,0 +1,101 @@
+"""Shared benchmark helpers: timing by medians, real test images, result output."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Time several candidates in alternation, so machine noise hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def photo_sources() -> list[Image.Image]:
+    """Real photos to derive test images from: scikit-image's bundled photos, else Tux Paint stamps."""
+    images: list[Image.Image] = []
+    try:
+        import skimage.data
+
+        root = Path(skimage.data.__file__).parent
+        for name in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg", "coins.png"):
+            if (root / name).exists():
+                images.append(Image.open(root / name).convert("RGB"))
+    except ImportError:
+        pass
+    stamps = Path("/usr/share/tuxpaint/stamps")
+    if not images and stamps.is_dir():
+        for p in sorted(stamps.rglob("*.png"))[:50]:
+            images.append(Image.open(p).convert("RGB"))
+    if not images:
+        raise SystemExit("no real photos found: install the dev extras (scikit-image) or tuxpaint-stamps-default")
+    return images
+
+
+def jpeg_crops(n: int, size: int = 256, quality: int = 90, seed: int = 0) -> list[bytes]:
+    """``n`` distinct size x size JPEGs: random crops of real photos."""
+    rng = random.Random(seed)
+    sources = photo_sources()
+    out = []
+    for _ in range(n):
+        src = rng.choice(sources)
+        w, h = src.size
+        side = rng.randint(min(w, h) // 3, min(w, h))
+        x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+        crop = src.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        crop.save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """FP32 matmul throughput, the practical peak of this machine (numpy, and torch if present)."""
+    out = {}
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    out["numpy"] = 2 * n**3 / median_seconds(lambda: a @ a, repeats) / 1e9
+    try:
+        import torch
+
+        t = torch.from_numpy(a)
+        out["torch"] = 2 * n**3 / median_seconds(lambda: t @ t, repeats) / 1e9
+    except ImportError:
+        pass
+    return out
+
+
+def emit(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text, file=sys.stdout)

@@ -1,0 +1,113 @@
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from simserve.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
+
+
+def test_fifty_concurrent_callers_each_get_their_own_result():
+    seen_batches = []
+
+    def square(xs):
+        seen_batches.append(len(xs))
+        time.sleep(0.005)
+        return [x * x for x in xs]
+
+    b = MicroBatcher(square, max_batch=16, max_delay_ms=5)
+    start = threading.Barrier(50)
+
+    def call(i):
+        start.wait()
+        return i, b.run([i, i + 1000])
+
+    with ThreadPoolExecutor(50) as ex:
+        results = list(ex.map(call, range(50)))
+    b.close()
+    for i, r in results:
+        assert r == [i * i, (i + 1000) ** 2]
+    assert sum(seen_batches) == 100  # none lost, none computed twice
+    assert max(seen_batches) <= 16
+    assert max(seen_batches) > 1  # concurrent requests really were batched
+
+
+def test_full_queue_rejects_instead_of_hanging():
+    release = threading.Event()
+
+    def slow(xs):
+        release.wait(5)
+        return xs
+
+    b = MicroBatcher(slow, max_batch=1, max_delay_ms=0, max_queue=3)
+    first = b.submit(0)  # taken by the worker, blocks there
+    time.sleep(0.05)
+    queued = [b.submit(i) for i in (1, 2, 3)]
+    t = time.monotonic()
+    with pytest.raises(QueueFull, match="queue is full"):
+        b.submit(4)
+    assert time.monotonic() - t < 0.5
+    with pytest.raises(QueueFull):
+        b.submit_many([5, 6])
+    release.set()
+    assert first.result(2) == 0 and [f.result(2) for f in queued] == [1, 2, 3]
+    assert b.stats.rejected_full == 2
+    b.close()
+
+
+def test_expired_and_cancelled_items_are_never_computed():
+    computed = []
+    gate = threading.Event()
+
+    def fn(xs):
+        gate.wait(5)
+        computed.extend(xs)
+        return xs
+
+    b = MicroBatcher(fn, max_batch=8, max_delay_ms=0)
+    blocker = b.submit("blocker")
+    time.sleep(0.05)
+    expired = b.submit("late", timeout=0.01)
+    cancelled = b.submit("gone")
+    assert cancelled.cancel()
+    kept = b.submit("kept", timeout=10)
+    time.sleep(0.05)
+    gate.set()
+    assert kept.result(2) == "kept" and blocker.result(2) == "blocker"
+    with pytest.raises(DeadlineExceeded):
+        expired.result(2)
+    b.close()
+    assert "late" not in computed and "gone" not in computed
+    assert b.stats.dropped_expired == 1 and b.stats.dropped_cancelled == 1
+
+
+def test_errors_reach_every_caller_and_the_batcher_survives():
+    def fn(xs):
+        if "bad" in xs:
+            raise ValueError("boom")
+        return xs
+
+    b = MicroBatcher(fn, max_batch=4, max_delay_ms=20)
+    f1, f2 = b.submit("ok"), b.submit("bad")
+    for f in (f1, f2):
+        with pytest.raises(ValueError, match="boom"):
+            f.result(2)
+    assert b.run(["fine"]) == ["fine"]
+    b.close()
+
+
+def test_close_drains_queued_work_then_refuses():
+    b = MicroBatcher(lambda xs: [x + 1 for x in xs], max_batch=2, max_delay_ms=1)
+    futures = [b.submit(i) for i in range(10)]
+    b.close(drain=True)
+    assert [f.result(0) for f in futures] == list(range(1, 11))
+    with pytest.raises(BatcherClosed):
+        b.submit(1)
+
+
+def test_max_delay_bounds_the_wait_of_a_lone_request():
+    b = MicroBatcher(lambda xs: xs, max_batch=64, max_delay_ms=10)
+    t = time.monotonic()
+    assert b.run([1]) == [1]
+    assert time.monotonic() - t < 1.0  # generous: a shared machine
+    b.close()

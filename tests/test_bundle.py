@@ -1,0 +1,87 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from simserve.bundle import BundleError, load_bundle
+from simserve.config import HEADS, ModelConfig
+from simserve.engine import load_engine
+from simserve.export import export_bundle
+from simserve.model import build_model
+
+CFG = ModelConfig(input_size=48, stages=((16, 2, 1), (32, 2, 1), (48, 1, 1)), stem_width=8, embed_dim=24, head_width=16)
+
+
+def _exported(head: str, path):
+    torch.manual_seed(1)
+    m = build_model(CFG.replace(head=head))
+    m.train()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for _ in range(3):
+            m(torch.randn(8, 3, 48, 48), torch.randn(8, 3, 48, 48))
+    return export_bundle(m.eval(), path, metrics={"threshold": 0.7, "precision": 0.9, "recall": 0.8, "pair_accuracy": 0.85})
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_onnx_matches_torch_for_every_head(head, tmp_path):
+    path = _exported(head, tmp_path / head)
+    onnx, ref = load_engine(path, "onnx"), load_engine(path, "torch")
+    x = np.random.default_rng(0).normal(size=(70, 3, 48, 48)).astype(np.float32)  # > max_batch: chunked
+    fo, eo = onnx.embed(x)
+    ft, et = ref.embed(x)
+    assert eo.shape == (70, 24) and np.allclose(np.linalg.norm(eo, axis=1), 1, atol=1e-5)
+    assert np.abs(eo - et).max() <= 1e-4
+    so, st = onnx.fuse(fo, fo[::-1]), ref.fuse(ft, ft[::-1])
+    assert so.shape == (70,)
+    assert np.abs(so - st).max() <= 1e-4
+    assert np.allclose(so, so[::-1], atol=1e-6)  # symmetric through ONNX too
+    one_f, one_e = onnx.embed(x[:1])  # batch of one: dynamic batch dimension
+    assert np.abs(one_e - eo[:1]).max() <= 1e-5
+
+
+def test_manifest_describes_the_model(tmp_path):
+    b = load_bundle(_exported("grouped", tmp_path / "b"))
+    m = b.manifest
+    assert b.config.head == "grouped" and b.embedding_dim == 24
+    assert m["preprocess"]["input_size"] == 48 and m["preprocess"]["mean"] == list(CFG.mean)
+    assert b.threshold == 0.7 and m["threshold"]["precision"] == 0.9
+    assert set(m["files"]) == {"tower.onnx", "head.onnx", "weights.npz"}
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+
+
+def test_tampered_missing_and_wrong_version_are_refused(tmp_path):
+    good = _exported("concat", tmp_path / "good")
+    bad = tmp_path / "tampered"
+    shutil.copytree(good, bad)
+    with open(bad / "head.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match=r"head\.onnx: sha256 does not match"):
+        load_bundle(bad)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "weights.npz").unlink()
+    with pytest.raises(BundleError, match=r"weights\.npz: listed in the manifest but missing"):
+        load_bundle(missing)
+
+    old = tmp_path / "version"
+    shutil.copytree(good, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format version 99"):
+        load_bundle(old)
+
+    escape = tmp_path / "escape"
+    shutil.copytree(good, escape)
+    manifest = json.loads((escape / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = {"sha256": "0"}
+    (escape / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not a plain file name"):
+        load_bundle(escape)
+
+    with pytest.raises(BundleError, match="bundle folder not found"):
+        load_bundle(tmp_path / "nowhere")

@@ -1,0 +1,112 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simserve.decode import DecodeError, decode_image
+
+
+def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose IHDR is rewritten to claim width x height (CRC fixed)."""
+    data = bytearray(_bytes(Image.new("L", (1, 1)), "PNG"))
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def _rgb_at(img: Image.Image, xy=(0, 0)):
+    return img.getpixel(xy)
+
+
+@pytest.mark.parametrize(
+    "make, fmt, expected",
+    [
+        (lambda: Image.new("1", (8, 8), 1), "PNG", (255, 255, 255)),
+        (lambda: Image.new("L", (8, 8), 100), "PNG", (100, 100, 100)),
+        (lambda: Image.new("RGB", (8, 8), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE), "PNG", (10, 200, 30)),
+        (lambda: Image.new("LA", (8, 8), (0, 0)), "PNG", (255, 255, 255)),  # transparent -> white
+        (lambda: Image.new("RGBA", (8, 8), (255, 0, 0, 255)), "PNG", (255, 0, 0)),
+        (lambda: Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "WEBP", (255, 255, 255)),
+        (lambda: Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG", (255, 255, 255)),
+        (lambda: Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "TIFF", (255, 255, 255)),
+        (lambda: Image.fromarray(np.full((8, 8), 65535, np.uint16)), "PNG", (255, 255, 255)),
+        (lambda: Image.fromarray(np.full((8, 8), 32896, np.uint16)), "PNG", (128, 128, 128)),
+        (lambda: Image.fromarray(np.full((8, 8), 1000, np.int32)), "TIFF", (4, 4, 4)),
+        (lambda: Image.fromarray(np.full((8, 8), 0.5, np.float32)), "TIFF", (128, 128, 128)),
+        (lambda: Image.new("YCbCr", (8, 8), (128, 128, 128)), "JPEG", None),
+    ],
+)
+def test_every_mode_becomes_rgb(make, fmt, expected):
+    out = decode_image(_bytes(make(), fmt))
+    assert out.mode == "RGB" and out.size == (8, 8)
+    if expected is not None:
+        assert np.abs(np.subtract(_rgb_at(out), expected)).max() <= 3, _rgb_at(out)
+
+
+def test_palette_with_transparency_composites_over_white():
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([0, 0, 0] * 256)
+    data = _bytes(img, "PNG", transparency=0)
+    assert _rgb_at(decode_image(data)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(_bytes(img, "JPEG", exif=exif))
+    assert out.size == (20, 40)
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    r, g, b = _rgb_at(decode_image(buf.getvalue()))
+    assert r > 200 and b < 50
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+def test_truncated_images_are_rejected(fmt):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = _bytes(img, fmt)
+    with pytest.raises(DecodeError) as e:
+        decode_image(data[: len(data) // 2])
+    assert e.value.reason in ("truncated", "undecodable")
+
+
+def test_garbage_empty_oversize_and_bombs():
+    with pytest.raises(DecodeError, match="not an image") as e:
+        decode_image(b"this is not an image at all" * 10)
+    assert e.value.reason == "undecodable"
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"")
+    assert e.value.reason == "empty"
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"x" * 2000, max_bytes=1000)
+    assert e.value.reason == "too_large"
+    bomb = _png_header_claiming(100_000, 100_000)  # 10 gigapixels in 70 bytes
+    assert len(bomb) < 100
+    with pytest.raises(DecodeError, match="pixel") as e:
+        decode_image(bomb)
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(DecodeError) as e:
+        decode_image(_bytes(Image.new("RGB", (200, 100)), "PNG"), max_pixels=10_000)
+    assert e.value.reason == "too_many_pixels"
+
+
+def test_long_strip_within_limits_decodes():
+    out = decode_image(_bytes(Image.new("L", (20_000, 1), 7), "PNG"))
+    assert out.size == (20_000, 1)

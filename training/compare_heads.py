@@ -1,0 +1,87 @@
+"""Train every fusion head with the same recipe, data and seed; write one table.
+
+    python -m training.compare_heads --recipe fashion_mnist --out docs/heads
+
+Writes OUT.json (all figures) and OUT.md (the table). Each head's run is
+kept under runs/heads/HEAD, so an interrupted comparison resumes per head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from simserve.config import HEADS, ModelConfig
+from simserve.model import load_checkpoint
+from simserve.model.profile import count_params, flops_per_pair, latency_ms
+from training.recipe import load_recipe
+from training.trainer import load_data, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="fashion_mnist")
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    p.add_argument("--out", default="docs/heads")
+    p.add_argument("--runs", default="runs/heads")
+    p.add_argument("--seed", type=int)
+    args = p.parse_args(argv)
+
+    base = load_recipe(args.recipe)
+    if args.seed is not None:
+        base.seed = args.seed
+    data = load_data(base, ModelConfig.from_dict(base.model))  # the same data for every head
+    rows = []
+    for head in args.heads:
+        recipe = load_recipe(args.recipe)
+        recipe.seed = base.seed
+        recipe.model["head"] = head
+        run = Path(args.runs) / head
+        if not (run / "model.pt").exists():
+            train(recipe, run, resume=True, data=data)
+        model, _ = load_checkpoint(run / "model.pt")
+        result = json.loads((run / "metrics.json").read_text())
+        m = result["metrics"]
+        row = {
+            "head": head,
+            "head_params": count_params(model.head),
+            "total_params": count_params(model),
+            **flops_per_pair(model),
+            **latency_ms(model, batch=64, threads=os.cpu_count()),
+            "pair_auc": m["pair_auc"],
+            "pair_accuracy": m["pair_accuracy"],
+            "recall@1": m["recall@1"],
+            "rerank_recall@1": m["rerank_recall@1"],
+            "train_seconds": result["train_seconds"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"recipe": base.to_dict(), "seed": base.seed, "torch": torch.__version__, "threads": os.cpu_count()}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table(rows, base.name) + "\n")
+    print(table(rows, base.name))
+    return 0
+
+
+def table(rows: list[dict], recipe: str) -> str:
+    lines = [
+        f"| head ({recipe}) | head params | MFLOPs / pair (head) | ms / 64 pairs (head) | ROC-AUC | pair acc | recall@1 (emb) | recall@1 (head re-rank) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['head']} | {r['head_params']:,} | {r['pair_mflops']:.1f} ({r['head_mflops']:.1f}) | "
+            f"{r['pair_ms']:.1f} ({r['head_ms']:.2f}) | {r['pair_auc']:.4f} | {r['pair_accuracy']:.4f} | "
+            f"{r['recall@1']:.4f} | {r['rerank_recall@1']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
