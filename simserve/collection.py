@@ -1,0 +1,294 @@
+"""A named collection: SQLite store (truth) + FAISS index (derived) + snapshots.
+
+Open: load the latest snapshot if its checksum holds, else rebuild from the
+store (and log why); then replay the store's changes after the snapshot's
+sequence. Writes go to SQLite first (committed = acknowledged), then to the
+index under the write lock. Searches take the read lock, so they never see
+a half-updated index; background work (IVF training, HNSW compaction)
+builds a new index off to the side and swaps it in under the write lock
+after replaying what changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from simserve.rwlock import RWLock
+from simserve.store import ItemStore, NewItem, StoredItem
+from simserve.vector_index import SearchTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
+
+log = logging.getLogger("simserve.collection")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CONFIG_FILE = "collection.json"
+SNAPSHOT_FILE = "index.faiss"
+
+
+class CollectionNotFound(KeyError):
+    pass
+
+
+@dataclass
+class Hit:
+    key: str
+    score: float  # cosine similarity of the embeddings
+    id: int
+    metadata: dict[str, Any] | None = None
+    head_score: float | None = None  # set when re-ranked by the fusion head
+
+
+@dataclass
+class CollectionConfig:
+    name: str
+    dim: int
+    factory: str = "Flat"
+    store_features: bool = True  # keep head features so searches can be re-ranked
+    feature_shape: list[int] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2)
+
+
+class Collection:
+    def __init__(self, root: Path, config: CollectionConfig, tuning: SearchTuning | None = None, synchronous: str = "FULL") -> None:
+        self.root, self.config = root, config
+        self.name, self.dim = config.name, config.dim
+        self.tuning = tuning or SearchTuning()
+        self.store = ItemStore(root / "items.sqlite", config.dim, synchronous)
+        self.lock = RWLock()  # searches (read) vs index mutation (write)
+        # Writers hold this from the SQLite commit to the index update, so the
+        # index's sequence always means "every change up to here, none after".
+        self._writer = threading.Lock()
+        self._bg: threading.Thread | None = None
+        self._bg_lock = threading.Lock()
+        self.rebuilds = 0
+        self.index = self._open_index()
+
+    # -- opening ------------------------------------------------------------------
+    def _open_index(self) -> VectorIndex:
+        path = self.root / SNAPSHOT_FILE
+        try:
+            idx = VectorIndex.load(path, self.dim, self.config.factory, self.tuning)
+            log.info("collection %s: loaded snapshot at seq %d (%d vectors)", self.name, idx.seq, idx.ntotal)
+        except SnapshotError as e:
+            if path.with_suffix(".json").exists() or path.exists():
+                log.warning("collection %s: %s; rebuilding the index from SQLite", self.name, e)
+            idx = self._build_from_store()
+            return idx
+        ids, removed = self._catch_up(idx)
+        if ids or removed:
+            log.info("collection %s: replayed %d adds, %d removes after the snapshot", self.name, ids, removed)
+        return idx
+
+    def _catch_up(self, idx: VectorIndex) -> tuple[int, int]:
+        """Fold the store's changes after ``idx.seq`` into ``idx``. Ids are never
+        reused, so every id added after the sequence is new to the index."""
+        ids, vecs, removed, last = self.store.changes_after(idx.seq)
+        idx.remove(removed)
+        idx.add(ids, vecs)
+        idx.seq = last
+        return len(ids), len(removed)
+
+    def _build_from_store(self) -> VectorIndex:
+        """A fresh index of the store as of one sequence (trained first, for IVF types, when big enough)."""
+        idx = VectorIndex(self.dim, self.config.factory, self.tuning)
+        n = self.store.count()
+        if idx.pending_training and n >= min_train_size(self.config.factory):
+            idx.train(self._sample(min(n, 256 * 1024)))
+        idx.seq = self.store.last_seq()  # for an empty store; else the read's own sequence
+        for seq, ids, vecs in self.store.iter_vectors():
+            idx.seq = seq
+            idx.add(ids, vecs)
+        return idx
+
+    def _sample(self, n: int) -> np.ndarray:
+        parts, got = [], 0
+        for _, _, vecs in self.store.iter_vectors():
+            parts.append(vecs)
+            got += len(vecs)
+            if got >= n:
+                break
+        x = np.concatenate(parts)
+        rng = np.random.default_rng(0)
+        return x[rng.choice(len(x), size=min(n, len(x)), replace=False)]
+
+    # -- writes ------------------------------------------------------------------
+    def add(self, items: Sequence[NewItem]) -> list[int]:
+        if not items:
+            return []
+        vecs = np.stack([np.asarray(it.vector, np.float32).reshape(-1) for it in items])
+        with self._writer:
+            ids, replaced = self.store.add(items)  # committed: acknowledged from here on
+            with self.lock.write():
+                self.index.remove(np.asarray(replaced, np.int64))
+                self.index.add(np.asarray(ids, np.int64), vecs)
+                self.index.seq = self.store.last_seq()
+        self._maybe_background_work()
+        return ids
+
+    def remove(self, keys: Sequence[str]) -> dict[str, int]:
+        with self._writer:
+            found = self.store.remove(keys)
+            if found:
+                with self.lock.write():
+                    self.index.remove(np.fromiter(found.values(), np.int64, len(found)))
+                    self.index.seq = self.store.last_seq()
+        if found:
+            self._maybe_background_work()
+        return found
+
+    # -- reads --------------------------------------------------------------------
+    def get(self, keys: Sequence[str]) -> dict[str, StoredItem]:
+        return self.store.get(keys)
+
+    def search(self, vectors: np.ndarray, k: int, where: dict[str, Any] | None = None, exclude_ids: Sequence[int] = ()) -> list[list[Hit]]:
+        allow = self.store.ids_matching(where) if where else None
+        if allow is not None and not len(allow):
+            return [[] for _ in range(len(vectors))]
+        extra = len(exclude_ids)
+        with self.lock.read():
+            scores, ids = self.index.search(vectors, k + extra, allow)
+        wanted = {int(i) for row in ids for i in row if i >= 0}
+        items = self.store.get_ids(sorted(wanted))  # removed meanwhile -> absent -> skipped
+        skip = set(int(i) for i in exclude_ids)
+        out = []
+        for srow, irow in zip(scores, ids):
+            hits = []
+            for s, i in zip(srow, irow):
+                it = items.get(int(i))
+                if i < 0 or it is None or int(i) in skip:
+                    continue
+                hits.append(Hit(it.key, float(s), int(i), it.metadata))
+                if len(hits) == k:
+                    break
+            out.append(hits)
+        return out
+
+    def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        shape = tuple(self.config.feature_shape)
+        return {i: f.reshape(shape).astype(np.float32) for i, f in self.store.features(ids).items()}
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock.read():
+            return {
+                "name": self.name,
+                "items": self.store.count(),
+                "indexed": self.index.ntotal,
+                "dim": self.dim,
+                "factory": self.config.factory,
+                "index_type": type(self.index.index).__name__,
+                "pending_training": self.index.pending_training,
+                "deleted_pending": len(self.index.deleted),
+                "index_bytes": self.index.memory_bytes(),
+                "seq": self.index.seq,
+                "rebuilds": self.rebuilds,
+            }
+
+    # -- snapshots and background work ---------------------------------------------
+    def snapshot(self) -> None:
+        """Write the index atomically; then the changes it includes can be forgotten."""
+        with self._writer, self.lock.read():
+            seq = self.index.seq
+            self.index.save(self.root / SNAPSHOT_FILE)
+        self.store.compact_changes(seq)
+
+    def _needs_rebuild(self) -> bool:
+        idx = self.index
+        if idx.pending_training and self.store.count() >= min_train_size(self.config.factory):
+            return True
+        return len(idx.deleted) > max(1000, 0.2 * max(1, idx.ntotal))
+
+    def _maybe_background_work(self) -> None:
+        if not self._needs_rebuild():
+            return
+        with self._bg_lock:
+            if self._bg is not None and self._bg.is_alive():
+                return
+            self._bg = threading.Thread(target=self.rebuild, name=f"rebuild-{self.name}", daemon=True)
+            self._bg.start()
+
+    def rebuild(self) -> None:
+        """Build a new index from the store off to the side, catch up, swap atomically."""
+        new = self._build_from_store()
+        with self._writer, self.lock.write():
+            self._catch_up(new)
+            self.index = new
+            self.rebuilds += 1
+        log.info("collection %s: index rebuilt (%s, %d vectors)", self.name, type(new.index).__name__, new.ntotal)
+
+    def wait_background(self, timeout: float | None = None) -> None:
+        t = self._bg
+        if t is not None:
+            t.join(timeout)
+
+    def close(self, snapshot: bool = True) -> None:
+        self.wait_background()
+        if snapshot:
+            self.snapshot()
+        self.store.close()
+
+
+class Collections:
+    """Every collection under ``data_dir/collections``, opened lazily."""
+
+    def __init__(self, data_dir: str | Path, tuning: SearchTuning | None = None, synchronous: str = "FULL") -> None:
+        self.root = Path(data_dir) / "collections"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tuning, self.synchronous = tuning, synchronous
+        self._open: dict[str, Collection] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).exists())
+
+    def exists(self, name: str) -> bool:
+        return NAME_RE.match(name) is not None and (self.root / name / CONFIG_FILE).exists()
+
+    def get(self, name: str) -> Collection:
+        with self._lock:
+            if name in self._open:
+                return self._open[name]
+            if not self.exists(name):
+                raise CollectionNotFound(f"collection {name!r} not found")
+            cfg = CollectionConfig(**json.loads((self.root / name / CONFIG_FILE).read_text()))
+            c = self._open[name] = Collection(self.root / name, cfg, self.tuning, self.synchronous)
+            return c
+
+    def create(self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = (), store_features: bool = True) -> Collection:
+        if not NAME_RE.match(name):
+            raise ValueError(f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit")
+        validate_factory(factory, dim)
+        with self._lock:
+            path = self.root / name
+            if (path / CONFIG_FILE).exists():
+                raise ValueError(f"collection {name!r} already exists")
+            path.mkdir(parents=True, exist_ok=True)
+            cfg = CollectionConfig(name, dim, factory, store_features, list(feature_shape))
+            tmp = path / (CONFIG_FILE + ".tmp")
+            tmp.write_text(cfg.to_json())
+            tmp.replace(path / CONFIG_FILE)
+        return self.get(name)
+
+    def get_or_create(self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = ()) -> Collection:
+        try:
+            return self.get(name)
+        except CollectionNotFound:
+            try:
+                return self.create(name, dim, factory, feature_shape)
+            except ValueError:
+                return self.get(name)  # created concurrently
+
+    def close(self, snapshot: bool = True) -> None:
+        with self._lock:
+            for c in self._open.values():
+                c.close(snapshot)
+            self._open.clear()

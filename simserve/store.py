@@ -1,0 +1,268 @@
+"""The item store: an embedded SQLite database, the source of truth for a collection.
+
+Every item (key, vector, metadata, content hash, optional head features) is
+a row; every add and remove is also a row in ``changes`` with a rising
+sequence number, so a FAISS snapshot taken at sequence S is brought up to
+date by replaying the changes after S. One transaction per batch: an add
+that returned has been committed (WAL, synchronous=FULL by default), so it
+survives kill -9 and nothing half-written is ever visible.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    vector BLOB NOT NULL,
+    metadata TEXT,
+    content_hash TEXT,
+    features BLOB,
+    added REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op INTEGER NOT NULL,  -- 1 add, 0 remove
+    id INTEGER NOT NULL
+);
+"""
+ADD, REMOVE = 1, 0
+
+
+@dataclass
+class NewItem:
+    key: str
+    vector: np.ndarray
+    metadata: dict[str, Any] | None = None
+    content_hash: str | None = None
+    features: np.ndarray | None = None  # float16 head features, for re-ranking
+
+
+@dataclass
+class StoredItem:
+    id: int
+    key: str
+    vector: np.ndarray
+    metadata: dict[str, Any] | None
+    content_hash: str | None
+    added: float
+
+
+class StoreError(RuntimeError):
+    """A write the store refused or could not make (read-only or full disk...)."""
+
+
+class ItemStore:
+    def __init__(self, path: str | Path, dim: int, synchronous: str = "FULL") -> None:
+        self.path, self.dim = Path(path), dim
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._synchronous = synchronous
+        conn = self._conn()
+        with self._write_lock:
+            conn.executescript(SCHEMA)
+            stored = conn.execute("SELECT v FROM meta WHERE k='dim'").fetchone()
+            if stored is None:
+                conn.execute("INSERT INTO meta VALUES ('dim', ?)", (str(dim),))
+                conn.commit()
+            elif int(stored[0]) != dim:
+                raise ValueError(f"{self.path}: store holds {stored[0]}-d vectors, not {dim}-d")
+
+    def _conn(self) -> sqlite3.Connection:
+        """One connection per thread: SQLite serialises the writers, WAL lets readers run beside them."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    # -- writes ---------------------------------------------------------------
+    def add(self, items: Sequence[NewItem]) -> tuple[list[int], list[int]]:
+        """Insert (or replace, by key) in one transaction. Returns (new ids, replaced ids)."""
+        now = time.time()
+        rows = []
+        for it in items:
+            v = np.ascontiguousarray(it.vector, dtype=np.float32).reshape(-1)
+            if v.shape[0] != self.dim:
+                raise ValueError(f"item {it.key!r}: vector has {v.shape[0]} dims, collection needs {self.dim}")
+            feats = None if it.features is None else np.ascontiguousarray(it.features, np.float16).tobytes()
+            meta = None if it.metadata is None else json.dumps(it.metadata, separators=(",", ":"))
+            rows.append((it.key, v.tobytes(), meta, it.content_hash, feats, now))
+        ids: list[int] = []
+        replaced: list[int] = []
+        with self._transaction() as c:
+            keys = [r[0] for r in rows]
+            for chunk in _chunks(keys, 500):
+                q = f"SELECT id FROM items WHERE key IN ({','.join('?' * len(chunk))})"
+                replaced.extend(r[0] for r in c.execute(q, chunk))
+            if replaced:
+                c.executemany("DELETE FROM items WHERE id=?", [(i,) for i in replaced])
+                c.executemany("INSERT INTO changes(op, id) VALUES (0, ?)", [(i,) for i in replaced])
+            for r in rows:
+                cur = c.execute("INSERT INTO items(key, vector, metadata, content_hash, features, added) VALUES (?,?,?,?,?,?)", r)
+                ids.append(int(cur.lastrowid))
+            c.executemany("INSERT INTO changes(op, id) VALUES (1, ?)", [(i,) for i in ids])
+        return ids, replaced
+
+    def remove(self, keys: Sequence[str]) -> dict[str, int]:
+        """Remove by key in one transaction; returns {key: id} of those that existed."""
+        found: dict[str, int] = {}
+        with self._transaction() as c:
+            for chunk in _chunks(list(keys), 500):
+                q = f"SELECT key, id FROM items WHERE key IN ({','.join('?' * len(chunk))})"
+                found.update({k: int(i) for k, i in c.execute(q, chunk)})
+            c.executemany("DELETE FROM items WHERE id=?", [(i,) for i in found.values()])
+            c.executemany("INSERT INTO changes(op, id) VALUES (0, ?)", [(i,) for i in found.values()])
+        return found
+
+    def compact_changes(self, upto_seq: int) -> None:
+        """Forget changes already folded into a snapshot."""
+        with self._transaction() as c:
+            c.execute("DELETE FROM changes WHERE seq <= ?", (upto_seq,))
+
+    class _Tx:
+        def __init__(self, store: "ItemStore") -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._write_lock.acquire()
+            self.conn = self.store._conn()
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                self.store._write_lock.release()
+                raise StoreError(f"cannot write to {self.store.path}: {e}") from None
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            try:
+                if exc_type is None:
+                    try:
+                        self.conn.execute("COMMIT")
+                    except sqlite3.Error as e:
+                        self.conn.execute("ROLLBACK")
+                        raise StoreError(f"cannot write to {self.store.path}: {e}") from None
+                else:
+                    self.conn.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.Error):
+                        raise StoreError(f"cannot write to {self.store.path}: {exc}") from None
+            finally:
+                self.store._write_lock.release()
+
+    def _transaction(self) -> "_Tx":
+        return ItemStore._Tx(self)
+
+    # -- reads ----------------------------------------------------------------
+    def count(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def last_seq(self) -> int:
+        row = self._conn().execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone()
+        return int(row[0]) if row else 0
+
+    def get(self, keys: Sequence[str]) -> dict[str, StoredItem]:
+        out: dict[str, StoredItem] = {}
+        for chunk in _chunks(list(keys), 500):
+            q = f"SELECT id, key, vector, metadata, content_hash, added FROM items WHERE key IN ({','.join('?' * len(chunk))})"
+            for row in self._conn().execute(q, chunk):
+                out[row[1]] = self._item(row)
+        return out
+
+    def get_ids(self, ids: Sequence[int]) -> dict[int, StoredItem]:
+        out: dict[int, StoredItem] = {}
+        for chunk in _chunks([int(i) for i in ids], 500):
+            q = f"SELECT id, key, vector, metadata, content_hash, added FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            for row in self._conn().execute(q, chunk):
+                out[int(row[0])] = self._item(row)
+        return out
+
+    def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for chunk in _chunks([int(i) for i in ids], 500):
+            q = f"SELECT id, features FROM items WHERE id IN ({','.join('?' * len(chunk))}) AND features IS NOT NULL"
+            for i, blob in self._conn().execute(q, chunk):
+                out[int(i)] = np.frombuffer(blob, dtype=np.float16)
+        return out
+
+    def hashes(self, keys: Sequence[str]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for chunk in _chunks(list(keys), 500):
+            q = f"SELECT key, content_hash FROM items WHERE key IN ({','.join('?' * len(chunk))})"
+            out.update(dict(self._conn().execute(q, chunk).fetchall()))
+        return out
+
+    def iter_vectors(self, batch: int = 65536) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """All (seq, ids, vectors) in id order, a chunk at a time, from one read transaction:
+        the items are exactly those of sequence ``seq``, whatever writers do meanwhile."""
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("BEGIN")
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone()
+            seq = int(row[0]) if row else 0
+            cur = conn.execute("SELECT id, vector FROM items ORDER BY id")
+            while rows := cur.fetchmany(batch):
+                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
+                yield seq, ids, vecs
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def changes_after(self, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Since ``seq``: (ids still present to add, their vectors, ids to remove, last seq)."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            rows = conn.execute("SELECT seq, op, id FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+            last = rows[-1][0] if rows else seq
+            added = sorted({r[2] for r in rows if r[1] == ADD})
+            removed = np.array(sorted({r[2] for r in rows if r[1] == REMOVE}), dtype=np.int64)
+            ids, vecs = [], []
+            for chunk in _chunks(added, 500):
+                q = f"SELECT id, vector FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+                for i, v in conn.execute(q, chunk):
+                    ids.append(i)
+                    vecs.append(v)
+        finally:
+            conn.execute("COMMIT")
+        vec_arr = np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(ids), self.dim) if ids else np.zeros((0, self.dim), np.float32)
+        return np.array(ids, dtype=np.int64), vec_arr, removed, int(last)
+
+    def ids_matching(self, where: dict[str, Any]) -> np.ndarray:
+        """Ids whose metadata has every given field equal to the given value (JSON equality)."""
+        clauses, args = [], []
+        for field, value in where.items():
+            if not isinstance(field, str) or not field.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"filter field {field!r}: use letters, digits, '_' or '-'")
+            clauses.append(f"json_extract(metadata, '$.\"{field}\"') IS ?")
+            args.append(json.dumps(value) if isinstance(value, (dict, list)) else value)
+        q = "SELECT id FROM items WHERE " + (" AND ".join(clauses) if clauses else "1")
+        return np.fromiter((r[0] for r in self._conn().execute(q, args)), dtype=np.int64)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _item(self, row) -> StoredItem:
+        return StoredItem(int(row[0]), row[1], np.frombuffer(row[2], dtype=np.float32), json.loads(row[3]) if row[3] else None, row[4], float(row[5]))
+
+
+def _chunks(seq: list, n: int) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]

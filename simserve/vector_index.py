@@ -1,0 +1,185 @@
+"""The FAISS side of a collection: built from a factory string, derived from the store.
+
+Vectors are L2-normalised embeddings, so inner product is cosine similarity.
+Ids are the store's row ids. Flat and HNSW are wrapped in ``IndexIDMap2``
+(so they take our ids); IVF types take ids natively. Removal: where FAISS
+can remove (Flat, IVF) it does; HNSW cannot, so removed ids go into a
+``deleted`` set that every search excludes with an ``IDSelector``, until the
+owner rebuilds. IVF types need training: until the collection is large
+enough an exact Flat index stands in (``pending_training``).
+
+Snapshots are written atomically (temp file, fsync, rename) next to a JSON
+sidecar holding their sha256 and the store sequence they include.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+SNAPSHOT_FORMAT = 1
+
+
+class SnapshotError(ValueError):
+    """A snapshot that is missing, corrupt or does not match; rebuild from the store."""
+
+
+@dataclass(frozen=True)
+class SearchTuning:
+    ef_search: int = 128  # HNSW
+    nprobe: int = 32  # IVF
+
+
+def _ivf_lists(factory: str) -> int | None:
+    m = re.search(r"IVF(\d+)", factory)
+    return int(m.group(1)) if m else None
+
+
+def min_train_size(factory: str) -> int:
+    """FAISS wants ~39 training points per IVF list; we ask for at least that."""
+    n = _ivf_lists(factory)
+    return 0 if n is None else max(39 * n, 1000)
+
+
+def validate_factory(factory: str, dim: int) -> None:
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"bad FAISS factory string {factory!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+class VectorIndex:
+    def __init__(self, dim: int, factory: str = "Flat", tuning: SearchTuning | None = None) -> None:
+        validate_factory(factory, dim)
+        self.dim, self.factory = dim, factory
+        self.tuning = tuning or SearchTuning()
+        self.deleted: set[int] = set()
+        self.seq = 0  # store sequence folded in
+        self.index = self._empty(trained_type=min_train_size(factory) == 0)
+
+    def _empty(self, trained_type: bool) -> faiss.Index:
+        if not trained_type:  # IVF before training: exact search stands in
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        inner = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+        if isinstance(inner, faiss.IndexHNSW):
+            inner.hnsw.efConstruction = max(inner.hnsw.efConstruction, 80)
+        return inner if _ivf_lists(self.factory) else faiss.IndexIDMap2(inner)
+
+    @property
+    def pending_training(self) -> bool:
+        return _ivf_lists(self.factory) is not None and not self._is_ivf()
+
+    def _is_ivf(self) -> bool:
+        return faiss.try_extract_index_ivf(self.index) is not None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal) - len(self.deleted)
+
+    def train(self, sample: np.ndarray) -> None:
+        """Replace the stand-in with a trained (empty) index of the real type."""
+        idx = self._empty(trained_type=True)
+        idx.train(np.ascontiguousarray(sample, np.float32))
+        self.index = idx
+        self.deleted = set()
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+
+    def remove(self, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
+        ids = np.ascontiguousarray(ids, np.int64)
+        try:
+            self.index.remove_ids(ids)
+        except RuntimeError:  # HNSW: cannot remove, exclude from searches instead
+            self.deleted.update(int(i) for i in ids)
+
+    def search(self, queries: np.ndarray, k: int, allow: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query; ``allow`` restricts to those ids. Missing slots are id -1."""
+        sel = None
+        if allow is not None:
+            sel = faiss.IDSelectorBatch(np.ascontiguousarray(allow, np.int64))
+        if self.deleted:
+            not_deleted = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.deleted, np.int64, len(self.deleted))))
+            sel = not_deleted if sel is None else faiss.IDSelectorAnd(sel, not_deleted)
+        params = self._params(sel)
+        q = np.ascontiguousarray(queries, np.float32)
+        k = max(1, min(k, max(1, self.index.ntotal)))
+        return self.index.search(q, k, params=params) if params is not None else self.index.search(q, k)
+
+    def _params(self, sel) -> faiss.SearchParameters | None:
+        """Search parameters for the index type, built with keyword arguments: faiss's
+        Python layer then keeps the selector alive as long as the parameters."""
+        kw = {} if sel is None else {"sel": sel}
+        inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else self.index
+        if isinstance(inner, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(efSearch=self.tuning.ef_search, **kw)
+        if faiss.try_extract_index_ivf(inner) is not None:
+            return faiss.SearchParametersIVF(nprobe=self.tuning.nprobe, **kw)
+        return faiss.SearchParameters(**kw) if kw else None
+
+    def memory_bytes(self) -> int:
+        return int(faiss.serialize_index(self.index).nbytes)
+
+    # -- snapshots --------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        data = faiss.serialize_index(self.index).tobytes()
+        deleted = np.fromiter(sorted(self.deleted), np.int64, len(self.deleted)).tobytes()
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "factory": self.factory,
+            "dim": self.dim,
+            "seq": self.seq,
+            "ntotal": self.ntotal,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "deleted_sha256": hashlib.sha256(deleted).hexdigest(),
+        }
+        _atomic_write(path, data)
+        _atomic_write(path.with_suffix(".deleted"), deleted)
+        _atomic_write(path.with_suffix(".json"), json.dumps(meta).encode())  # last: marks the pair complete
+
+    @classmethod
+    def load(cls, path: str | Path, dim: int, factory: str, tuning: SearchTuning | None = None) -> "VectorIndex":
+        path = Path(path)
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            data = path.read_bytes()
+            deleted = path.with_suffix(".deleted").read_bytes()
+        except (OSError, ValueError) as e:
+            raise SnapshotError(f"snapshot {path} unreadable: {e}") from None
+        if meta.get("format") != SNAPSHOT_FORMAT or meta.get("dim") != dim or meta.get("factory") != factory:
+            raise SnapshotError(f"snapshot {path} is for another index (format/dim/factory differ)")
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256") or hashlib.sha256(deleted).hexdigest() != meta.get("deleted_sha256"):
+            raise SnapshotError(f"snapshot {path} fails its checksum (corrupt or partly written)")
+        self = cls(dim, factory, tuning)
+        try:
+            self.index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as e:
+            raise SnapshotError(f"snapshot {path} does not deserialize: {e}") from None
+        self.deleted = set(np.frombuffer(deleted, np.int64).tolist())
+        self.seq = int(meta["seq"])
+        return self
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,196 @@
+"""The durable index: SQLite truth, FAISS derived, snapshots, every index type."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simserve.collection import CollectionNotFound, Collections
+from simserve.store import NewItem
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 16
+FACTORIES = ["Flat", "HNSW16", "IVF8,Flat", "IVF8,PQ4"]
+
+
+def vecs(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def items(x: np.ndarray, prefix: str = "k", meta=None) -> list[NewItem]:
+    return [NewItem(f"{prefix}{i}", v, meta(i) if meta else {"i": i}) for i, v in enumerate(x)]
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_every_index_type_searches_removes_and_round_trips_restart(tmp_path, factory):
+    cols = Collections(tmp_path)
+    c = cols.create("c", DIM, factory)
+    x = vecs(1200)  # past IVF's training size: trained in the background
+    for s in range(0, 1200, 300):
+        c.add([NewItem(f"k{i}", x[i], {"i": i}) for i in range(s, s + 300)])
+    c.wait_background()
+    assert c.stats()["pending_training"] is False
+    hits = c.search(x[:5], 3)
+    exact = factory in ("Flat", "HNSW16", "IVF8,Flat")
+    if exact:
+        assert [h[0].key for h in hits] == [f"k{i}" for i in range(5)]
+    assert c.remove(["k0", "k1", "nope"]) == {"k0": 1, "k1": 2}
+    after = c.search(x[:2], 5)
+    assert all(h.key not in ("k0", "k1") for row in after for h in row)
+    cols.close()  # snapshots
+
+    cols2 = Collections(tmp_path)
+    c2 = cols2.get("c")
+    assert c2.stats()["items"] == 1198 and c2.stats()["indexed"] == 1198
+    again = c2.search(x[:5], 3)
+    assert all(h.key not in ("k0", "k1") for row in again for h in row)
+    if exact:
+        assert [h[0].key for h in again[2:]] == ["k2", "k3", "k4"]
+    cols2.close()
+
+
+def test_unknown_collection_and_bad_names(tmp_path):
+    cols = Collections(tmp_path)
+    with pytest.raises(CollectionNotFound):
+        cols.get("missing")
+    with pytest.raises(ValueError, match="collection name"):
+        cols.create("../evil", DIM)
+    with pytest.raises(ValueError, match="bad FAISS factory"):
+        cols.create("x", DIM, "NotAnIndex")
+
+
+def test_add_replaces_by_key_and_filter_returns_only_matches(tmp_path):
+    c = Collections(tmp_path).create("c", DIM)
+    x = vecs(100)
+    c.add(items(x, meta=lambda i: {"colour": "red" if i % 3 == 0 else "blue", "i": i}))
+    hits = c.search(x[:4], 10, where={"colour": "red"})
+    for row in hits:
+        assert row and all(h.metadata["colour"] == "red" for h in row)
+    assert hits[0][0].key == "k0" and hits[3][0].key == "k3"
+    assert c.search(x[:1], 5, where={"colour": "green"}) == [[]]
+    c.add([NewItem("k5", x[50], {"colour": "new"})])  # same key, new vector
+    assert c.stats()["items"] == 100
+    assert c.search(x[50:51], 2)[0][0].key in ("k5", "k50")
+    assert c.get(["k5"])["k5"].metadata == {"colour": "new"}
+
+
+def test_corrupt_or_missing_snapshot_is_rebuilt_from_sqlite(tmp_path, caplog):
+    cols = Collections(tmp_path)
+    c = cols.create("c", DIM, "HNSW16")
+    x = vecs(300)
+    c.add(items(x))
+    c.remove(["k7"])
+    cols.close()
+    snap = tmp_path / "collections" / "c" / "index.faiss"
+    data = bytearray(snap.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    snap.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="simserve.collection"):
+        c2 = Collections(tmp_path).get("c")
+    assert "checksum" in caplog.text and "rebuilding" in caplog.text
+    assert c2.stats()["indexed"] == 299
+    assert c2.search(x[8:9], 1)[0][0].key == "k8"
+    c2.close()
+    snap.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="simserve.collection"):
+        c3 = Collections(tmp_path).get("c")
+    assert "rebuilding" in caplog.text and c3.stats()["indexed"] == 299
+
+
+def test_snapshot_plus_replay_after_it(tmp_path):
+    cols = Collections(tmp_path)
+    c = cols.create("c", DIM)
+    x = vecs(200)
+    c.add(items(x[:100]))
+    c.snapshot()
+    c.add([NewItem(f"k{i}", x[i]) for i in range(100, 200)])
+    c.remove(["k3"])
+    c.store.close()  # no snapshot at close: as after a crash
+    c2 = Collections(tmp_path).get("c")
+    assert c2.stats()["indexed"] == 199
+    assert c2.search(x[150:151], 1)[0][0].key == "k150"
+
+
+def test_concurrent_add_search_remove_never_returns_a_removed_key(tmp_path):
+    c = Collections(tmp_path).create("c", DIM, "HNSW16")
+    x = vecs(2000)
+    c.add(items(x[:500]))
+    removed: set[str] = set()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer():
+        try:
+            for s in range(500, 2000, 100):
+                c.add([NewItem(f"k{i}", x[i]) for i in range(s, s + 100)])
+                gone = [f"k{i}" for i in range(s - 500, s - 450)]
+                c.remove(gone)
+                removed.update(gone)  # after remove() returned
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            stop.set()
+
+    def reader(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                before = set(removed)
+                for row in c.search(x[rng.integers(0, 2000, 8)], 10):
+                    assert not any(h.key in before for h in row)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
+    assert c.stats()["items"] == 2000 - len(removed)
+
+
+ADDER = """
+import sys, numpy as np
+from simserve.collection import Collections
+from simserve.store import NewItem
+c = Collections(sys.argv[1]).create("c", 16, "HNSW16")
+rng = np.random.default_rng(0)
+for b in range(100000):
+    x = rng.standard_normal((50, 16)).astype(np.float32)
+    c.add([NewItem(f"b{b}-{i}", v, {"batch": b}) for i, v in enumerate(x)])
+    print(b, flush=True)  # acknowledged
+"""
+
+
+def test_acknowledged_adds_survive_kill_9(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", ADDER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    acked = -1
+    deadline = time.time() + 60
+    while acked < 30 and time.time() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            acked = int(line)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rest = proc.stdout.read().split()
+    acked = int(rest[-1]) if rest else acked
+    assert acked >= 30
+    c = Collections(tmp_path).get("c")
+    n = c.stats()["items"]
+    assert n % 50 == 0, "a half-written batch is visible"
+    assert n >= (acked + 1) * 50
+    keys = [f"b{b}-{i}" for b in range(acked + 1) for i in range(50)]
+    assert len(c.get(keys)) == len(keys)
+    assert c.stats()["indexed"] == n
+    probe = c.get(["b3-7"])["b3-7"].vector
+    assert c.search(probe[None], 1)[0][0].key == "b3-7"
