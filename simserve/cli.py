@@ -92,6 +92,89 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collection(args: argparse.Namespace, engine=None, create: bool = False):
+    from simserve.collection import Collections, default_data_dir
+
+    cols = Collections(args.data_dir or default_data_dir())
+    if create and engine is not None:
+        return cols, cols.get_or_create(args.collection, engine.bundle.embedding_dim, args.factory, engine.bundle.manifest["feature_shape"])
+    return cols, cols.get(args.collection)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from simserve.collection import CollectionNotFound
+
+    try:
+        if args.action == "build":
+            from simserve.engine import load_engine
+            from simserve.indexer import index_folder
+
+            engine = load_engine(args.bundle)
+            cols, col = _collection(args, engine, create=True)
+            if col.dim != engine.bundle.embedding_dim:
+                raise SystemExit(f"collection {col.name!r} holds {col.dim}-d vectors; this model makes {engine.bundle.embedding_dim}-d")
+            report = index_folder(engine, col, args.folder, batch=args.batch, workers=args.workers, progress=not args.quiet)
+            for key, why in sorted(report.failed.items()):
+                print(f"skipped {key}: {why}", file=sys.stderr)
+            print(json.dumps({"added": report.added, "unchanged": report.skipped_unchanged, "failed": len(report.failed), **col.stats()}))
+            cols.close()
+        elif args.action == "stats":
+            from simserve.collection import Collections, default_data_dir
+
+            cols = Collections(args.data_dir or default_data_dir())
+            names = [args.collection] if args.collection else cols.names()
+            print(json.dumps([cols.get(n).stats() for n in names], indent=2))
+            cols.close(snapshot=False)
+        elif args.action == "remove":
+            cols, col = _collection(args)
+            found = col.remove(args.keys)
+            missing = sorted(set(args.keys) - set(found))
+            print(json.dumps({"removed": sorted(found), "not_found": missing}))
+            cols.close()
+            return 1 if missing and not found else 0
+        elif args.action == "search":
+            return _index_search(args)
+    except CollectionNotFound as e:
+        raise SystemExit(f"simserve index {args.action}: {e}")
+    return 0
+
+
+def _index_search(args: argparse.Namespace) -> int:
+    from simserve.decode import DecodeError, decode_file
+    from simserve.engine import load_engine
+    from simserve.search import search
+
+    engine = load_engine(args.bundle)
+    cols, col = _collection(args)
+    exclude: list[list[int]] | None = None
+    if args.key:
+        item = col.get([args.key]).get(args.key)
+        if item is None:
+            raise SystemExit(f"simserve index search: no item {args.key!r} in {col.name!r}")
+        emb = item.vector[None]
+        feats = col.features([item.id])
+        features = feats[item.id][None] if item.id in feats else None
+        exclude = [[item.id]]
+    elif args.image:
+        try:
+            features, emb = engine.embed_images([decode_file(args.image)])
+        except (DecodeError, OSError) as e:
+            raise SystemExit(f"simserve index search: {e}")
+    else:
+        raise SystemExit("simserve index search: give an IMAGE or --key")
+    where = dict(w.split("=", 1) for w in args.where or [])
+    hits = search(engine, col, emb, args.k, features=features, rerank=args.rerank, where=where or None, exclude_ids=exclude)[0]
+    rows = [{"key": h.key, "score": round(h.score, 5), "head_score": None if h.head_score is None else round(h.head_score, 5), "metadata": h.metadata} for h in hits]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            head = "" if r["head_score"] is None else f"  head {r['head_score']:.4f}"
+            print(f"{r['score']:.4f}{head}  {r['key']}")
+    cols.close(snapshot=False)
+    return 0
+
+
 def _add_bundle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help="model bundle folder (default: the shipped default model)")
 
@@ -146,6 +229,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=float, help="match threshold (default: the bundle's suggested one)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_compare)
+
+    ix = sub.add_parser("index", help="build, inspect and search collections", description="Manage the durable vector collections (SQLite + FAISS) in the data directory.")
+    ixs = ix.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser, collection_required: bool = True) -> None:
+        p.add_argument("--collection", required=collection_required, default=None if collection_required else None, help="collection name")
+        p.add_argument("--data-dir", help="data directory (default $SIMSERVE_DATA_DIR or ~/.local/share/simserve)")
+
+    ib = ixs.add_parser("build", help="embed every image under a folder into a collection (resumable)",
+                        description="Embed every image under FOLDER into a collection, keyed by relative path. Re-running skips files whose content is unchanged, so an interrupted build resumes.")
+    ib.add_argument("folder")
+    common(ib)
+    _add_bundle_arg(ib)
+    ib.add_argument("--factory", default="Flat", help="FAISS factory string for a new collection: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
+    ib.add_argument("--batch", type=int, default=64)
+    ib.add_argument("--workers", type=int, help="decode workers (default: all cores)")
+    ib.add_argument("--quiet", action="store_true")
+    ist = ixs.add_parser("stats", help="item counts, index type and size")
+    common(ist, collection_required=False)
+    ir = ixs.add_parser("remove", help="remove items by key")
+    ir.add_argument("keys", nargs="+")
+    common(ir)
+    isr = ixs.add_parser("search", help="nearest neighbours of an image file or of a stored key")
+    isr.add_argument("image", nargs="?")
+    isr.add_argument("--key", help="search with a stored item instead of an image (the item itself is excluded)")
+    common(isr)
+    _add_bundle_arg(isr)
+    isr.add_argument("-k", type=int, default=10)
+    isr.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank the top N by the fusion head")
+    isr.add_argument("--where", action="append", metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
+    isr.add_argument("--json", action="store_true")
+    ix.set_defaults(func=_cmd_index)
 
     b = sub.add_parser("bench", help="benchmarks (medians; ratios measured side by side)", description="Run a benchmark and print JSON.")
     b.add_argument("what", choices=["engine"], help="engine: ONNX Runtime vs eager torch, decode pool, roofline")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -32,8 +33,17 @@ CONFIG_FILE = "collection.json"
 SNAPSHOT_FILE = "index.faiss"
 
 
+def default_data_dir() -> Path:
+    """$SIMSERVE_DATA_DIR, else $XDG_DATA_HOME/simserve (~/.local/share/simserve)."""
+    env = os.environ.get("SIMSERVE_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "simserve"
+
+
 class CollectionNotFound(KeyError):
-    pass
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "collection not found"
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""Bulk indexing of a folder: read -> hash -> decode (pool) -> embed (batches) -> add.
+
+Resumable: each batch is committed as it goes, and a key (the file's path
+relative to the folder) already stored with the same content hash is
+skipped, so a re-run after an interruption only does what is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from simserve.collection import Collection
+from simserve.decode import DecodeError
+from simserve.decode_pool import DecodePool
+from simserve.engine import Engine
+from simserve.store import NewItem
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    skipped_unchanged: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def _read(path: Path) -> tuple[bytes, str]:
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def index_folder(
+    engine: Engine,
+    collection: Collection,
+    root: str | os.PathLike,
+    *,
+    batch: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+    store_features: bool = True,
+) -> IndexReport:
+    root = Path(root)
+    paths = find_images(root)
+    keys = [p.relative_to(root).as_posix() for p in paths]
+    report = IndexReport()
+    cfg = engine.config
+    pool = DecodePool(cfg.input_size, cfg.in_channels, workers)
+    reader = ThreadPoolExecutor(4, thread_name_prefix="read")
+    bar = tqdm(total=len(paths), unit="img", desc=f"indexing into {collection.name}", disable=not progress)
+    try:
+        for chunk_start in range(0, len(paths), batch * 8):
+            chunk = list(range(chunk_start, min(len(paths), chunk_start + batch * 8)))
+            known = collection.store.hashes([keys[i] for i in chunk])
+            read = list(reader.map(lambda i: _read(paths[i]), chunk))
+            todo = [(i, data, h) for i, (data, h) in zip(chunk, read) if known.get(keys[i]) != h]
+            report.skipped_unchanged += len(chunk) - len(todo)
+            bar.update(len(chunk) - len(todo))
+            for s in range(0, len(todo), batch):
+                part = todo[s : s + batch]
+                arrays = list(pool.map(d for _, d, _ in part))
+                good = [(i, h, a) for (i, _, h), a in zip(part, arrays) if not isinstance(a, DecodeError)]
+                for (i, _, _), a in zip(part, arrays):
+                    if isinstance(a, DecodeError):
+                        report.failed[keys[i]] = str(a)
+                if good:
+                    feats, emb = engine.embed(np.stack([a for _, _, a in good]))
+                    collection.add(
+                        [
+                            NewItem(keys[i], emb[j], {"path": keys[i]}, h, feats[j].astype(np.float16) if store_features else None)
+                            for j, (i, h, _) in enumerate(good)
+                        ]
+                    )
+                    report.added += len(good)
+                bar.update(len(part))
+    finally:
+        bar.close()
+        reader.shutdown()
+        pool.close()
+    return report
