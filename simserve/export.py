@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,12 @@ class _Head(nn.Module):
         return torch.sigmoid(self.head(fa, fb))
 
 
+def _onnx_export(*args: Any, **kwargs: Any) -> None:
+    with warnings.catch_warnings():  # the legacy exporter is chosen on purpose (module docstring)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(*args, **kwargs)
+
+
 def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write a bundle atomically: built in a temp folder, then renamed into place."""
     model = model.eval().to(memory_format=torch.contiguous_format)
@@ -46,12 +53,12 @@ def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[s
         x = torch.zeros(2, cfg.in_channels, cfg.input_size, cfg.input_size)
         with torch.no_grad():
             fmap, emb = model.tower(x)
-        torch.onnx.export(
+        _onnx_export(
             model.tower, (x,), str(tmp / TOWER_FILE), dynamo=False, opset_version=OPSET,
             input_names=["images"], output_names=["features", "embeddings"],
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}, "embeddings": {0: "batch"}},
         )
-        torch.onnx.export(
+        _onnx_export(
             _Head(model), (fmap, fmap.flip(0)), str(tmp / HEAD_FILE), dynamo=False, opset_version=OPSET,
             input_names=["features_a", "features_b"], output_names=["scores"],
             dynamic_axes={"features_a": {0: "batch"}, "features_b": {0: "batch"}, "scores": {0: "batch"}},

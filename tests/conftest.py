@@ -55,3 +55,39 @@ def tiny_recipe_dict(folder: Path, **train) -> dict:
         "eval": {"pairs": 100, "queries": 50},
         "seed": 3,
     }
+
+
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A small, untrained-but-calibrated model exported as a real bundle (fast to run)."""
+    import torch
+
+    from simserve.config import ModelConfig
+    from simserve.export import export_bundle
+    from simserve.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(input_size=48, stages=((16, 2, 1), (32, 2, 1), (48, 1, 1)), stem_width=8, embed_dim=24, head_width=16)
+    m = build_model(cfg).train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(8, 3, 48, 48), torch.randn(8, 3, 48, 48))
+    return export_bundle(m.eval(), tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def stamp_folder(tmp_path_factory) -> Path:
+    """40 real Tux Paint stamps in two sub-folders, plus one broken file."""
+    if not STAMPS.exists():
+        pytest.fail("Tux Paint stamps missing: run ./scripts/install-data.sh (Debian tuxpaint-stamps-default)")
+    root = tmp_path_factory.mktemp("stamps")
+    files = sorted(STAMPS.rglob("*.png"))[::20][:40]
+    for i, f in enumerate(files):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        (sub / f"{i:02d}-{f.name}").write_bytes(f.read_bytes())
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return root

@@ -110,3 +110,19 @@ def test_garbage_empty_oversize_and_bombs():
 def test_long_strip_within_limits_decodes():
     out = decode_image(_bytes(Image.new("L", (20_000, 1), 7), "PNG"))
     assert out.size == (20_000, 1)
+
+
+def test_decode_pool_keeps_order_and_reports_bad_images_in_place():
+    from simserve.decode_pool import DecodePool
+
+    rng = np.random.default_rng(1)
+    good = [_bytes(Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)), "JPEG") for i in range(20)]
+    blobs = good[:10] + [b"garbage"] + good[10:]
+    with DecodePool(32, 3, workers=3) as pool:
+        out = list(pool.map(blobs))
+    assert isinstance(out[10], DecodeError) and out[10].reason == "undecodable"
+    rest = out[:10] + out[11:]
+    assert all(a.shape == (3, 32, 32) and a.dtype == np.uint8 for a in rest)
+    with DecodePool(32, 3, workers=1) as single:
+        for a, blob in zip(rest, good):
+            assert np.array_equal(a, single.load(blob))  # same pixels whatever the worker count
