@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from simserve import __version__
 
@@ -175,6 +177,55 @@ def _index_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from simserve.logs import setup_logging
+    from simserve.server import ServerConfig, serve_forever
+
+    cfg = ServerConfig.from_env(**{f.name: getattr(args, f.name, None) for f in fields(ServerConfig)})
+    setup_logging(cfg.log_level, json_logs=not args.plain_logs)
+    return serve_forever(cfg)
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from simserve.client import Client, Key
+    from simserve.indexer import find_images
+
+    def image(arg: str):
+        return Key(arg[4:]) if arg.startswith("key:") else arg
+
+    c = Client(args.target, token=args.token or os.environ.get("SIMSERVE_TOKEN"), tls=args.tls, ca_cert=args.ca_cert, timeout=args.timeout)
+    try:
+        if args.action == "score":
+            s = c.score([(image(args.a), image(args.b))], collection=args.collection)[0]
+            out: Any = {"score": s.score, "match": s.match, "cosine": s.cosine}
+            text = f"score {s.score:.4f} ({'match' if s.match else 'different'}), cosine {s.cosine:.4f}"
+        elif args.action == "search":
+            out = c.search(image(args.image), k=args.k, rerank=args.rerank, collection=args.collection, where=dict(w.split("=", 1) for w in args.where or []))
+            text = "\n".join(f"{h['score']:.4f}" + (f"  head {h['head_score']:.4f}" if h["head_score"] is not None else "") + f"  {h['key']}" for h in out)
+        elif args.action == "add":
+            root = Path(args.folder)
+            rows = [(p.relative_to(root).as_posix(), p, {"path": p.relative_to(root).as_posix()}) for p in find_images(root)]
+            out = {"added": c.add_stream(rows, collection=args.collection)}
+            text = f"added {out['added']} images to {args.collection or 'the default collection'}"
+        elif args.action == "stats":
+            s = c.stats(args.collection)
+            out = {"collection": s.collection, "items": s.items, "indexed": s.indexed, "dim": s.dim, "factory": s.factory, "index_type": s.index_type, "index_bytes": s.index_bytes}
+            text = "\n".join(f"{k:>11}: {v}" for k, v in out.items())
+        else:  # health
+            out = {"status": c.health_status()}
+            text = out["status"]
+    except grpc.RpcError as e:
+        raise SystemExit(f"simserve client {args.action}: {e.code().name}: {e.details()}")
+    finally:
+        c.close()
+    print(json.dumps(out) if args.json else text)
+    return 0
+
+
 def _add_bundle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help="model bundle folder (default: the shipped default model)")
 
@@ -261,6 +312,62 @@ def build_parser() -> argparse.ArgumentParser:
     isr.add_argument("--where", action="append", metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
     isr.add_argument("--json", action="store_true")
     ix.set_defaults(func=_cmd_index)
+
+    sv = sub.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description="Serve the Similarity and Index gRPC services (plus grpc.health.v1 and reflection). "
+        "With no options: the shipped default model, collection 'default' in the data directory, 127.0.0.1:50051. "
+        "Every option can also be set as SIMSERVE_<OPTION> (e.g. SIMSERVE_PORT=50052, SIMSERVE_TOKEN=...). "
+        "SIGTERM drains in-flight requests, snapshots the index and exits 0.",
+    )
+    sv.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    sv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    sv.add_argument("--data-dir", dest="data_dir", help="collections live here (default $SIMSERVE_DATA_DIR or ~/.local/share/simserve)")
+    sv.add_argument("--bundle", help="model bundle (default: the shipped model)")
+    sv.add_argument("--backend", choices=["onnx", "torch"])
+    sv.add_argument("--threads", type=int, help="engine threads (default: all cores)")
+    sv.add_argument("--workers", type=int, help="gRPC handler threads (default 32)")
+    sv.add_argument("--max-batch", dest="max_batch", type=int, help="micro-batcher: most images per engine call (default 32)")
+    sv.add_argument("--max-delay-ms", dest="max_delay_ms", type=float, help="micro-batcher: longest wait for a fuller batch (default 2)")
+    sv.add_argument("--max-queue", dest="max_queue", type=int, help="images waiting before RESOURCE_EXHAUSTED (default 1024)")
+    sv.add_argument("--max-message-mb", dest="max_message_mb", type=int, help="largest gRPC message (default 64)")
+    sv.add_argument("--max-pixels", dest="max_pixels", type=int, help="largest decoded image (default 40,000,000)")
+    sv.add_argument("--max-items", dest="max_items", type=int, help="most images or pairs in one request (default 1024)")
+    sv.add_argument("--collection", help="default collection name (default 'default')")
+    sv.add_argument("--factory", help="FAISS factory for new collections (default Flat)")
+    sv.add_argument("--token", help="require 'authorization: Bearer TOKEN' (health and reflection stay open)")
+    sv.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain (enables TLS)")
+    sv.add_argument("--tls-key", dest="tls_key", help="PEM private key")
+    sv.add_argument("--tls-client-ca", dest="tls_client_ca", help="require client certificates signed by this CA (mutual TLS)")
+    sv.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port (default off; 0 picks one)")
+    sv.add_argument("--grace-s", dest="grace_s", type=float, help="seconds in-flight requests get at shutdown (default 30)")
+    sv.add_argument("--log-level", dest="log_level")
+    sv.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    sv.set_defaults(func=_cmd_serve)
+
+    cl = sub.add_parser("client", help="call a running server", description="Call a running simserve server. IMAGE arguments are files, or key:KEY for a stored item.")
+    cl.add_argument("--target", default=os.environ.get("SIMSERVE_TARGET", "127.0.0.1:50051"))
+    cl.add_argument("--token", help="bearer token (or $SIMSERVE_TOKEN)")
+    cl.add_argument("--tls", action="store_true", help="use TLS with the system roots")
+    cl.add_argument("--ca-cert", help="PEM CA certificate to trust (implies TLS)")
+    cl.add_argument("--timeout", type=float, default=30.0)
+    cl.add_argument("--collection", default="")
+    cl.add_argument("--json", action="store_true")
+    cls = cl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c1 = cls.add_parser("score", help="score two images")
+    c1.add_argument("a")
+    c1.add_argument("b")
+    c2 = cls.add_parser("search", help="nearest neighbours of one image")
+    c2.add_argument("image")
+    c2.add_argument("-k", type=int, default=10)
+    c2.add_argument("--rerank", type=int, default=0)
+    c2.add_argument("--where", action="append", metavar="FIELD=VALUE")
+    c3 = cls.add_parser("add", help="add every image under a folder (streamed)")
+    c3.add_argument("folder")
+    cls.add_parser("stats", help="collection statistics")
+    cls.add_parser("health", help="grpc.health.v1 status")
+    cl.set_defaults(func=_cmd_client)
 
     b = sub.add_parser("bench", help="benchmarks (medians; ratios measured side by side)", description="Run a benchmark and print JSON.")
     b.add_argument("what", choices=["engine"], help="engine: ONNX Runtime vs eager torch, decode pool, roofline")

@@ -1,0 +1,208 @@
+"""The service core, free of gRPC: engine + micro-batcher + collections.
+
+The server's handlers translate protobuf to these calls and these errors to
+status codes. Data flows one way: bytes -> decode (in the caller's thread)
+-> micro-batcher -> engine -> collections / response.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from simserve.batcher import MicroBatcher
+from simserve.bundle import Bundle
+from simserve.collection import Collection, Collections
+from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from simserve.engine import Engine
+from simserve.preprocess import to_pixels
+from simserve.search import search as two_stage_search
+from simserve.store import NewItem
+
+log = logging.getLogger("simserve.runtime")
+
+
+class RequestError(ValueError):
+    """A bad request; ``kind`` picks the status: invalid, not_found, too_large, precondition."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Limits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_items: int = 1024  # images (or pairs) in one request
+    max_k: int = 1000
+    max_rerank: int = 1000
+    max_key_bytes: int = 1024
+    max_metadata_bytes: int = 64 * 1024
+
+
+@dataclass
+class ImageRef:
+    """An image as a request gives it: encoded bytes, or the key of a stored item."""
+
+    data: bytes | None = None
+    key: str | None = None
+
+
+class Runtime:
+    def __init__(
+        self,
+        engine: Engine,
+        collections: Collections,
+        *,
+        default_collection: str = "default",
+        factory: str = "Flat",
+        max_batch: int = 32,
+        max_delay_ms: float = 2.0,
+        max_queue: int = 1024,
+        limits: Limits | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.engine, self.collections = engine, collections
+        self.bundle: Bundle = engine.bundle
+        self.default_collection, self.factory = default_collection, factory
+        self.limits = limits or Limits()
+        self.batcher: MicroBatcher[np.ndarray, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
+            self._embed_batch, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, name="engine-batcher", on_batch=on_batch
+        )
+        self.collections.get_or_create(default_collection, self.bundle.embedding_dim, factory, self.bundle.manifest["feature_shape"])
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.bundle.config.head}@{self.bundle.manifest.get('created', '?')}"
+
+    def _embed_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        feats, embs = self.engine.embed(np.stack(pixels))
+        return list(zip(feats, embs))
+
+    # -- images --------------------------------------------------------------------
+    def decode(self, data: bytes, where: str) -> np.ndarray:
+        try:
+            img = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.bundle.config.input_size)
+        except DecodeError as e:
+            kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
+            raise RequestError(kind, f"{where}: {e}") from None
+        c = self.bundle.config
+        return to_pixels(img, c.input_size, c.in_channels)
+
+    def embed_refs(self, refs: Sequence[ImageRef], where: Sequence[str], collection: str | None, timeout: float | None) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
+        """(features, embeddings, stored ids) for each ref. Keys resolve to stored items."""
+        self._check_count(len(refs), "images")
+        col = self.collection(collection) if any(r.key is not None for r in refs) else None
+        stored: dict[int, Any] = {}
+        to_embed: list[int] = []
+        pixels: list[np.ndarray] = []
+        for i, (r, w) in enumerate(zip(refs, where)):
+            if r.key is not None:
+                item = col.get([r.key]).get(r.key)
+                if item is None:
+                    raise RequestError("not_found", f"{w}: no item with key {r.key!r} in collection {col.name!r}")
+                stored[i] = item
+            elif r.data is not None:
+                to_embed.append(i)
+                pixels.append(self.decode(r.data, w))
+            else:
+                raise RequestError("invalid", f"{w}: image is empty (set data or key)")
+        shape = tuple(self.bundle.manifest["feature_shape"])
+        feats = np.zeros((len(refs), *shape), np.float32)
+        embs = np.zeros((len(refs), self.bundle.embedding_dim), np.float32)
+        ids: list[int | None] = [None] * len(refs)
+        if pixels:
+            for i, (f, e) in zip(to_embed, self.batcher.run(pixels, timeout)):
+                feats[i], embs[i] = f, e
+        if stored:
+            fmap = col.features([it.id for it in stored.values()])
+            for i, it in stored.items():
+                embs[i], ids[i] = it.vector, it.id
+                if it.id in fmap:
+                    feats[i] = fmap[it.id]
+                else:
+                    feats[i] = np.nan  # no features stored: head scores impossible
+        return feats, embs, ids
+
+    # -- operations ----------------------------------------------------------------------
+    def score_pairs(self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float, timeout: float | None) -> tuple[np.ndarray, np.ndarray, float]:
+        self._check_count(len(pairs), "pairs")
+        if not pairs:
+            raise RequestError("invalid", "pairs: at least one pair is required")
+        refs = [r for p in pairs for r in p]
+        where = [f"pairs[{i // 2}].{'ab'[i % 2]}" for i in range(len(refs))]
+        feats, embs, _ = self.embed_refs(refs, where, collection, timeout)
+        if np.isnan(feats).any():
+            raise RequestError("precondition", "an item referenced by key was stored without head features; pass its image bytes")
+        scores = self.engine.fuse(feats[0::2], feats[1::2])
+        cosine = np.einsum("ij,ij->i", embs[0::2], embs[1::2])
+        thr = threshold if threshold > 0 else self.bundle.threshold
+        return scores, cosine, thr
+
+    def embed(self, refs: Sequence[ImageRef], collection: str | None, timeout: float | None) -> np.ndarray:
+        if not refs:
+            raise RequestError("invalid", "images: at least one image is required")
+        _, embs, _ = self.embed_refs(refs, [f"images[{i}]" for i in range(len(refs))], collection, timeout)
+        return embs
+
+    def search(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str], timeout: float | None):
+        k = k or 10
+        if not 0 < k <= self.limits.max_k:
+            raise RequestError("invalid", f"k must be between 1 and {self.limits.max_k}, got {k}")
+        if not 0 <= rerank <= self.limits.max_rerank:
+            raise RequestError("invalid", f"rerank must be between 0 and {self.limits.max_rerank}, got {rerank}")
+        col = self.collection(collection)
+        feats, embs, ids = self.embed_refs([query], ["query"], col.name, timeout)
+        use_feats = None if (rerank == 0 or np.isnan(feats).any()) else feats
+        exclude = [[ids[0]]] if ids[0] is not None else None
+        return two_stage_search(self.engine, col, embs, k, features=use_feats, rerank=rerank, where=where or None, exclude_ids=exclude)[0]
+
+    def add(self, collection: str | None, items: Sequence[tuple[str, bytes, dict | None]], timeout: float | None) -> list[str]:
+        self._check_count(len(items), "items")
+        name = collection or self.default_collection
+        if not _valid_name(name):
+            raise RequestError("invalid", f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-'")
+        col = self.collections.get_or_create(name, self.bundle.embedding_dim, self.factory, self.bundle.manifest["feature_shape"])
+        if col.dim != self.bundle.embedding_dim:
+            raise RequestError("precondition", f"collection {name!r} holds {col.dim}-d vectors; the served model makes {self.bundle.embedding_dim}-d")
+        seen: set[str] = set()
+        for i, (key, data, meta) in enumerate(items):
+            if not key or len(key.encode()) > self.limits.max_key_bytes:
+                raise RequestError("invalid", f"items[{i}].key must be 1-{self.limits.max_key_bytes} bytes")
+            if key in seen:
+                raise RequestError("invalid", f"items[{i}].key {key!r} appears twice in one request")
+            seen.add(key)
+        pixels = [self.decode(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)]
+        results = self.batcher.run(pixels, timeout) if pixels else []
+        new = [
+            NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None)
+            for (key, _, meta), (f, e) in zip(items, results)
+        ]
+        col.add(new)
+        return [it.key for it in new]
+
+    def collection(self, name: str | None) -> Collection:
+        from simserve.collection import CollectionNotFound
+
+        name = name or self.default_collection
+        try:
+            return self.collections.get(name)
+        except CollectionNotFound:
+            raise RequestError("not_found", f"collection {name!r} not found") from None
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n > self.limits.max_items:
+            raise RequestError("too_large", f"{n} {what} in one request; the limit is {self.limits.max_items} (split the request)")
+
+    def close(self) -> None:
+        self.batcher.close(drain=True)
+        self.collections.close(snapshot=True)
+
+
+def _valid_name(name: str) -> bool:
+    from simserve.collection import NAME_RE
+
+    return NAME_RE.match(name) is not None

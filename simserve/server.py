@@ -1,0 +1,361 @@
+"""The gRPC server: Similarity + Index services, health, reflection, auth, metrics.
+
+``simserve serve`` with no options serves the shipped default model and a
+``default`` collection on 127.0.0.1:50051. Every request is logged as one
+JSON line with a request id; errors are status codes whose message says
+exactly what was wrong. SIGTERM: health goes NOT_SERVING, new RPCs are
+refused, in-flight ones finish, the index is snapshotted, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from simserve.batcher import BatcherClosed, DeadlineExceeded, QueueFull
+from simserve.collection import Collections, default_data_dir
+from simserve.engine import default_threads, load_engine
+from simserve.metrics import Metrics
+from simserve.runtime import ImageRef, Limits, RequestError, Runtime
+from simserve.store import StoreError
+from simserve.v1 import simserve_pb2 as pb
+from simserve.v1 import simserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("simserve.server")
+SERVICES = ("simserve.v1.Similarity", "simserve.v1.Index")
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes work without a token
+
+
+@dataclass
+class ServerConfig:
+    """Every option; each is also settable as SIMSERVE_<NAME> in the environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: str = ""
+    bundle: str = ""
+    backend: str = "onnx"
+    threads: int = 0  # engine threads; 0 = all cores
+    workers: int = 32  # gRPC handler threads
+    max_batch: int = 32
+    max_delay_ms: float = 2.0
+    max_queue: int = 1024
+    max_message_mb: int = 64
+    max_pixels: int = 40_000_000
+    max_items: int = 1024
+    collection: str = "default"
+    factory: str = "Flat"
+    token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
+    metrics_port: int = -1  # -1 off, 0 any free port
+    grace_s: float = 30.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "ServerConfig":
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            env = os.environ.get(f"SIMSERVE_{f.name.upper()}")
+            if env is not None:
+                kw[f.name] = type(f.default)(env) if not isinstance(f.default, bool) else env.lower() in ("1", "true", "yes")
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _guard(fn: Callable) -> Callable:
+    """Map the runtime's exceptions to status codes; nothing else escapes as UNKNOWN."""
+
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except RequestError as e:
+            context.abort(_CODES[e.kind], str(e))
+        except QueueFull as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except (DeadlineExceeded, TimeoutError):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was computed")
+        except BatcherClosed as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except StoreError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"write failed: {e}")
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def _ref(img: pb.Image) -> ImageRef:
+    which = img.WhichOneof("source")
+    return ImageRef(data=img.data if which == "data" else None, key=img.key if which == "key" else None)
+
+
+def _timeout(context) -> float | None:
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e6 else None
+
+
+def _metadata(text: str, where: str, limit: int) -> dict | None:
+    if not text:
+        return None
+    if len(text.encode()) > limit:
+        raise RequestError("too_large", f"{where}: metadata is {len(text.encode())} bytes; the limit is {limit}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError("invalid", f"{where}: metadata_json is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise RequestError("invalid", f"{where}: metadata_json must be a JSON object")
+    return value
+
+
+class SimilarityService(pb_grpc.SimilarityServicer):
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    @_guard
+    def ScorePairs(self, request, context):
+        pairs = [(_ref(p.a), _ref(p.b)) for p in request.pairs]
+        scores, cosine, thr = self.rt.score_pairs(pairs, request.collection or None, request.threshold, _timeout(context))
+        return pb.ScorePairsResponse(
+            scores=[pb.PairScore(score=float(s), match=bool(s >= thr), cosine=float(c)) for s, c in zip(scores, cosine)],
+            threshold=thr,
+            model=self.rt.model_name,
+        )
+
+    @_guard
+    def Embed(self, request, context):
+        embs = self.rt.embed([_ref(i) for i in request.images], request.collection or None, _timeout(context))
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=e.tolist()) for e in embs], dim=embs.shape[1], model=self.rt.model_name)
+
+    @_guard
+    def Search(self, request, context):
+        if not request.HasField("query") or request.query.WhichOneof("source") is None:
+            raise RequestError("invalid", "query: set image data or key")
+        hits = self.rt.search(_ref(request.query), request.collection or None, request.k, request.rerank, dict(request.filter), _timeout(context))
+        return pb.SearchResponse(
+            neighbors=[
+                pb.Neighbor(key=h.key, score=h.score, metadata_json=json.dumps(h.metadata) if h.metadata else "", **({"head_score": h.head_score} if h.head_score is not None else {}))
+                for h in hits
+            ]
+        )
+
+
+class IndexService(pb_grpc.IndexServicer):
+    def __init__(self, rt: Runtime, metrics: Metrics) -> None:
+        self.rt, self.metrics = rt, metrics
+
+    def _add(self, request, context) -> list[str]:
+        lim = self.rt.limits.max_metadata_bytes
+        items = [(it.key, it.image, _metadata(it.metadata_json, f"items[{i}]", lim)) for i, it in enumerate(request.items)]
+        keys = self.rt.add(request.collection or None, items, _timeout(context))
+        name = request.collection or self.rt.default_collection
+        self.metrics.items.labels(name).set(self.rt.collection(name).store.count())
+        return keys
+
+    @_guard
+    def Add(self, request, context):
+        keys = self._add(request, context)
+        return pb.AddResponse(added=len(keys), keys=keys)
+
+    @_guard
+    def AddStream(self, request_iterator, context):
+        keys: list[str] = []
+        for request in request_iterator:
+            keys.extend(self._add(request, context))  # each message committed as it arrives
+        return pb.AddResponse(added=len(keys), keys=keys)
+
+    @_guard
+    def Remove(self, request, context):
+        col = self.rt.collection(request.collection or None)
+        found = col.remove(list(request.keys))
+        return pb.RemoveResponse(removed=len(found), not_found=[k for k in request.keys if k not in found])
+
+    @_guard
+    def Get(self, request, context):
+        col = self.rt.collection(request.collection or None)
+        got = col.get(list(request.keys))
+        items = [
+            pb.Item(key=k, metadata_json=json.dumps(it.metadata) if it.metadata else "", vector=it.vector.tolist() if request.include_vectors else [], added_unix=it.added)
+            for k, it in got.items()
+        ]
+        return pb.GetResponse(items=items, not_found=[k for k in request.keys if k not in got])
+
+    @_guard
+    def Stats(self, request, context):
+        s = self.rt.collection(request.collection or None).stats()
+        self.metrics.items.labels(s["name"]).set(s["items"])
+        return pb.StatsResponse(
+            collection=s["name"], items=s["items"], indexed=s["indexed"], dim=s["dim"], factory=s["factory"],
+            index_type=s["index_type"], index_bytes=s["index_bytes"], pending_training=s["pending_training"],
+        )
+
+    @_guard
+    def ListCollections(self, request, context):
+        return pb.ListCollectionsResponse(collections=self.rt.collections.names())
+
+
+class _Interceptor(grpc.ServerInterceptor):
+    """Auth (bearer token), request ids, metrics and one JSON log line per RPC."""
+
+    def __init__(self, metrics: Metrics, token: str) -> None:
+        self.metrics, self.token = metrics, token
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        md = dict(details.invocation_metadata or ())
+        request_id = md.get("x-request-id") or uuid.uuid4().hex[:16]
+        authorized = not self.token or method.startswith(OPEN_METHODS) or md.get("authorization") == f"Bearer {self.token}"
+
+        def wrap(behaviour, streaming_request: bool):
+            def inner(request_or_iter, context):
+                t0 = time.perf_counter()
+                context.set_trailing_metadata((("x-request-id", request_id),))
+                code = "OK"
+                try:
+                    if not authorized:
+                        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+                    return behaviour(request_or_iter, context)
+                except BaseException:
+                    c = context.code()
+                    code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
+                    if code == "UNKNOWN":
+                        log.exception("unhandled error", extra={"request_id": request_id, "method": method})
+                    raise
+                finally:
+                    if code == "OK" and isinstance(context.code(), grpc.StatusCode):
+                        code = context.code().name
+                    ms = (time.perf_counter() - t0) * 1e3
+                    self.metrics.requests.labels(method, code).inc()
+                    self.metrics.latency.labels(method).observe(ms / 1e3)
+                    if not method.startswith(OPEN_METHODS):
+                        log.info("rpc", extra={"request_id": request_id, "method": method, "code": code, "ms": round(ms, 2), "peer": context.peer()})
+
+            return inner
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, True), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, False), handler.request_deserializer, handler.response_serializer)
+        return handler  # stream-stream (reflection): no wrapping
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    runtime: Runtime
+    health: health.HealthServicer
+    port: int
+    metrics_port: int | None
+    config: ServerConfig
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new RPCs, let in-flight ones finish, flush the index."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("shutting down", extra={"grace_s": grace if grace is not None else self.config.grace_s})
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace if grace is not None else self.config.grace_s).wait()
+        self.runtime.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def start(cfg: ServerConfig) -> RunningServer:
+    """Load the model and the index, then open the port; health says SERVING only after both."""
+    t0 = time.perf_counter()
+    metrics = Metrics()
+    engine = load_engine(cfg.bundle or None, cfg.backend, threads=cfg.threads or default_threads(), max_batch=max(cfg.max_batch, 64))
+    collections = Collections(cfg.data_dir or default_data_dir())
+    runtime = Runtime(
+        engine, collections, default_collection=cfg.collection, factory=cfg.factory, max_batch=cfg.max_batch,
+        max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue, limits=Limits(max_pixels=cfg.max_pixels, max_items=cfg.max_items),
+        on_batch=metrics.on_batch,
+    )
+    size = cfg.max_message_mb * 1024 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
+        interceptors=[_Interceptor(metrics, cfg.token)],
+        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size), ("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    for name in ("",) + SERVICES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    pb_grpc.add_SimilarityServicer_to_server(SimilarityService(runtime), server)
+    pb_grpc.add_IndexServicer_to_server(IndexService(runtime, metrics), server)
+    reflection.enable_server_reflection(SERVICES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert:
+        creds = grpc.ssl_server_credentials(
+            [(_read(cfg.tls_key), _read(cfg.tls_cert))],
+            root_certificates=_read(cfg.tls_client_ca) if cfg.tls_client_ca else None,
+            require_client_auth=bool(cfg.tls_client_ca),
+        )
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    metrics_port = metrics.serve(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
+    for name in ("",) + SERVICES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving",
+        extra={
+            "address": f"{cfg.host}:{port}", "tls": bool(cfg.tls_cert), "mtls": bool(cfg.tls_client_ca), "auth": bool(cfg.token),
+            "metrics_port": metrics_port, "model": runtime.model_name, "data_dir": str(collections.root.parent),
+            "startup_s": round(time.perf_counter() - t0, 3),
+        },
+    )
+    return RunningServer(server, runtime, health_servicer, port, metrics_port, cfg)
+
+
+def serve_forever(cfg: ServerConfig) -> int:
+    running = start(cfg)
+    done = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal", extra={"signal": signal.Signals(signum).name})
+        threading.Thread(target=lambda: (running.stop(), done.set()), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not done.wait(0.5):
+        pass
+    return 0
