@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for simserve.v1 (scripts/gen-proto.sh); do not edit."""

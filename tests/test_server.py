@@ -1,0 +1,243 @@
+"""A real server on a loopback port: every RPC, every error code, auth, TLS, health, reflection."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from simserve.client import Client, Key
+from simserve.server import ServerConfig, start
+from simserve.v1 import simserve_pb2 as pb
+from tests.test_decode import _png_header_claiming
+
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path_factory.mktemp("data")), bundle=str(tiny_bundle), metrics_port=0, max_items=64, max_pixels=4_000_000))
+    yield srv
+    srv.stop(2)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(f"127.0.0.1:{server.port}", timeout=20) as c:
+        yield c
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def test_score_embed_search_add_get_remove_stats_list(client, stamp_folder):
+    assert client.health_status() == "SERVING"
+    files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:12]
+    n = client.add([(f.name, f, {"n": i, "kind": "odd" if i % 2 else "even"}) for i, f in enumerate(files)])
+    assert n == 12
+    scores = client.score([(files[0], files[0]), (files[0], files[1]), (files[1], files[0])])
+    assert abs(scores[1].score - scores[2].score) < 1e-6  # symmetric through the service
+    assert scores[0].cosine > 0.999
+    by_key = client.score([(Key(files[0].name), files[1])])
+    assert abs(by_key[0].score - scores[1].score) < 2e-3  # stored float16 features
+    embs = client.embed([files[2], Key(files[2].name)])
+    assert len(embs[0]) == 24 and np.allclose(embs[0], embs[1], atol=1e-5)
+    hits = client.search(files[3], k=3)
+    assert hits[0]["key"] == files[3].name and hits[0]["metadata"]["n"] == 3
+    hits = client.search(Key(files[3].name), k=3, rerank=8)
+    assert files[3].name not in [h["key"] for h in hits] and all(h["head_score"] is not None for h in hits)
+    assert [h["head_score"] for h in hits] == sorted((h["head_score"] for h in hits), reverse=True)
+    odd = client.search(files[3], k=10, where={"kind": "odd"})
+    assert odd and all(h["metadata"]["kind"] == "odd" for h in odd)
+    got = client.get([files[4].name, "nope"], include_vectors=True)
+    assert [i.key for i in got.items] == [files[4].name] and list(got.not_found) == ["nope"]
+    assert len(got.items[0].vector) == 24
+    rm = client.remove([files[4].name, "nope"])
+    assert rm.removed == 1 and list(rm.not_found) == ["nope"]
+    st = client.stats()
+    assert st.items == 11 and st.indexed == 11 and st.dim == 24
+    streamed = client.add_stream(((f"s{i}", files[i], None) for i in range(5)), collection="streamed", batch=2)
+    assert streamed == 5 and client.stats("streamed").items == 5
+    assert set(client.collections()) >= {"default", "streamed"}
+
+
+def test_every_error_is_a_clear_status(client):
+    png = (EX / "bee.png").read_bytes()
+    s = client.similarity
+    code, msg = _code(lambda: client.score([(b"garbage", png)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("pairs[0].a:")
+    code, msg = _code(lambda: client.score([(png, png[: len(png) // 2])]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("pairs[0].b:")
+    code, msg = _code(lambda: client.score([]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "at least one pair" in msg
+    code, msg = _code(lambda: client.score([(_png_header_claiming(50_000, 50_000), png)]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pixel" in msg
+    code, msg = _code(lambda: client.score([(png, png)] * 65))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "65 pairs" in msg
+    code, msg = _code(lambda: client.score([(Key("no-such-key"), png)]))
+    assert code == grpc.StatusCode.NOT_FOUND and "no-such-key" in msg
+    code, msg = _code(lambda: client.search(png, collection="no-such-collection"))
+    assert code == grpc.StatusCode.NOT_FOUND and "no-such-collection" in msg
+    code, msg = _code(lambda: client.search(png, k=100000))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "k must be" in msg
+    code, msg = _code(lambda: s.Search(pb.SearchRequest(), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "query" in msg
+    code, msg = _code(lambda: client.index.Add(pb.AddRequest(items=[pb.AddItem(key="x", image=png, metadata_json="{nope")]), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "metadata_json" in msg
+    code, msg = _code(lambda: client.index.Add(pb.AddRequest(collection="../etc", items=[pb.AddItem(key="x", image=png)]), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "collection name" in msg
+    code, msg = _code(lambda: client.index.Add(pb.AddRequest(items=[pb.AddItem(key="", image=png)]), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "key" in msg
+    code, msg = _code(lambda: client.index.Stats(pb.StatsRequest(collection="missing"), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND
+    huge = b"\0" * (65 * 1024 * 1024)
+    code, _ = _code(lambda: client.embed([huge]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # past the 64 MB message limit
+    assert client.health_status() == "SERVING"  # none of it hurt the server
+
+
+def test_metrics_count_requests_by_method_and_code(server, client):
+    client.stats()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'simserve_requests_total{code="OK",method="/simserve.v1.Index/Stats"}' in text
+    assert "simserve_batch_size_bucket" in text and "simserve_request_seconds_bucket" in text
+
+
+def test_token_auth_guards_everything_but_health_and_reflection(tiny_bundle, tmp_path):
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle), token="s3cret"))
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        with Client(target) as anon, Client(target, token="wrong") as wrong, Client(target, token="s3cret") as ok:
+            for c in (anon, wrong):
+                code, msg = _code(lambda: c.stats())
+                assert code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in msg
+                code, _ = _code(lambda: c.score([(EX / "bee.png", EX / "bee.png")]))
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+            assert anon.health_status() == "SERVING"
+            assert ok.stats().collection == "default"
+            assert _services_by_reflection(target) >= {"simserve.v1.Similarity", "simserve.v1.Index"}
+    finally:
+        srv.stop(1)
+
+
+def _services_by_reflection(target: str, creds=None) -> set[str]:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+    with channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        return {s.name for r in responses for s in r.list_services_response.service}
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_certs(d: Path) -> None:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by it."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    for name, san in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "subjectAltName=DNS:client")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(san + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+
+
+def test_tls_and_mutual_tls(tiny_bundle, tmp_path):
+    _make_certs(tmp_path)
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path / "d"), bundle=str(tiny_bundle), tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key")))
+    try:
+        with Client(f"localhost:{srv.port}", ca_cert=str(tmp_path / "ca.pem")) as c:
+            assert c.score([(EX / "bee.png", EX / "bee.png")])[0].cosine > 0.999
+        with Client(f"localhost:{srv.port}", retries=0, timeout=3) as plain:
+            code, _ = _code(lambda: plain.stats())
+            assert code == grpc.StatusCode.UNAVAILABLE  # plaintext against TLS
+    finally:
+        srv.stop(1)
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path / "d2"), bundle=str(tiny_bundle), tls_cert=str(tmp_path / "server.pem"),
+                             tls_key=str(tmp_path / "server.key"), tls_client_ca=str(tmp_path / "ca.pem")))
+    try:
+        with Client(f"localhost:{srv.port}", ca_cert=str(tmp_path / "ca.pem"), client_cert=str(tmp_path / "client.pem"), client_key=str(tmp_path / "client.key")) as c:
+            assert c.stats().collection == "default"
+        with Client(f"localhost:{srv.port}", ca_cert=str(tmp_path / "ca.pem"), retries=0, timeout=3) as no_cert:
+            code, _ = _code(lambda: no_cert.stats())
+            assert code == grpc.StatusCode.UNAVAILABLE  # handshake refused without a client certificate
+    finally:
+        srv.stop(1)
+
+
+def test_health_transitions_across_start_and_sigterm(tiny_bundle, tmp_path):
+    env = {**os.environ, "SIMSERVE_DATA_DIR": str(tmp_path), "SIMSERVE_PORT": "0", "SIMSERVE_BUNDLE": str(tiny_bundle)}
+    proc = subprocess.Popen([sys.executable, "-m", "simserve.cli", "serve", "--grace-s", "5"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        deadline = time.time() + 60
+        while port is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            if line.startswith("{") and json.loads(line)["msg"] == "serving":
+                port = int(json.loads(line)["address"].rsplit(":", 1)[1])
+        assert port, "server never said it was serving"
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="simserve.v1.Similarity"), timeout=30)
+        seen: list[str] = []
+
+        def follow():
+            try:
+                for r in watch:
+                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+            except grpc.RpcError:
+                pass
+
+        t = threading.Thread(target=follow)
+        t.start()
+        with Client(f"127.0.0.1:{port}") as c:
+            c.add({"bee": EX / "bee.png"})
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        t.join(10)
+        assert seen[0] == "SERVING" and "NOT_SERVING" in seen[1:]
+        channel.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "collections" / "default" / "index.faiss").exists()  # flushed at shutdown
+
+
+def test_grpcurl_through_reflection_agrees_with_the_python_client(client, server):
+    grpcurl = Path(sys.executable).parent / "grpcurl"
+    target = f"127.0.0.1:{server.port}"
+    listed = subprocess.run([str(grpcurl), "-plaintext", target, "list"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "simserve.v1.Similarity" in listed.stdout and "simserve.v1.Index" in listed.stdout
+    import base64
+
+    a, b = (EX / "seagull.png").read_bytes(), (EX / "seagull-copy.jpg").read_bytes()
+    req = {"pairs": [{"a": {"data": base64.b64encode(a).decode()}, "b": {"data": base64.b64encode(b).decode()}}]}
+    out = subprocess.run([str(grpcurl), "-plaintext", "-d", "@", target, "simserve.v1.Similarity/ScorePairs"], input=json.dumps(req), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    theirs = json.loads(out.stdout)["scores"][0]
+    ours = client.score([(a, b)])[0]
+    assert abs(theirs["score"] - ours.score) < 1e-6 and abs(theirs["cosine"] - ours.cosine) < 1e-6
+    client.add({"seagull-ref": EX / "seagull.png"}, collection="grpcurl")
+    req = {"collection": "grpcurl", "query": {"data": base64.b64encode(b).decode()}, "k": 1}
+    out = subprocess.run([str(grpcurl), "-plaintext", "-d", "@", target, "simserve.v1.Similarity/Search"], input=json.dumps(req), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    theirs = json.loads(out.stdout)["neighbors"][0]
+    ours = client.search(b, k=1, collection="grpcurl")[0]
+    assert theirs["key"] == ours["key"] == "seagull-ref" and abs(theirs["score"] - ours["score"]) < 1e-6
