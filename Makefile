@@ -24,9 +24,7 @@ test: setup-dev data
 	$(BIN)/python -m pytest -q
 
 run: setup
-	$(BIN)/simserve info | head -n 20
-	$(BIN)/simserve compare examples/seagull.png examples/seagull-copy.jpg
-	$(BIN)/simserve compare examples/seagull.png examples/bee.png
+	$(BIN)/simserve serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -88,6 +88,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from simserve.bench import engine
 
         result = engine.run(args.bundle, batch=args.batch, repeats=args.repeats, threads=args.threads)
+    elif args.what == "serve":
+        from simserve.bench import serve
+
+        result = serve.run(args.bundle, clients=args.clients, procs=args.procs, seconds=args.seconds, collection_size=args.collection_size)
     else:  # argparse restricts the choices
         raise SystemExit(f"unknown benchmark {args.what}")
     emit(result, args.out)
@@ -370,11 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=_cmd_client)
 
     b = sub.add_parser("bench", help="benchmarks (medians; ratios measured side by side)", description="Run a benchmark and print JSON.")
-    b.add_argument("what", choices=["engine"], help="engine: ONNX Runtime vs eager torch, decode pool, roofline")
+    b.add_argument("what", choices=["engine", "serve"], help="engine: ONNX Runtime vs eager torch, decode pool, roofline; serve: the gRPC service under concurrent load")
     _add_bundle_arg(b)
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--repeats", type=int, default=15)
     b.add_argument("--threads", type=int, help="engine threads (default: all cores)")
+    b.add_argument("--clients", type=int, default=32, help="serve: concurrent clients")
+    b.add_argument("--procs", type=int, default=2, help="serve: load-generator processes")
+    b.add_argument("--seconds", type=float, default=20.0, help="serve: seconds per measurement")
+    b.add_argument("--collection-size", type=int, default=100_000, help="serve: items in the searched collection")
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=_cmd_bench)
     return p

@@ -241,3 +241,22 @@ def test_grpcurl_through_reflection_agrees_with_the_python_client(client, server
     theirs = json.loads(out.stdout)["neighbors"][0]
     ours = client.search(b, k=1, collection="grpcurl")[0]
     assert theirs["key"] == ours["key"] == "seagull-ref" and abs(theirs["score"] - ours["score"]) < 1e-6
+
+
+def test_client_cli_add_search_score_stats_health(server, tmp_path):
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "simserve.cli", "client", "--target", f"127.0.0.1:{server.port}", "--json", *args],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    assert cli("--collection", "cli", "add", str(EX)) == {"added": 3}
+    hits = cli("--collection", "cli", "search", str(EX / "seagull.png"), "-k", "2")
+    assert hits[0]["key"] == "seagull.png" and hits[0]["metadata"] == {"path": "seagull.png"}
+    s = cli("--collection", "cli", "score", str(EX / "bee.png"), "key:bee.png")
+    assert s["cosine"] > 0.999
+    assert cli("--collection", "cli", "stats")["items"] == 3
+    assert cli("health") == {"status": "SERVING"}
+    r = subprocess.run([sys.executable, "-m", "simserve.cli", "client", "--target", f"127.0.0.1:{server.port}", "--collection", "nope", "stats"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "NOT_FOUND" in r.stderr
