@@ -88,6 +88,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from simserve.bench import engine
 
         result = engine.run(args.bundle, batch=args.batch, repeats=args.repeats, threads=args.threads)
+    elif args.what == "index":
+        from simserve.bench import index
+
+        result = index.run(args.bundle, n=args.n, queries=args.queries, cache=args.cache)
     elif args.what == "serve":
         from simserve.bench import serve
 
@@ -374,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=_cmd_client)
 
     b = sub.add_parser("bench", help="benchmarks (medians; ratios measured side by side)", description="Run a benchmark and print JSON.")
-    b.add_argument("what", choices=["engine", "serve"], help="engine: ONNX Runtime vs eager torch, decode pool, roofline; serve: the gRPC service under concurrent load")
+    b.add_argument("what", choices=["engine", "index", "serve"], help="engine: ONNX Runtime vs eager torch, decode pool, roofline; index: FAISS types on real embeddings, durable adds, snapshot start; serve: the gRPC service under concurrent load")
     _add_bundle_arg(b)
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--repeats", type=int, default=15)
@@ -383,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--procs", type=int, default=2, help="serve: load-generator processes")
     b.add_argument("--seconds", type=float, default=20.0, help="serve: seconds per measurement")
     b.add_argument("--collection-size", type=int, default=100_000, help="serve: items in the searched collection")
+    b.add_argument("--n", type=int, default=1_000_000, help="index: vectors in the largest index")
+    b.add_argument("--queries", type=int, default=1000, help="index: query vectors")
+    b.add_argument("--cache", default="runs/bench/embeddings.npy", help="index: where the real embeddings are cached")
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=_cmd_bench)
     return p

@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from simserve.decode import DecodeError, decode_file
+
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
@@ -40,8 +42,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def photo_sources() -> list[Image.Image]:
-    """Real photos to derive test images from: scikit-image's bundled photos, else Tux Paint stamps."""
+def photo_sources(limit: int | None = 50) -> list[Image.Image]:
+    """Real images to derive test images from: scikit-image's bundled photos, plus (up to ``limit``,
+    or all with None) Tux Paint stamps and Open Clip Art drawings when installed."""
     images: list[Image.Image] = []
     try:
         import skimage.data
@@ -52,10 +55,19 @@ def photo_sources() -> list[Image.Image]:
                 images.append(Image.open(root / name).convert("RGB"))
     except ImportError:
         pass
-    stamps = Path("/usr/share/tuxpaint/stamps")
-    if not images and stamps.is_dir():
-        for p in sorted(stamps.rglob("*.png"))[:50]:
-            images.append(Image.open(p).convert("RGB"))
+    more: list[Path] = []
+    for folder in (Path("/usr/share/tuxpaint/stamps"), Path("/usr/share/openclipart/png")):
+        if folder.is_dir():
+            more += sorted(folder.rglob("*.png"))
+    if limit is not None and images:
+        more = more[:0]  # the photos are enough for the engine/serve benches
+    for p in more[:limit] if limit is not None else more:
+        try:
+            img = decode_file(p)
+        except (DecodeError, OSError):
+            continue
+        img.thumbnail((256, 256))
+        images.append(img)
     if not images:
         raise SystemExit("no real photos found: install the dev extras (scikit-image) or tuxpaint-stamps-default")
     return images

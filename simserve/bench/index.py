@@ -1,0 +1,173 @@
+"""``simserve bench index``: FAISS index types on real embeddings, durability costs.
+
+Vectors are real: the default model's embeddings of random crops of real
+images (cached to ``--cache`` because making a million takes a while).
+Queries are embeddings of *other* crops, never indexed. Ground truth is
+exact inner-product search. Reported per index type and size: build time,
+bytes per vector, recall@10 against exact, batched queries/s (all threads),
+single-query p50/p99 (one thread, as a server would run many at once); for
+IVF-PQ also recall@10 after exact re-ranking of its top 100. Then durable
+adds/s through SQLite + FAISS, and start-up time from a snapshot.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from simserve.bench.common import photo_sources
+from simserve.vector_index import VectorIndex, min_train_size
+
+DEFAULT_TYPES = ("Flat", "HNSW32", "IVF1024,Flat", "IVF1024,PQ32")
+
+
+def real_embeddings(n: int, bundle: str | None, cache: str | None, seed: int = 0) -> np.ndarray:
+    """``n`` embeddings of random crops (10-100% of the side) of real images, cached as .npy."""
+    if cache and Path(cache).exists():
+        x = np.load(cache, mmap_mode="r")
+        if len(x) >= n:
+            return np.ascontiguousarray(x[:n])
+    from PIL import Image
+    from tqdm import tqdm
+
+    from simserve.engine import load_engine
+    from simserve.preprocess import to_pixels
+
+    engine = load_engine(bundle)
+    cfg = engine.config
+    sources = photo_sources(limit=None)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, engine.bundle.embedding_dim), np.float32)
+    batch = 256
+    for s in tqdm(range(0, n, batch), desc="embedding crops", unit_scale=batch, disable=n < 50_000):
+        px = []
+        for _ in range(min(batch, n - s)):
+            img = sources[rng.integers(len(sources))]
+            w, h = img.size
+            side = max(1, min(w, h, int(min(w, h) * rng.uniform(0.1, 1.0))))
+            x0, y0 = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+            crop = img.crop((x0, y0, x0 + side, y0 + side))
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            px.append(to_pixels(crop, cfg.input_size, cfg.in_channels))
+        _, out[s : s + len(px)] = engine.embed(np.stack(px))
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, out)
+    return out
+
+
+def _single_query_ms(idx: VectorIndex, queries: np.ndarray, k: int = 10) -> tuple[float, float]:
+    faiss.omp_set_num_threads(1)
+    try:
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            idx.search(q[None], k)
+            times.append((time.perf_counter() - t) * 1e3)
+    finally:
+        faiss.omp_set_num_threads(faiss.omp_get_max_threads())
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def bench_type(factory: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, threads: int) -> dict:
+    n, d = base.shape
+    idx = VectorIndex(d, factory)
+    t = time.perf_counter()
+    if idx.pending_training:
+        sample = base[np.random.default_rng(0).choice(n, size=min(n, max(min_train_size(factory), 64 * 1024)), replace=False)]
+        idx.train(sample)
+    for s in range(0, n, 100_000):
+        idx.add(np.arange(s, min(n, s + 100_000), dtype=np.int64), base[s : s + 100_000])
+    build_s = time.perf_counter() - t
+    faiss.omp_set_num_threads(threads)
+    t = time.perf_counter()
+    _, found = idx.search(queries, 10)
+    batched_qps = len(queries) / (time.perf_counter() - t)
+    p50, p99 = _single_query_ms(idx, queries[:300])
+    row = {
+        "factory": factory,
+        "n": n,
+        "build_s": build_s,
+        "bytes_per_vector": idx.memory_bytes() / n,
+        "recall@10": _recall(found, truth),
+        "batched_qps": batched_qps,
+        "single_p50_ms": p50,
+        "single_p99_ms": p99,
+    }
+    if "PQ" in factory:  # exact re-rank of the top 100 with the original vectors
+        _, top = idx.search(queries, 100)
+        reranked = []
+        for q, cand in zip(queries, top):
+            cand = cand[cand >= 0]
+            reranked.append(cand[np.argsort(-(base[cand] @ q))[:10]])
+        row["recall@10_rerank100"] = _recall(reranked, truth)
+    return row
+
+
+def durable_adds(base: np.ndarray, factory: str, batch: int = 10_000, total: int = 200_000) -> dict:
+    from simserve.collection import Collections
+    from simserve.store import NewItem
+
+    total = min(total, len(base))
+    with tempfile.TemporaryDirectory() as d:
+        col = Collections(d).create("adds", base.shape[1], factory)
+        t = time.perf_counter()
+        for s in range(0, total, batch):
+            col.add([NewItem(f"k{s + i}", v) for i, v in enumerate(base[s : s + batch])])
+        secs = time.perf_counter() - t
+        col.close(snapshot=False)
+    return {"factory": factory, "vectors": total, "batch": batch, "vectors_per_s": total / secs}
+
+
+def snapshot_start(base: np.ndarray, factory: str) -> dict:
+    """Load a collection of len(base) vectors from its snapshot (what a restart does)."""
+    from simserve.collection import Collections
+    from simserve.store import NewItem
+
+    with tempfile.TemporaryDirectory() as d:
+        cols = Collections(d, synchronous="OFF")  # filling speed only; the measured part is the reopen
+        col = cols.create("big", base.shape[1], factory)
+        for s in range(0, len(base), 50_000):
+            col.add([NewItem(f"k{s + i}", v) for i, v in enumerate(base[s : s + 50_000])])
+        col.wait_background()
+        cols.close(snapshot=True)
+        t = time.perf_counter()
+        c2 = Collections(d).get("big")
+        secs = time.perf_counter() - t
+        n = c2.stats()["indexed"]
+        c2.close(snapshot=False)
+    return {"factory": factory, "vectors": n, "start_s": secs}
+
+
+def run(bundle: str | None = None, n: int = 1_000_000, sizes: tuple[int, ...] = (10_000, 100_000), types: tuple[str, ...] = DEFAULT_TYPES,
+        queries: int = 1000, cache: str | None = "runs/bench/embeddings.npy", threads: int | None = None, snapshot_type: str = "HNSW32") -> dict:
+    threads = threads or faiss.omp_get_max_threads()
+    t = time.perf_counter()
+    allv = real_embeddings(n + queries, bundle, cache)
+    embed_s = time.perf_counter() - t
+    base, q = allv[:n], allv[n : n + queries]
+    result: dict = {"n": n, "dim": base.shape[1], "queries": queries, "threads": threads, "embedding_s": embed_s, "types": [], "scaling": []}
+    for size in sorted({s for s in sizes if s < n} | {n}):
+        b = base[:size]
+        exact = faiss.IndexFlatIP(b.shape[1])
+        exact.add(b)
+        _, truth = exact.search(q, 10)
+        for f in types:
+            if size < min_train_size(f):
+                continue
+            row = bench_type(f, b, q, truth, threads)
+            print(row, flush=True)
+            (result["types"] if size == n else result["scaling"]).append(row)
+    result["durable_adds"] = [durable_adds(base, f) for f in ("Flat", "HNSW32")]
+    result["snapshot_start"] = snapshot_start(base, snapshot_type)
+    return result
