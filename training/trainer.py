@@ -165,7 +165,7 @@ def train(
     threads = s.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(recipe.seed)
-    cfg = ModelConfig().replace(**ModelConfig.from_dict(recipe.model).to_dict()) if recipe.model else ModelConfig()
+    cfg = ModelConfig.from_dict(recipe.model)
     model = build_model(cfg).to(memory_format=torch.channels_last)
     step_module: nn.Module = TrainStep(model, s)
     data = data or load_data(recipe, cfg)
