@@ -42,6 +42,20 @@ def _onnx_export(*args: Any, **kwargs: Any) -> None:
         torch.onnx.export(*args, **kwargs)
 
 
+def _suggested_threshold(m: dict[str, Any]) -> dict[str, Any]:
+    """Precision-first: the threshold that kept 99% precision on validation, when measured."""
+    if "threshold_p99" in m:
+        return {
+            "score": float(m["threshold_p99"]), "precision": m.get("precision_p99"), "recall": m.get("recall_p99"),
+            "note": "lowest score threshold with precision >= 0.99 on the held-out validation pairs",
+            "best_accuracy": {"score": m.get("threshold"), "accuracy": m.get("pair_accuracy"), "precision": m.get("precision"), "recall": m.get("recall")},
+        }
+    return {
+        "score": float(m.get("threshold", 0.5)), "precision": m.get("precision"), "recall": m.get("recall"),
+        "accuracy": m.get("pair_accuracy"), "note": "best-accuracy threshold on the held-out validation pairs",
+    }
+
+
 def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write a bundle atomically: built in a temp folder, then renamed into place."""
     model = model.eval().to(memory_format=torch.contiguous_format)
@@ -81,13 +95,7 @@ def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[s
             },
             "embedding_dim": cfg.embed_dim,
             "feature_shape": list(fmap.shape[1:]),
-            "threshold": {
-                "score": float(metrics.get("threshold", 0.5)),
-                "precision": metrics.get("precision"),
-                "recall": metrics.get("recall"),
-                "accuracy": metrics.get("pair_accuracy"),
-                "note": "best-accuracy threshold on the held-out validation pairs",
-            },
+            "threshold": _suggested_threshold(metrics),
             "metrics": metrics,
             "cost": {**flops_per_pair(model), "tower_params": count_params(model.tower), "head_params": count_params(model.head)},
             "onnx_opset": OPSET,
@@ -99,6 +107,7 @@ def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[s
             for name in (TOWER_FILE, HEAD_FILE, WEIGHTS_FILE)
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: unreadable to a service user
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

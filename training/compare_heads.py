@@ -17,7 +17,7 @@ import torch
 
 from simserve.config import HEADS, ModelConfig
 from simserve.model import load_checkpoint
-from simserve.model.profile import count_params, flops_per_pair, latency_ms
+from simserve.model.profile import count_params, flops_per_pair, interleaved_latency
 from training.recipe import load_recipe
 from training.trainer import load_data, train
 
@@ -35,31 +35,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         base.seed = args.seed
     data = load_data(base, ModelConfig.from_dict(base.model))  # the same data for every head
-    rows = []
-    for head in args.heads:
+    models, results = {}, {}
+    for head in args.heads:  # train (or reuse) every head first
         recipe = load_recipe(args.recipe)
         recipe.seed = base.seed
         recipe.model["head"] = head
         run = Path(args.runs) / head
         if not (run / "model.pt").exists():
             train(recipe, run, resume=True, data=data)
-        model, _ = load_checkpoint(run / "model.pt")
-        result = json.loads((run / "metrics.json").read_text())
-        m = result["metrics"]
-        row = {
+        models[head], _ = load_checkpoint(run / "model.pt")
+        results[head] = json.loads((run / "metrics.json").read_text())
+    # Latency for every head in one go, interleaved, so machine noise hits all alike.
+    latency = interleaved_latency(models, batch=64, threads=os.cpu_count() or 1)
+    rows = []
+    for head, model in models.items():
+        m = results[head]["metrics"]
+        rows.append({
             "head": head,
             "head_params": count_params(model.head),
             "total_params": count_params(model),
             **flops_per_pair(model),
-            **latency_ms(model, batch=64, threads=os.cpu_count()),
+            **latency[head],
             "pair_auc": m["pair_auc"],
             "pair_accuracy": m["pair_accuracy"],
             "recall@1": m["recall@1"],
             "rerank_recall@1": m["rerank_recall@1"],
-            "train_seconds": result["train_seconds"],
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            "train_seconds": results[head]["train_seconds"],
+        })
+        print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"recipe": base.to_dict(), "seed": base.seed, "torch": torch.__version__, "threads": os.cpu_count()}

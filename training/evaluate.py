@@ -72,6 +72,24 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def threshold_at_precision(scores: np.ndarray, labels: np.ndarray, target: float = 0.99) -> dict[str, float]:
+    """The lowest threshold whose precision is still >= ``target``, and the recall it keeps.
+
+    For copy detection a false match costs more than a miss, so this, not the
+    best-accuracy threshold, is what a bundle suggests."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    precision = tp[last] / (last + 1)
+    ok = np.flatnonzero(precision >= target)
+    if not len(ok):
+        return {"threshold": float(s[0]) + 1e-6, "precision": 1.0, "recall": 0.0}
+    i = last[ok[-1]]
+    return {"threshold": float(s[i]), "precision": float(tp[i] / (i + 1)), "recall": float(tp[i] / max(1, y.sum()))}
+
+
 def _retrieval(model: SiameseNet, q_f, q_e, g_f, g_e, correct) -> dict[str, float]:
     return _retrieval_from_sim(model, q_f, g_f, q_e @ g_e.t(), correct)
 
@@ -82,6 +100,8 @@ def _pairs(model: SiameseNet, fa, fb, ea, eb, labels: np.ndarray) -> dict[str, f
     out = {"pair_auc": roc_auc(s, labels), "embedding_pair_auc": roc_auc(cos, labels)}
     bt = best_threshold(s, labels)
     out.update({"pair_accuracy": bt["accuracy"], "threshold": bt["threshold"], "precision": bt["precision"], "recall": bt["recall"]})
+    hp = threshold_at_precision(s, labels, 0.99)
+    out.update({"threshold_p99": hp["threshold"], "precision_p99": hp["precision"], "recall_p99": hp["recall"]})
     return out
 
 

@@ -59,9 +59,11 @@ def card(run: Path) -> str:
         "|---|---:|",
         *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items()],
         "",
-        f"Suggested threshold (best accuracy on the held-out pairs): **{m.get('threshold', 0.5):.4f}** "
-        f"(precision {m.get('precision', 0):.3f}, recall {m.get('recall', 0):.3f}).",
+        f"Suggested threshold (the bundle's default): **{m.get('threshold_p99', m.get('threshold', 0.5)):.4f}**, the lowest with "
+        f"precision >= 0.99 on the held-out pairs (recall {m.get('recall_p99', 0):.3f}). The best-accuracy threshold is "
+        f"{m.get('threshold', 0.5):.4f} (accuracy {m.get('pair_accuracy', 0):.3f}, precision {m.get('precision', 0):.3f}, recall {m.get('recall', 0):.3f}).",
         "",
+        *_robustness(run),
         "## Limitations",
         "- Trained on drawings, stamps and a few photos at 96x96 pixels: fine detail is lost; very small crops (<30% area) "
         "and heavy rotations are outside what it saw.",
@@ -69,6 +71,22 @@ def card(run: Path) -> str:
         "(e.g. two frames of one video) are harder than these figures suggest.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _robustness(run: Path) -> list[str]:
+    path = run / "robustness.json"
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    out = [
+        "## Where it fails (`python -m training.robustness RUN`)",
+        "Same held-out gallery and queries, each query transformed by only part of the augmentations:",
+        "",
+        "| query transformations | recall@1 | recall@10 | re-rank recall@1 | pair ROC-AUC |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    out += [f"| {k} | {v['recall@1']:.3f} | {v['recall@10']:.3f} | {v['rerank_recall@1']:.3f} | {v['pair_auc']:.4f} |" for k, v in rows.items()]
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

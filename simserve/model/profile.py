@@ -31,25 +31,31 @@ def flops_per_pair(model: SiameseNet) -> dict[str, float]:
 
 
 @torch.no_grad()
-def latency_ms(model: SiameseNet, batch: int = 64, repeats: int = 20, threads: int | None = None) -> dict[str, float]:
-    """Median eager-CPU milliseconds per batch of pairs: the whole pair, and the head alone."""
+def interleaved_latency(models: dict[str, SiameseNet], batch: int = 64, repeats: int = 20, threads: int | None = None) -> dict[str, dict[str, float]]:
+    """Median eager-CPU milliseconds per batch of pairs, the whole pair and the head alone,
+    for several models timed in alternation (so noise on a shared machine hits all alike)."""
     if threads:
         torch.set_num_threads(threads)
-    cfg = model.cfg
-    model = model.eval()
-    a = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
-    b = torch.randn_like(a)
-    fa, _ = model.embed(a)
-    fb, _ = model.embed(b)
-
-    def median_ms(fn) -> float:
+    fns: dict[tuple[str, str], object] = {}
+    for name, model in models.items():
+        cfg = model.cfg
+        model = model.eval().to(memory_format=torch.contiguous_format)
+        a = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+        b = torch.randn_like(a)
+        fa, _ = model.embed(a)
+        fb, _ = model.embed(b)
+        fns[(name, "pair_ms")] = lambda m=model, a=a, b=b: m.score(a, b)
+        fns[(name, "head_ms")] = lambda m=model, fa=fa, fb=fb: m.fuse(fa, fb)
+    for fn in fns.values():
         for _ in range(3):
             fn()
-        times = []
-        for _ in range(repeats):
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
             t = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-
-    return {"pair_ms": median_ms(lambda: model.score(a, b)), "head_ms": median_ms(lambda: model.fuse(fa, fb))}
+            times[k].append((time.perf_counter() - t) * 1e3)
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for (name, what), ts in times.items():
+        out[name][what] = statistics.median(ts)
+    return out
