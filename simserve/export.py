@@ -39,6 +39,7 @@ class _Head(nn.Module):
 def _onnx_export(*args: Any, **kwargs: Any) -> None:
     with warnings.catch_warnings():  # the legacy exporter is chosen on purpose (module docstring)
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # harmless, dynamic head
         torch.onnx.export(*args, **kwargs)
 
 
