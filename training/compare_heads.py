@@ -67,7 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"recipe": base.to_dict(), "seed": base.seed, "torch": torch.__version__, "threads": os.cpu_count()}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table(rows, base.name) + "\n")
+    if not out.with_suffix(".md").exists():
+        out.with_suffix(".md").write_text(table(rows, base.name) + "\n")
+    else:  # keep the written analysis around the table; replace only the table
+        text = out.with_suffix(".md").read_text()
+        lines = text.splitlines()
+        start = next((i for i, l in enumerate(lines) if l.startswith("| head (")), None)
+        if start is None:
+            text = text.rstrip() + "\n\n" + table(rows, base.name) + "\n"
+        else:
+            end = start
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            text = "\n".join(lines[:start] + table(rows, base.name).splitlines() + lines[end:]) + "\n"
+        out.with_suffix(".md").write_text(text)
     print(table(rows, base.name))
     return 0
 
