@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend", choices=["onnx", "torch"])
     sv.add_argument("--threads", type=int, help="engine threads (default: all cores)")
     sv.add_argument("--workers", type=int, help="gRPC handler threads (default 32)")
+    sv.add_argument("--faiss-threads", dest="faiss_threads", type=int, help="OpenMP threads per FAISS search (default 1: concurrent requests fill the cores)")
     sv.add_argument("--max-batch", dest="max_batch", type=int, help="micro-batcher: most images per engine call (default 32)")
     sv.add_argument("--max-delay-ms", dest="max_delay_ms", type=float, help="micro-batcher: longest wait for a fuller batch (default 2)")
     sv.add_argument("--max-queue", dest="max_queue", type=int, help="images waiting before RESOURCE_EXHAUSTED (default 1024)")

@@ -49,6 +49,7 @@ class ServerConfig:
     bundle: str = ""
     backend: str = "onnx"
     threads: int = 0  # engine threads; 0 = all cores
+    faiss_threads: int = 1  # per search: concurrent requests already use every core
     workers: int = 32  # gRPC handler threads
     max_batch: int = 32
     max_delay_ms: float = 2.0
@@ -298,6 +299,9 @@ def _read(path: str) -> bytes:
 def start(cfg: ServerConfig) -> RunningServer:
     """Load the model and the index, then open the port; health says SERVING only after both."""
     t0 = time.perf_counter()
+    import faiss
+
+    faiss.omp_set_num_threads(cfg.faiss_threads or default_threads())  # single queries: 1 thread is ~3x faster
     metrics = Metrics()
     engine = load_engine(cfg.bundle or None, cfg.backend, threads=cfg.threads or default_threads(), max_batch=max(cfg.max_batch, 64))
     collections = Collections(cfg.data_dir or default_data_dir())
