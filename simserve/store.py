@@ -105,10 +105,7 @@ class ItemStore:
         ids: list[int] = []
         replaced: list[int] = []
         with self._transaction() as c:
-            keys = [r[0] for r in rows]
-            for chunk in _chunks(keys, 500):
-                q = f"SELECT id FROM items WHERE key IN ({','.join('?' * len(chunk))})"
-                replaced.extend(r[0] for r in c.execute(q, chunk))
+            replaced.extend(r[0] for r in _rows_in(c, "SELECT id FROM items", "key", [r[0] for r in rows]))
             if replaced:
                 c.executemany("DELETE FROM items WHERE id=?", [(i,) for i in replaced])
                 c.executemany("INSERT INTO changes(op, id) VALUES (0, ?)", [(i,) for i in replaced])
@@ -122,9 +119,7 @@ class ItemStore:
         """Remove by key in one transaction; returns {key: id} of those that existed."""
         found: dict[str, int] = {}
         with self._transaction() as c:
-            for chunk in _chunks(list(keys), 500):
-                q = f"SELECT key, id FROM items WHERE key IN ({','.join('?' * len(chunk))})"
-                found.update({k: int(i) for k, i in c.execute(q, chunk)})
+            found.update({k: int(i) for k, i in _rows_in(c, "SELECT key, id FROM items", "key", keys)})
             c.executemany("DELETE FROM items WHERE id=?", [(i,) for i in found.values()])
             c.executemany("INSERT INTO changes(op, id) VALUES (0, ?)", [(i,) for i in found.values()])
         return found
@@ -175,35 +170,17 @@ class ItemStore:
         return int(row[0]) if row else 0
 
     def get(self, keys: Sequence[str]) -> dict[str, StoredItem]:
-        out: dict[str, StoredItem] = {}
-        for chunk in _chunks(list(keys), 500):
-            q = f"SELECT id, key, vector, metadata, content_hash, added FROM items WHERE key IN ({','.join('?' * len(chunk))})"
-            for row in self._conn().execute(q, chunk):
-                out[row[1]] = self._item(row)
-        return out
+        return {row[1]: self._item(row) for row in _rows_in(self._conn(), ITEM_SELECT, "key", keys)}
 
     def get_ids(self, ids: Sequence[int]) -> dict[int, StoredItem]:
-        out: dict[int, StoredItem] = {}
-        for chunk in _chunks([int(i) for i in ids], 500):
-            q = f"SELECT id, key, vector, metadata, content_hash, added FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-            for row in self._conn().execute(q, chunk):
-                out[int(row[0])] = self._item(row)
-        return out
+        return {int(row[0]): self._item(row) for row in _rows_in(self._conn(), ITEM_SELECT, "id", [int(i) for i in ids])}
 
     def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
-        out: dict[int, np.ndarray] = {}
-        for chunk in _chunks([int(i) for i in ids], 500):
-            q = f"SELECT id, features FROM items WHERE id IN ({','.join('?' * len(chunk))}) AND features IS NOT NULL"
-            for i, blob in self._conn().execute(q, chunk):
-                out[int(i)] = np.frombuffer(blob, dtype=np.float16)
-        return out
+        rows = _rows_in(self._conn(), "SELECT id, features FROM items", "id", [int(i) for i in ids])
+        return {int(i): np.frombuffer(blob, dtype=np.float16) for i, blob in rows if blob is not None}
 
     def hashes(self, keys: Sequence[str]) -> dict[str, str | None]:
-        out: dict[str, str | None] = {}
-        for chunk in _chunks(list(keys), 500):
-            q = f"SELECT key, content_hash FROM items WHERE key IN ({','.join('?' * len(chunk))})"
-            out.update(dict(self._conn().execute(q, chunk).fetchall()))
-        return out
+        return dict(_rows_in(self._conn(), "SELECT key, content_hash FROM items", "key", keys))
 
     def iter_vectors(self, batch: int = 65536) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """All (seq, ids, vectors) in id order, a chunk at a time, from one read transaction:
@@ -232,11 +209,9 @@ class ItemStore:
             added = sorted({r[2] for r in rows if r[1] == ADD})
             removed = np.array(sorted({r[2] for r in rows if r[1] == REMOVE}), dtype=np.int64)
             ids, vecs = [], []
-            for chunk in _chunks(added, 500):
-                q = f"SELECT id, vector FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-                for i, v in conn.execute(q, chunk):
-                    ids.append(i)
-                    vecs.append(v)
+            for i, v in _rows_in(conn, "SELECT id, vector FROM items", "id", added):
+                ids.append(i)
+                vecs.append(v)
         finally:
             conn.execute("COMMIT")
         vec_arr = np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(ids), self.dim) if ids else np.zeros((0, self.dim), np.float32)
@@ -263,6 +238,12 @@ class ItemStore:
         return StoredItem(int(row[0]), row[1], np.frombuffer(row[2], dtype=np.float32), json.loads(row[3]) if row[3] else None, row[4], float(row[5]))
 
 
-def _chunks(seq: list, n: int) -> Iterator[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
+ITEM_SELECT = "SELECT id, key, vector, metadata, content_hash, added FROM items"
+
+
+def _rows_in(conn: sqlite3.Connection, select: str, column: str, values: Sequence) -> Iterator[tuple]:
+    """``select ... WHERE column IN (values)``, in chunks under SQLite's variable limit."""
+    values = list(values)
+    for i in range(0, len(values), 500):
+        chunk = values[i : i + 500]
+        yield from conn.execute(f"{select} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk)

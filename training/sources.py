@@ -20,11 +20,11 @@ import numpy as np
 from PIL import Image
 
 from simserve.decode import DecodeError, decode_file
+from simserve.indexer import find_images
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist, MIT
 TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")  # Debian tuxpaint-stamps-default, GPL-2
 OPENCLIPART_DIR = Path("/usr/share/openclipart/png")  # Debian openclipart-png, public domain
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass
@@ -59,10 +59,9 @@ class ImageSet:
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
+    if not Path(root).is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (is the Debian package installed? see README)")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return find_images(root)
 
 
 def _load_one(path: Path, max_side: int, trim: bool) -> Image.Image | None:
