@@ -42,9 +42,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def photo_sources(limit: int | None = 50) -> list[Image.Image]:
-    """Real images to derive test images from: scikit-image's bundled photos, plus (up to ``limit``,
-    or all with None) Tux Paint stamps and Open Clip Art drawings when installed."""
+def photo_sources(drawings: bool = False) -> list[Image.Image]:
+    """Real images to derive test images from: scikit-image's bundled photos, and with
+    ``drawings`` (or when no photos are installed) every Tux Paint stamp and Open Clip Art
+    drawing installed, downsized to 256 px."""
     images: list[Image.Image] = []
     try:
         import skimage.data
@@ -55,21 +56,17 @@ def photo_sources(limit: int | None = 50) -> list[Image.Image]:
                 images.append(Image.open(root / name).convert("RGB"))
     except ImportError:
         pass
-    more: list[Path] = []
-    for folder in (Path("/usr/share/tuxpaint/stamps"), Path("/usr/share/openclipart/png")):
-        if folder.is_dir():
-            more += sorted(folder.rglob("*.png"))
-    if limit is not None and images:
-        more = more[:0]  # the photos are enough for the engine/serve benches
-    for p in more[:limit] if limit is not None else more:
-        try:
-            img = decode_file(p)
-        except (DecodeError, OSError):
-            continue
-        img.thumbnail((256, 256))
-        images.append(img)
+    if drawings or not images:
+        for folder in (Path("/usr/share/tuxpaint/stamps"), Path("/usr/share/openclipart/png")):
+            for p in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
+                try:
+                    img = decode_file(p)
+                except (DecodeError, OSError):
+                    continue
+                img.thumbnail((256, 256))
+                images.append(img)
     if not images:
-        raise SystemExit("no real photos found: install the dev extras (scikit-image) or tuxpaint-stamps-default")
+        raise SystemExit("no real images found: install the dev extras (scikit-image) or tuxpaint-stamps-default")
     return images
 
 

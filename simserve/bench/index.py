@@ -40,7 +40,7 @@ def real_embeddings(n: int, bundle: str | None, cache: str | None, seed: int = 0
 
     engine = load_engine(bundle)
     cfg = engine.config
-    sources = photo_sources(limit=None)
+    sources = photo_sources(drawings=True)
     rng = np.random.default_rng(seed)
     out = np.empty((n, engine.bundle.embedding_dim), np.float32)
     batch = 256
