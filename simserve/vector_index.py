@@ -89,6 +89,7 @@ class VectorIndex:
         idx.train(np.ascontiguousarray(sample, np.float32))
         self.index = idx
         self.deleted = set()
+        self._excl = None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
@@ -102,6 +103,7 @@ class VectorIndex:
             self.index.remove_ids(ids)
         except RuntimeError:  # HNSW: cannot remove, exclude from searches instead
             self.deleted.update(int(i) for i in ids)
+            self._excl = None
 
     def search(self, queries: np.ndarray, k: int, allow: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query; ``allow`` restricts to those ids. Missing slots are id -1."""
@@ -109,12 +111,19 @@ class VectorIndex:
         if allow is not None:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(allow, np.int64))
         if self.deleted:
-            not_deleted = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.deleted, np.int64, len(self.deleted))))
+            not_deleted = self._exclusion()
             sel = not_deleted if sel is None else faiss.IDSelectorAnd(sel, not_deleted)
         params = self._params(sel)
         q = np.ascontiguousarray(queries, np.float32)
         k = max(1, min(k, max(1, self.index.ntotal)))
         return self.index.search(q, k, params=params) if params is not None else self.index.search(q, k)
+
+    def _exclusion(self) -> faiss.IDSelector:
+        """The selector that hides deleted ids, rebuilt only when the set changed (not per search)."""
+        if getattr(self, "_excl", None) is None:
+            ids = np.fromiter(self.deleted, np.int64, len(self.deleted))
+            self._excl = faiss.IDSelectorNot(faiss.IDSelectorBatch(ids))
+        return self._excl
 
     def _params(self, sel) -> faiss.SearchParameters | None:
         """Search parameters for the index type, built with keyword arguments: faiss's
