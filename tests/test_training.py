@@ -77,3 +77,15 @@ def test_cli_train_under_torchrun_ddp_keeps_ranks_identical(fmnist_folder, tmp_p
     assert metrics["world_size"] == 2
     assert metrics["ddp_max_weight_diff"] == 0.0
     assert (out / "command.txt").read_text().startswith("simserve train --recipe")
+
+
+def test_distinct_subset_drops_recoloured_variants_and_keeps_distinct_photos(photos):
+    from PIL import ImageOps
+
+    from training.sources import distinct_subset
+
+    imgs = list(photos.values())
+    recoloured = ImageOps.colorize(imgs[0].convert("L"), black="darkblue", white="yellow")  # same drawing, new colourway
+    shrunk = imgs[2].resize((imgs[2].width // 3, imgs[2].height // 3))
+    kept = distinct_subset(imgs + [recoloured, shrunk])
+    assert list(kept) == list(range(len(imgs)))  # every distinct photo once; both variants dropped

@@ -157,6 +157,35 @@ def holdout_split(names: list[str], fraction: float, salt: str = "simserve") -> 
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
+def distinct_subset(images: list[Image.Image], threshold: float = 0.95, side: int = 16, chunk: int = 2048) -> np.ndarray:
+    """Indices of a subset in which no two images are near-identical: an image is
+    kept unless its grey ``side``-px thumbnail correlates above ``threshold`` with
+    an image already kept (greedy, in order; no transitive chaining).
+
+    Why: Open Clip Art ships the same drawing in several colourways. Colour jitter
+    and greyscale are copy augmentations, so such variants *are* copies of each
+    other: as negatives they teach the model to separate what its own
+    augmentations make identical, and as evaluation distractors they make the
+    "right" neighbour ambiguous. The test is deliberately model-free (no model
+    judges its own evaluation set)."""
+    t = np.stack([np.asarray(im.convert("L").resize((side, side), Image.BILINEAR), np.float32).ravel() for im in images])
+    t -= t.mean(1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True) + 1e-6
+    earlier: list[np.ndarray] = []  # for each image, the earlier images it is near-identical to
+    for s in range(0, len(t), chunk):
+        close = t[s : s + chunk] @ t[: s + chunk].T > threshold
+        earlier += [np.flatnonzero(row[: s + i]) for i, row in enumerate(close)]
+    kept = np.zeros(len(images), bool)
+    for i, prev in enumerate(earlier):
+        kept[i] = not kept[prev].any()
+    return np.flatnonzero(kept)
+
+
+def drop_near_identical(images: "ImageSet", threshold: float = 0.95) -> "ImageSet":
+    """``images`` without near-identical repeats (see ``distinct_subset``)."""
+    return images.subset(distinct_subset(images.images, threshold))
+
+
 SOURCES = {
     "tuxpaint": tuxpaint,
     "openclipart": openclipart,
