@@ -18,7 +18,6 @@ RUN python3 -m venv /opt/simserve \
 FROM ${BASE_IMAGE} AS serve
 LABEL org.opencontainers.image.title="simserve" \
       org.opencontainers.image.description="Siamese image-similarity gRPC service"
-# hadolint ignore=DL3008
 RUN groupadd --system --gid 10001 simserve \
  && useradd --system --uid 10001 --gid simserve --home-dir /data --shell /usr/sbin/nologin simserve \
  && mkdir -p /data && chown simserve:simserve /data
@@ -30,7 +29,8 @@ ENV PATH=/opt/simserve/bin:$PATH \
     SIMSERVE_PORT=50051 \
     SIMSERVE_METRICS_PORT=9090 \
     SIMSERVE_DATA_DIR=/data
-USER simserve
+# Numeric, so Kubernetes runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 50051 9090
@@ -41,10 +41,10 @@ ENTRYPOINT ["simserve", "serve"]
 
 FROM serve AS train
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-USER root
+USER 0:0
 RUN /opt/simserve/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
       torch==2.13.0 torchvision==0.28.0 \
  && /opt/simserve/bin/pip install --no-cache-dir "onnx>=1.16" "scikit-image>=0.22"
-USER simserve
+USER 10001:10001
 ENTRYPOINT ["simserve"]
 CMD ["train", "--help"]

@@ -356,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
 
     cl = sub.add_parser("client", help="call a running server", description="Call a running simserve server. IMAGE arguments are files, or key:KEY for a stored item.")
-    cl.add_argument("--target", default=os.environ.get("SIMSERVE_TARGET", "127.0.0.1:50051"))
+    cl.add_argument(
+        "--target",
+        default=os.environ.get("SIMSERVE_TARGET", f"127.0.0.1:{os.environ.get('SIMSERVE_PORT', '50051')}"),
+        help="host:port (default $SIMSERVE_TARGET, else 127.0.0.1:$SIMSERVE_PORT, so a container's HEALTHCHECK follows its port)",
+    )
     cl.add_argument("--token", help="bearer token (or $SIMSERVE_TOKEN)")
     cl.add_argument("--tls", action="store_true", help="use TLS with the system roots")
     cl.add_argument("--ca-cert", help="PEM CA certificate to trust (implies TLS)")
