@@ -96,10 +96,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from simserve.bench import serve
 
         result = serve.run(args.bundle, clients=args.clients, procs=args.procs, seconds=args.seconds, collection_size=args.collection_size)
+    elif args.what == "fuzz":
+        from simserve.bench import hostile
+
+        result = hostile.run(args.bundle, cases=args.cases, seed=args.seed)
+    elif args.what == "soak":
+        from simserve.bench import soak
+
+        result = soak.run(args.bundle, minutes=args.minutes, clients=args.clients, procs=args.procs)
     else:  # argparse restricts the choices
         raise SystemExit(f"unknown benchmark {args.what}")
     emit(result, args.out)
-    return 0
+    return 0 if result.get("ok", True) else 1
 
 
 def _collection(args: argparse.Namespace, engine=None, create: bool = False):
@@ -383,7 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=_cmd_client)
 
     b = sub.add_parser("bench", help="benchmarks (medians; ratios measured side by side)", description="Run a benchmark and print JSON.")
-    b.add_argument("what", choices=["engine", "index", "serve"], help="engine: ONNX Runtime vs eager torch, decode pool, roofline; index: FAISS types on real embeddings, durable adds, snapshot start; serve: the gRPC service under concurrent load")
+    b.add_argument(
+        "what",
+        choices=["engine", "index", "serve", "fuzz", "soak"],
+        help="engine: ONNX Runtime vs eager torch, decode pool, roofline; index: FAISS types on real embeddings, durable adds, "
+        "snapshot start; serve: the gRPC service under concurrent load; fuzz: hostile input against a real server, "
+        "outcomes counted; soak: mixed score/search/add traffic for --minutes, errors, latency over time and RSS "
+        "(exit status 1 when fuzz or soak finds a failure)",
+    )
     _add_bundle_arg(b)
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--repeats", type=int, default=15)
@@ -395,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n", type=int, default=1_000_000, help="index: vectors in the largest index")
     b.add_argument("--queries", type=int, default=1000, help="index: query vectors")
     b.add_argument("--cache", default="runs/bench/embeddings.npy", help="index: where the real embeddings are cached")
+    b.add_argument("--cases", type=int, default=1000, help="fuzz: random mutations of valid images, on top of the named corpus")
+    b.add_argument("--seed", type=int, default=0, help="fuzz: seed of the mutations")
+    b.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=_cmd_bench)
     return p

@@ -20,7 +20,7 @@ from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from simserve.engine import Engine
 from simserve.preprocess import to_pixels
 from simserve.search import search as two_stage_search
-from simserve.store import NewItem
+from simserve.store import NewItem, valid_filter_field
 
 log = logging.getLogger("simserve.runtime")
 
@@ -154,6 +154,9 @@ class Runtime:
             raise RequestError("invalid", f"k must be between 1 and {self.limits.max_k}, got {k}")
         if not 0 <= rerank <= self.limits.max_rerank:
             raise RequestError("invalid", f"rerank must be between 0 and {self.limits.max_rerank}, got {rerank}")
+        bad = [f for f in where or {} if not valid_filter_field(f)]
+        if bad:
+            raise RequestError("invalid", f"filter field {bad[0][:80]!r}: use 1-64 ASCII letters, digits, '_' or '-'")
         col = self.collection(collection)
         feats, embs, ids = self.embed_refs([query], ["query"], col.name, timeout)
         use_feats = None if (rerank == 0 or np.isnan(feats).any()) else feats

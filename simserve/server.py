@@ -117,15 +117,23 @@ def _timeout(context) -> float | None:
     return remaining if remaining is not None and remaining < 1e6 else None
 
 
+def _no_constants(name: str) -> None:
+    # NaN / Infinity are not JSON (RFC 8259); SQLite's json functions reject them, so one
+    # such item would break every filtered search of its collection.
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
 def _metadata(text: str, where: str, limit: int) -> dict | None:
     if not text:
         return None
     if len(text.encode()) > limit:
         raise RequestError("too_large", f"{where}: metadata is {len(text.encode())} bytes; the limit is {limit}")
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
+        value = json.loads(text, parse_constant=_no_constants)
+    except (json.JSONDecodeError, ValueError) as e:
         raise RequestError("invalid", f"{where}: metadata_json is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError("invalid", f"{where}: metadata_json is nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError("invalid", f"{where}: metadata_json must be a JSON object")
     return value
@@ -240,6 +248,10 @@ class _Interceptor(grpc.ServerInterceptor):
                 try:
                     if not authorized:
                         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+                    if streaming_request:
+                        request_or_iter = _parsed_or_abort(request_or_iter, context, method)
+                    elif isinstance(request_or_iter, _Malformed):
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, request_or_iter.message(method))
                     return behaviour(request_or_iter, context)
                 except BaseException:
                     c = context.code()
@@ -258,13 +270,46 @@ class _Interceptor(grpc.ServerInterceptor):
 
             return inner
 
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), parse, handler.response_serializer)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, True), handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, True), parse, handler.response_serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, False), handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, False), parse, handler.response_serializer)
         return handler  # stream-stream (reflection): no wrapping
+
+
+class _Malformed:
+    """Request bytes that are not the method's message. gRPC would answer INTERNAL
+    ("Exception deserializing request!"); it is the client's error, so the handler
+    answers INVALID_ARGUMENT instead."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def message(self, method: str) -> str:
+        return f"the request is not a valid {method.rsplit('/', 1)[-1]} message ({type(self.error).__name__}: {self.error})"
+
+
+def _tolerant(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError, or anything a parser raises on garbage
+            return _Malformed(e)
+
+    return parse
+
+
+def _parsed_or_abort(requests, context, method: str):
+    for r in requests:
+        if isinstance(r, _Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, r.message(method))
+        yield r
 
 
 @dataclass

@@ -221,8 +221,8 @@ class ItemStore:
         """Ids whose metadata has every given field equal to the given value (JSON equality)."""
         clauses, args = [], []
         for field, value in where.items():
-            if not isinstance(field, str) or not field.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"filter field {field!r}: use letters, digits, '_' or '-'")
+            if not valid_filter_field(field):
+                raise ValueError(f"filter field {field!r}: use 1-64 ASCII letters, digits, '_' or '-'")
             clauses.append(f"json_extract(metadata, '$.\"{field}\"') IS ?")
             args.append(json.dumps(value) if isinstance(value, (dict, list)) else value)
         q = "SELECT id FROM items WHERE " + (" AND ".join(clauses) if clauses else "1")
@@ -236,6 +236,11 @@ class ItemStore:
 
     def _item(self, row) -> StoredItem:
         return StoredItem(int(row[0]), row[1], np.frombuffer(row[2], dtype=np.float32), json.loads(row[3]) if row[3] else None, row[4], float(row[5]))
+
+
+def valid_filter_field(name: object) -> bool:
+    """Field names are spliced into a JSON path, so only a safe alphabet is accepted."""
+    return isinstance(name, str) and 0 < len(name) <= 64 and name.isascii() and name.replace("_", "").replace("-", "").isalnum()
 
 
 ITEM_SELECT = "SELECT id, key, vector, metadata, content_hash, added FROM items"

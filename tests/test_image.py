@@ -65,6 +65,7 @@ def test_image_builds_serves_drains_and_keeps_its_data(tmp_path):
     result = json.loads(check.stdout)
     assert result["user"] == "10001:10001"
     assert result["entrypoint"] == ["simserve", "serve"]
+    assert result["torch_installed"] is False  # the serving image is torch-free
     assert result["healthcheck_output"] == ["SERVING", 0]  # the image's own HEALTHCHECK command
     assert result["search_top"] == "seagull" and result["scores"]["copy"] > result["scores"]["different"]
     assert result["sigterm_exit_code"] == 0  # graceful drain

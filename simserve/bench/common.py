@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,3 +110,31 @@ def emit(result: dict, out: str | None) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     print(text, file=sys.stdout)
+
+
+def start_server(data_dir: str, bundle: str | None, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
+    """Start ``simserve serve`` on a free port in its own process; returns (process, address, log).
+    Its log goes to a file (a pipe would fill and stall it)."""
+    env = {**os.environ, "SIMSERVE_DATA_DIR": data_dir}
+    cmd = [sys.executable, "-m", "simserve.cli", "serve", "--port", "0", *extra]
+    if bundle:
+        cmd += ["--bundle", bundle]
+    log_path = Path(data_dir) / f"server-{time.time_ns()}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        for line in log_path.read_text().splitlines():
+            if line.startswith("{") and json.loads(line).get("msg") == "serving":
+                return proc, json.loads(line)["address"], log_path
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start:\n" + log_path.read_text()[-3000:])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")

@@ -15,15 +15,13 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from simserve.bench.common import jpeg_crops
+from simserve.bench.common import jpeg_crops, start_server
 from simserve.bundle import load_bundle
 from simserve.decode_pool import DecodePool
 from simserve.engine import load_engine
@@ -96,25 +94,6 @@ def _load(target: str, method: str, clients: int, procs: int, seconds: float, bl
     }
 
 
-def _start_server(data_dir: str, bundle: str | None, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """Start ``simserve serve`` on a free port; its log goes to a file (a pipe would fill and stall it)."""
-    env = {**os.environ, "SIMSERVE_DATA_DIR": data_dir}
-    cmd = [sys.executable, "-m", "simserve.cli", "serve", "--port", "0", "--max-batch", str(max_batch), *extra]
-    if bundle:
-        cmd += ["--bundle", bundle]
-    log_path = Path(data_dir) / f"server-{time.time_ns()}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL)
-    log.close()
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        for line in log_path.read_text().splitlines():
-            if line.startswith("{") and json.loads(line).get("msg") == "serving":
-                return proc, json.loads(line)["address"]
-        time.sleep(0.2)
-    raise RuntimeError("server did not start:\n" + log_path.read_text()[-3000:])
-
-
 def _fill_collection(data_dir: str, bundle: str | None, name: str, n: int, blobs: list[bytes]) -> None:
     """``n`` items: real images embedded once, then every further item a re-embedded augmented crop."""
     from simserve.collection import Collections
@@ -156,7 +135,7 @@ def run(bundle: str | None = None, clients: int = 32, procs: int = 2, seconds: f
     result: dict = {"clients": clients, "load_processes": procs, "seconds": seconds, "engine_images_per_s": engine_ips}
     with tempfile.TemporaryDirectory() as d:
         for label, mb in (("batching_on", max_batch), ("batching_off", 1)):
-            proc, addr = _start_server(d, bundle, mb, [])
+            proc, addr, _ = start_server(d, bundle, ["--max-batch", str(mb)])
             try:
                 _load(addr, "embed", clients, procs, 3, blobs)  # warm-up
                 r = _load(addr, "embed", clients, procs, seconds, blobs)
@@ -168,7 +147,7 @@ def run(bundle: str | None = None, clients: int = 32, procs: int = 2, seconds: f
         t = time.perf_counter()
         _fill_collection(d, bundle, "bench", collection_size, blobs)
         result["collection_fill_s"] = time.perf_counter() - t
-        proc, addr = _start_server(d, bundle, max_batch, [])
+        proc, addr, _ = start_server(d, bundle, ["--max-batch", str(max_batch)])
         try:
             _load(addr, "search", clients, procs, 3, blobs, "bench")
             result["search_100k" if collection_size == 100_000 else f"search_{collection_size}"] = _load(addr, "search", clients, procs, seconds, blobs, "bench")
