@@ -11,10 +11,12 @@ before the batch runs, so abandoned requests cost no compute.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -34,6 +36,55 @@ class BatcherClosed(RuntimeError):
     """The batcher is shut down and accepts no new work."""
 
 
+class CancelScope:
+    """Cancels the queued work of one request when its caller goes away.
+
+    A server opens one per RPC (``with scope.active():``) and calls ``cancel`` when
+    the client cancels or disconnects; every ``MicroBatcher.run`` inside the block
+    registers its futures here, so the worker drops them instead of computing
+    results nobody will read. A context variable carries it, so the layers between
+    the server and the batcher (runtime, search) need not pass it along."""
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self._lock = threading.Lock()
+        self._futures: list[Future] = []
+        self.cancelled = False
+        self.deadline = time.monotonic() + timeout if timeout is not None else None  # the client's, absolute
+
+    def remaining(self, timeout: float | None) -> float | None:
+        """The tighter of ``timeout`` and what is left of the client's deadline."""
+        if self.deadline is None:
+            return timeout
+        left = self.deadline - time.monotonic()
+        return left if timeout is None else min(timeout, left)
+
+    def add(self, futures: Sequence[Future]) -> None:
+        with self._lock:
+            if self.cancelled:
+                for f in futures:
+                    f.cancel()
+            else:
+                self._futures.extend(futures)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            futures, self._futures = self._futures, []
+        for f in futures:
+            f.cancel()
+
+    @contextlib.contextmanager
+    def active(self):
+        token = _SCOPE.set(self)
+        try:
+            yield self
+        finally:
+            _SCOPE.reset(token)
+
+
+_SCOPE: ContextVar[CancelScope | None] = ContextVar("simserve_cancel_scope", default=None)
+
+
 @dataclass
 class _Item(Generic[T, R]):
     value: T
@@ -48,6 +99,7 @@ class BatcherStats:
     items: int = 0
     dropped_expired: int = 0
     dropped_cancelled: int = 0
+    abandoned_before_queue: int = 0  # the caller was gone (cancelled, past its deadline) before submitting
     rejected_full: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # the last 1,000
 
@@ -114,7 +166,17 @@ class MicroBatcher(Generic[T, R]):
 
     def run(self, values: Sequence[T], timeout: float | None = None) -> list[R]:
         """Submit and wait: the results of ``values``, in order."""
+        scope = _SCOPE.get()
+        if scope is not None:  # the caller may have gone while its request was being decoded
+            timeout = scope.remaining(timeout)
+            if scope.cancelled or (timeout is not None and timeout <= 0):
+                self.stats.abandoned_before_queue += len(values)
+                if scope.cancelled:
+                    raise CancelledError()
+                raise DeadlineExceeded("deadline passed before the request reached the engine")
         futures = self.submit_many(values, timeout)
+        if scope is not None:
+            scope.add(futures)
         try:
             return [f.result(timeout=None if timeout is None else max(0.0, timeout) + 1.0) for f in futures]
         except BaseException:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from simserve.rwlock import RWLock
-from simserve.store import ItemStore, NewItem, StoredItem
+from simserve.store import ItemStore, NewItem, StoreError, StoredItem
 from simserve.vector_index import SearchTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
 
 log = logging.getLogger("simserve.collection")
@@ -82,6 +82,8 @@ class Collection:
         self._bg_lock = threading.Lock()
         self.rebuilds = 0
         self.index = self._open_index()
+        if self.store.read_only:
+            log.warning("collection %s: the data directory is read-only; serving reads, refusing writes", self.name)
 
     # -- opening ------------------------------------------------------------------
     def _open_index(self) -> VectorIndex:
@@ -242,8 +244,11 @@ class Collection:
 
     def close(self, snapshot: bool = True) -> None:
         self.wait_background()
-        if snapshot:
-            self.snapshot()
+        if snapshot and not self.store.read_only:
+            try:
+                self.snapshot()
+            except (OSError, StoreError) as e:  # full or read-only disk: SQLite still has every item
+                log.error("snapshot failed; the next start replays the changes from SQLite", extra={"collection": self.name, "error": str(e)})
         self.store.close()
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from simserve.batcher import BatcherClosed, DeadlineExceeded, QueueFull
+from simserve.batcher import BatcherClosed, CancelScope, DeadlineExceeded, QueueFull
 from simserve.collection import Collections, default_data_dir
 from simserve.engine import default_threads, load_engine
 from simserve.metrics import Metrics
@@ -86,12 +87,24 @@ _CODES = {
 }
 
 
+_STORE_CODES = {
+    "full": grpc.StatusCode.RESOURCE_EXHAUSTED,  # gRPC's own example: "the entire file system is out of space"
+    "read_only": grpc.StatusCode.FAILED_PRECONDITION,  # the system is not in a state that allows writes
+    "io": grpc.StatusCode.UNAVAILABLE,  # possibly transient: the client may retry
+}
+
+
 def _guard(fn: Callable) -> Callable:
     """Map the runtime's exceptions to status codes; nothing else escapes as UNKNOWN."""
 
     def wrapper(self, request, context):
+        scope = CancelScope(_timeout(context))
+        context.add_callback(scope.cancel)  # runs when the RPC ends: cancelled, timed out or done
         try:
-            return fn(self, request, context)
+            with scope.active():
+                return fn(self, request, context)
+        except CancelledError:
+            context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the request")
         except RequestError as e:
             context.abort(_CODES[e.kind], str(e))
         except QueueFull as e:
@@ -101,7 +114,10 @@ def _guard(fn: Callable) -> Callable:
         except BatcherClosed as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except StoreError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"write failed: {e}")
+            context.abort(_STORE_CODES[e.reason], str(e))
+        except OSError as e:  # e.g. creating a collection's folder on a full or read-only disk
+            err = StoreError(e.filename or "the data directory", e)
+            context.abort(_STORE_CODES[err.reason], str(err))
 
     wrapper.__name__ = fn.__name__
     return wrapper

@@ -10,7 +10,9 @@ survives kill -9 and nothing half-written is ever visible.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -60,18 +62,38 @@ class StoredItem:
 
 
 class StoreError(RuntimeError):
-    """A write the store refused or could not make (read-only or full disk...)."""
+    """A write the store refused or could not make. ``reason``: "full" (disk or quota),
+    "read_only" (read-only file system or database), or "io" (anything else), so the
+    server can answer RESOURCE_EXHAUSTED / FAILED_PRECONDITION / UNAVAILABLE."""
+
+    WHAT = {"full": "the disk is full", "read_only": "the data directory is read-only", "io": "the write failed"}
+
+    def __init__(self, path: Path | str, error: Exception) -> None:
+        if isinstance(error, OSError):
+            full, ro = error.errno in (errno.ENOSPC, errno.EDQUOT), error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            detail = error.strerror or str(error)
+        else:
+            name = getattr(error, "sqlite_errorname", "") or ""
+            full, ro, detail = name.startswith("SQLITE_FULL"), name.startswith("SQLITE_READONLY"), str(error)
+        self.reason = "full" if full else "read_only" if ro else "io"
+        super().__init__(f"cannot write to {path}: {self.WHAT[self.reason]} ({detail})")
 
 
 class ItemStore:
     def __init__(self, path: str | Path, dim: int, synchronous: str = "FULL") -> None:
         self.path, self.dim = Path(path), dim
         self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []  # every thread's, so close() can close them all
+        self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._synchronous = synchronous
+        # A read-only file system (a replica's read-only volume, a disk the kernel remounted
+        # read-only after errors): serve reads, refuse writes with StoreError("read_only").
+        self.read_only = self.path.exists() and not os.access(self.path.parent, os.W_OK)
         conn = self._conn()
         with self._write_lock:
-            conn.executescript(SCHEMA)
+            if not self.read_only:
+                conn.executescript(SCHEMA)
             stored = conn.execute("SELECT v FROM meta WHERE k='dim'").fetchone()
             if stored is None:
                 conn.execute("INSERT INTO meta VALUES ('dim', ?)", (str(dim),))
@@ -82,13 +104,22 @@ class ItemStore:
     def _conn(self) -> sqlite3.Connection:
         """One connection per thread: SQLite serialises the writers, WAL lets readers run beside them."""
         conn = getattr(self._local, "conn", None)
+        if conn is None and self.read_only:
+            # immutable: nobody can write a read-only file system, so SQLite needs no -shm/-wal
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+            self._remember(conn)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
+            self._remember(conn)
         return conn
+
+    def _remember(self, conn: sqlite3.Connection) -> None:
+        self._local.conn = conn
+        with self._conns_lock:
+            self._conns.append(conn)
 
     # -- writes ---------------------------------------------------------------
     def add(self, items: Sequence[NewItem]) -> tuple[list[int], list[int]]:
@@ -140,7 +171,7 @@ class ItemStore:
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:
                 self.store._write_lock.release()
-                raise StoreError(f"cannot write to {self.store.path}: {e}") from None
+                raise StoreError(self.store.path, e) from None
             return self.conn
 
         def __exit__(self, exc_type, exc, tb) -> None:
@@ -149,14 +180,22 @@ class ItemStore:
                     try:
                         self.conn.execute("COMMIT")
                     except sqlite3.Error as e:
-                        self.conn.execute("ROLLBACK")
-                        raise StoreError(f"cannot write to {self.store.path}: {e}") from None
+                        self._rollback()
+                        raise StoreError(self.store.path, e) from None
                 else:
-                    self.conn.execute("ROLLBACK")
+                    self._rollback()
                     if isinstance(exc, sqlite3.Error):
-                        raise StoreError(f"cannot write to {self.store.path}: {exc}") from None
+                        raise StoreError(self.store.path, exc) from None
             finally:
                 self.store._write_lock.release()
+
+        def _rollback(self) -> None:
+            # On some errors (SQLITE_FULL, SQLITE_IOERR) SQLite has already rolled back.
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original error is the one worth reporting
 
     def _transaction(self) -> "_Tx":
         return ItemStore._Tx(self)
@@ -229,10 +268,12 @@ class ItemStore:
         return np.fromiter((r[0] for r in self._conn().execute(q, args)), dtype=np.int64)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close every thread's connection (handler threads outlive a collection)."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
             conn.close()
-            self._local.conn = None
+        self._local = threading.local()
 
     def _item(self, row) -> StoredItem:
         return StoredItem(int(row[0]), row[1], np.frombuffer(row[2], dtype=np.float32), json.loads(row[3]) if row[3] else None, row[4], float(row[5]))

@@ -1,0 +1,284 @@
+"""Reliability and security against a real server: hostile input, faults, secrets, soak.
+
+Every test talks gRPC to a real ``simserve serve`` (a subprocess where the test kills
+or restarts it, in-process where it inspects the batcher). Disk-full and read-only
+faults use a real tmpfs mount, so they need root (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from simserve.bench import hostile, soak
+from simserve.bench.common import start_server
+from simserve.client import Client, Key
+from simserve.server import ServerConfig, start
+from simserve.v1 import simserve_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "examples"
+ALLOWED = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND"}
+
+
+def _code(fn) -> str:
+    try:
+        fn()
+        return "OK"
+    except grpc.FutureCancelledError:
+        return "CANCELLED"
+    except grpc.RpcError as e:
+        return e.code().name
+
+
+# -- hostile input ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_hostile_corpus_and_mutations_get_clear_statuses_and_memory_stays_bounded():
+    r = hostile.run(None, cases=150, seed=1)  # the shipped model: mode/EXIF/GIF cases must still *match*
+    assert r["failures"] == [], r["failures"]
+    assert r["ok"] and r["server_exit_code_on_sigterm"] == 0
+    assert set(r["outcomes"]) >= {"random bytes", "truncated", "bombs", "modes and formats", "requests", "keys", "metadata", "mutations"}
+    assert r["outcomes"]["modes and formats"] == {"OK": r["outcomes"]["modes and formats"]["OK"]}
+    rss = r["rss_mb"]
+    assert rss["after_second_pass"] - rss["after_run"] < 0.1 * rss["after_run"]  # a second pass does not keep growing
+
+
+@pytest.fixture(scope="module")
+def live(tiny_bundle, tmp_path_factory):
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path_factory.mktemp("data")), bundle=str(tiny_bundle), max_items=64))
+    with Client(f"127.0.0.1:{srv.port}", timeout=20, retries=0) as c:
+        yield srv, c
+    srv.stop(2)
+
+
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-(2**53), 2**53) | text, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(text, kids, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=4096))
+def test_any_bytes_as_an_image_get_a_clear_status(live, data):
+    _, c = live
+    assert _code(lambda: c.embed([data])) in ALLOWED
+    assert c.health_status() == "SERVING"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=text, meta=st.dictionaries(text, json_values, max_size=5))
+def test_any_key_and_metadata_round_trip_or_are_refused_clearly(live, key, meta):
+    _, c = live
+    code = _code(lambda: c.add([(key, EX / "bee.png", meta)]))
+    if not key:
+        assert code == "INVALID_ARGUMENT"
+        return
+    assert code == "OK"
+    got = c.get([key]).items
+    assert [i.key for i in got] == [key] and json.loads(got[0].metadata_json or "null") == (meta or None)
+    assert c.search(Key(key), k=1) is not None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.dictionaries(text, text, max_size=3))
+def test_any_filter_is_answered_or_refused_clearly(live, where):
+    _, c = live
+    assert _code(lambda: c.search(EX / "bee.png", k=3, where=where)) in {"OK", "INVALID_ARGUMENT"}
+
+
+# -- deadlines and cancellation ------------------------------------------------------------
+def test_deadlines_and_cancellations_leave_no_work_in_the_batcher(tiny_bundle, tmp_path):
+    # max_batch=1 makes the queue long enough for requests to expire or be cancelled in it
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle), max_batch=1, max_items=256))
+    batcher = srv.runtime.batcher
+    try:
+        with Client(f"127.0.0.1:{srv.port}", retries=0) as c:
+            photo = (EX / "seagull.png").read_bytes()
+            req = pb.EmbedRequest(images=[pb.Image(data=photo)] * 256)
+            calls = [c.similarity.Embed.future(req, timeout=0.05) for _ in range(4)]  # deadlines
+            calls += [c.similarity.Embed.future(req) for _ in range(4)]  # cancelled by the client
+            time.sleep(0.02)
+            for f in calls[4:]:
+                f.cancel()
+            codes = [_code(f.result) for f in calls]
+            assert set(codes[:4]) <= {"DEADLINE_EXCEEDED", "OK"} and "DEADLINE_EXCEEDED" in codes[:4]
+            assert set(codes[4:]) == {"CANCELLED"}
+            st_ = batcher.stats
+            settled, deadline = None, time.time() + 30  # handlers may still be decoding: wait for quiet
+            while time.time() < deadline:
+                now = (st_.items, st_.dropped_expired, st_.dropped_cancelled, st_.abandoned_before_queue)
+                if now == settled and batcher.depth == 0:
+                    break
+                settled = now
+                time.sleep(1.0)
+            assert batcher.depth == 0
+            # (gRPC may not even start a handler for a call cancelled before it arrived)
+            assert st_.items < 8 * 256 and st_.dropped_expired + st_.dropped_cancelled + st_.abandoned_before_queue > 0
+            assert len(c.embed([photo])[0]) == 24  # and the server serves on
+    finally:
+        srv.stop(1)
+
+
+# -- faults ---------------------------------------------------------------------------------
+def _serve(data: Path, bundle: Path, *extra: str):
+    return start_server(str(data), str(bundle), list(extra))
+
+
+def test_kill_9_during_bulk_add_loses_no_acknowledged_item(tiny_bundle, tmp_path, stamp_folder):
+    files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")
+    proc, addr, _ = _serve(tmp_path, tiny_bundle)
+    acked: list[str] = []
+    attempted: list[str] = []
+
+    def bulk():
+        with Client(addr, timeout=10, retries=0) as c:
+            for b in range(10_000):
+                keys = [f"b{b}-{i}" for i in range(8)]
+                attempted.extend(keys)
+                try:
+                    c.add([(k, files[(b * 8 + i) % len(files)], {"batch": str(b)}) for i, k in enumerate(keys)])
+                except grpc.RpcError:
+                    return
+                acked.extend(keys)
+
+    t = threading.Thread(target=bulk)
+    t.start()
+    deadline = time.time() + 60
+    while len(acked) < 200 and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t.join(30)
+    assert len(acked) >= 200
+    proc, addr, _ = _serve(tmp_path, tiny_bundle)
+    try:
+        with Client(addr, timeout=30) as c:
+            got = c.get(acked, include_vectors=True)
+            assert not list(got.not_found), "an acknowledged item was lost"
+            present = c.get(attempted, include_vectors=True).items
+            assert all(len(i.vector) == 24 for i in present)  # nothing half-written
+            st_ = c.stats()
+            assert st_.items == st_.indexed == len(present) and len(present) % 8 == 0  # whole requests only
+            b, i = (int(x) for x in acked[-1][1:].split("-"))  # the last acknowledged item is searchable
+            hit = c.search(files[(b * 8 + i) % len(files)], k=1, where={"batch": str(b)})[0]
+            assert hit["key"] == acked[-1] and hit["score"] > 0.999
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def test_corrupt_or_deleted_snapshot_is_rebuilt_from_sqlite_and_logged(tiny_bundle, tmp_path):
+    proc, addr, _ = _serve(tmp_path, tiny_bundle)
+    with Client(addr, timeout=30) as c:
+        c.add({"seagull": EX / "seagull.png", "bee": EX / "bee.png"})
+    proc.terminate()
+    assert proc.wait(30) == 0
+    snap = tmp_path / "collections" / "default" / "index.faiss"
+    for damage in ("corrupt", "delete"):
+        if damage == "corrupt":
+            data = bytearray(snap.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            snap.write_bytes(bytes(data))
+        else:
+            snap.unlink()
+        proc, addr, log = _serve(tmp_path, tiny_bundle)
+        try:
+            with Client(addr, timeout=30) as c:
+                assert c.stats().indexed == 2
+                assert c.search(EX / "seagull-copy.jpg", k=1)[0]["key"] in {"seagull", "bee"}
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        assert any("rebuilding" in x["msg"] for x in lines), f"no log line about the {damage}d snapshot"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_or_read_only_disk_fails_writes_clearly_and_reads_go_on(tiny_bundle, small_disk):
+    srv = start(ServerConfig(port=0, data_dir=str(small_disk), bundle=str(tiny_bundle)))
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=20, retries=0) as c:
+            c.add({"seagull": EX / "seagull.png", "bee": EX / "bee.png"})
+            filler = small_disk / "filler"
+            with open(filler, "wb") as f:  # fill the disk to the last block
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+            with pytest.raises(grpc.RpcError) as e:
+                for j in range(200):
+                    c.add({f"y{j}": EX / "bee.png"})
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk is full" in e.value.details()
+            assert c.search(EX / "seagull-copy.jpg", k=1)[0]["key"] == "seagull"  # reads go on
+            assert c.score([(EX / "seagull.png", EX / "seagull-copy.jpg")])[0].score > 0
+            assert c.health_status() == "SERVING"
+            filler.unlink()
+            c.add({"after-full": EX / "bee.png"})  # space back: writes work again
+            n = c.stats().items
+    finally:
+        srv.stop(2)
+    # a read-only data directory (a replica's read-only volume, a disk remounted read-only)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    srv = start(ServerConfig(port=0, data_dir=str(small_disk), bundle=str(tiny_bundle)))
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=20, retries=0) as c:
+            assert c.health_status() == "SERVING" and c.stats().items == n
+            assert c.search(EX / "seagull-copy.jpg", k=1)[0]["key"] == "seagull"
+            assert c.get(["after-full"]).items[0].key == "after-full"
+            for coll in ("", "brand-new"):  # an existing collection, and one that needs a new folder
+                with pytest.raises(grpc.RpcError) as e:
+                    c.add({"ro": EX / "bee.png"}, collection=coll)
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "read-only" in e.value.details()
+            assert c.search(EX / "seagull-copy.jpg", k=1)[0]["key"] == "seagull"
+    finally:
+        srv.stop(2)
+
+
+# -- security -------------------------------------------------------------------------------
+def test_token_never_reaches_the_logs_and_request_paths_are_never_opened(tiny_bundle, tmp_path):
+    token, wrong = "tok-9f1c2e7d5b", "guess-4a8b6c"
+    proc, addr, log = start_server(str(tmp_path), str(tiny_bundle), ["--token", token])
+    try:
+        with Client(addr, token=token, timeout=20) as ok, Client(addr, token=wrong, retries=0) as bad:
+            assert _code(bad.stats) == "UNAUTHENTICATED"
+            ok.add({"bee": EX / "bee.png"})
+            for path in ("/etc/passwd", "../../../../etc/passwd", str(log)):
+                assert _code(lambda: ok.search(Key(path), k=1)) == "NOT_FOUND"  # a key, never a file
+                assert _code(lambda: ok.score([(Key(path), EX / "bee.png")])) == "NOT_FOUND"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log.read_text()
+    assert token not in text and wrong not in text
+    assert "UNAUTHENTICATED" in text  # the refusal itself is logged
+    assert text.count('"msg": "rpc"') >= 4
+
+
+# -- load -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_short_soak_has_no_unexpected_errors(tiny_bundle):
+    r = soak.run(str(tiny_bundle), minutes=0.3, clients=8, procs=2, window_s=3)
+    assert r["unexpected_errors"] == {}, r
+    assert r["requests"] > 100 and set(r["by_method"]) == {"ScorePairs", "Search", "Add"}
+    assert r["server_exit_code"] == 0 and len(r["timeline"]) >= 3
