@@ -1,28 +1,15 @@
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from simserve.bench.hostile import encode, png_claiming
 from simserve.decode import DecodeError, decode_image
 
 
-def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _png_header_claiming(width: int, height: int) -> bytes:
-    """A real 1x1 PNG whose IHDR is rewritten to claim width x height (CRC fixed)."""
-    data = bytearray(_bytes(Image.new("L", (1, 1)), "PNG"))
-    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    return bytes(data)
+_bytes = encode  # shared with the fuzz corpus
+_png_header_claiming = png_claiming
 
 
 def _rgb_at(img: Image.Image, xy=(0, 0)):

@@ -20,7 +20,7 @@ from PIL import Image
 from simserve.client import Client, Key
 from simserve.server import ServerConfig, start
 from simserve.v1 import simserve_pb2 as pb
-from tests.test_decode import _png_header_claiming
+from simserve.bench.hostile import png_claiming as _png_header_claiming
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"

@@ -138,3 +138,14 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
+
+
+def run_threads(fn: Callable[[int], object], n: int) -> None:
+    """``fn(0) .. fn(n-1)`` on ``n`` threads at once; returns when all are done."""
+    import threading
+
+    ts = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()

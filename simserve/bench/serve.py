@@ -21,15 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from simserve.bench.common import jpeg_crops, start_server
+from simserve.bench.common import jpeg_crops, run_threads, start_server
 from simserve.bundle import load_bundle
 from simserve.decode_pool import DecodePool
 from simserve.engine import load_engine
 
 
 def _load_worker(target: str, method: str, threads: int, seconds: float, blobs: list[bytes], collection: str, out: "mp.Queue") -> None:
-    import threading
-
     import grpc
 
     from simserve.v1 import simserve_pb2 as pb
@@ -56,11 +54,7 @@ def _load_worker(target: str, method: str, threads: int, seconds: float, blobs: 
             except grpc.RpcError as e:
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
 
-    ts = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_threads(client, threads)
     channel.close()
     out.put((lat, errors))
 

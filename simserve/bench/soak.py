@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from simserve.bench.common import jpeg_crops, rss_mb, start_server
+from simserve.bench.common import jpeg_crops, rss_mb, run_threads, start_server
 
 MIX = (("ScorePairs", 0.4), ("Search", 0.4), ("Add", 0.2))
 KEYS = 2000  # Add draws keys from this many, so the collection stays bounded
@@ -66,11 +66,7 @@ def _worker(target: str, threads: int, seconds: float, blobs: list[bytes], seed:
         with lock:
             records.extend(mine)
 
-    ts = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_threads(client, threads)
     channel.close()
     out.put(records)
 
