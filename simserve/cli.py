@@ -242,6 +242,73 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from simserve.engine import load_engine
+    from simserve.score_job import score_file
+    from simserve.shard import Shard
+
+    engine = load_engine(args.bundle)
+    threshold = None if args.threshold is None else engine.bundle.threshold if args.threshold == "model" else float(args.threshold)
+    columns = tuple(args.columns.split(",")) if args.columns else None
+    if columns is not None and len(columns) != 2:
+        raise SystemExit("--columns takes two names: A,B")
+    shard = Shard.from_env()
+    r = score_file(
+        engine, args.pairs, args.out, threshold=threshold, root=args.root, columns=columns, batch=args.batch,
+        workers=args.workers, resume=args.resume, progress=not args.quiet and shard.rank == 0, shard=shard,
+    )  # fmt: skip
+    where = f" (rank {shard.rank} of {shard.world})" if not shard.single else ""
+    print(
+        f"{r.rows} rows{where}: {r.scored} scored, {r.errors} with errors"
+        + (f", {r.resumed_after} kept from the interrupted run" if r.resumed_after else "")
+        + f"; {r.rows_per_s:.0f} rows/s",
+        file=sys.stderr,
+    )
+    for e in r.error_examples:
+        print(f"  error: {e}", file=sys.stderr)
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from simserve.embed_job import embed_folder
+    from simserve.engine import load_engine
+    from simserve.shard import Shard
+
+    shard = Shard.from_env()
+    r = embed_folder(
+        load_engine(args.bundle), args.folder, args.out, batch=args.batch, workers=args.workers, resume=args.resume,
+        progress=not args.quiet and shard.rank == 0, shard=shard,
+    )  # fmt: skip
+    where = f" (rank {shard.rank} of {shard.world})" if not shard.single else ""
+    print(f"{r.images} images{where}: {r.embedded} embedded this run, {r.errors} errors, {r.resumed_after} kept from before -> {args.out}.npy", file=sys.stderr)
+    return 0
+
+
+def _cmd_dedupe(args: argparse.Namespace) -> int:
+    from simserve.collection import default_data_dir
+    from simserve.dedupe import find_duplicates, write_groups
+    from simserve.engine import load_engine
+
+    engine = load_engine(args.bundle)
+    cache = args.cache or str(default_data_dir() / "cache")
+    threshold = None if args.threshold is None else engine.bundle.threshold if args.threshold == "model" else float(args.threshold)
+    groups, r = find_duplicates(engine, args.folder, cache, threshold=threshold, k=args.k, batch=args.batch, workers=args.workers, progress=not args.quiet)
+    write_groups(groups, args.out)
+    if args.html:
+        from simserve.contact_sheet import write_contact_sheet
+
+        write_contact_sheet(groups, args.folder, args.html)
+    print(
+        f"{r.images} images ({r.distinct} distinct contents; {r.from_cache} from the cache, {r.embedded} embedded, "
+        f"{len(r.failed)} unreadable): {r.candidates} candidate pairs, {r.duplicate_pairs} confirmed by the head -> "
+        f"{r.groups} groups holding {r.in_groups} files, in {r.seconds:.1f} s -> {args.out}" + (f", {args.html}" if args.html else ""),
+        file=sys.stderr,
+    )
+    for path, err in list(r.failed.items())[:5]:
+        print(f"  unreadable: {path}: {err}", file=sys.stderr)
+    return 0
+
+
 def _add_bundle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help="model bundle folder (default: the shipped default model)")
 
@@ -328,6 +395,65 @@ def build_parser() -> argparse.ArgumentParser:
     isr.add_argument("--where", action="append", metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
     isr.add_argument("--json", action="store_true")
     ix.set_defaults(func=_cmd_index)
+
+    sc = sub.add_parser(
+        "score",
+        help="score a CSV/JSONL file of image pairs (streamed, resumable, torchrun-shardable)",
+        description="Score every pair in PAIRS (CSV with a header, or JSONL; columns a and b, or the first two) and "
+        "write the rows with score, cosine, error (and match with --threshold) to OUT (.csv or .jsonl). Extra columns pass "
+        "through. A missing or broken image gives that row an error; the run goes on. Relative paths are read from --root "
+        "(default: the folder of PAIRS). Under `torchrun --nproc_per_node=N -m simserve.cli score ...` each process takes "
+        "every N-th batch and the output is the same as one process's.",
+    )
+    sc.add_argument("pairs", help="CSV or JSONL of pairs")
+    sc.add_argument("--out", "-o", required=True, help="output .csv or .jsonl")
+    sc.add_argument("--threshold", nargs="?", const="model", help="add a match column: score >= T (bare --threshold: the model's own)")
+    sc.add_argument("--root", help="folder that relative image paths are in (default: the folder of PAIRS)")
+    sc.add_argument("--columns", help="the two image columns, A,B (default: a,b or the first two)")
+    sc.add_argument("--batch", type=int, default=64, help="pairs per engine call (default 64)")
+    sc.add_argument("--workers", type=int, help="decode threads (default: all cores)")
+    sc.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the rows already in OUT")
+    sc.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_bundle_arg(sc)
+    sc.set_defaults(func=_cmd_score)
+
+    em = sub.add_parser(
+        "embed",
+        help="embed every image in a folder to .npy + keys (resumable, torchrun-shardable)",
+        description="Embed every image under FOLDER. Writes OUT.npy (float32, L2-normalised rows), OUT.keys.txt (paths "
+        "relative to FOLDER, aligned with the rows) and OUT.errors.jsonl (images that failed).",
+    )
+    em.add_argument("folder")
+    em.add_argument("--out", "-o", required=True, help="output prefix")
+    em.add_argument("--batch", type=int, default=64)
+    em.add_argument("--workers", type=int, help="decode threads (default: all cores)")
+    em.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    em.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_bundle_arg(em)
+    em.set_defaults(func=_cmd_embed)
+
+    dd = sub.add_parser(
+        "dedupe",
+        help="find near-duplicate groups in a folder (FAISS recall, head precision, HTML report)",
+        description="Group the near-duplicate images under FOLDER: embeddings (cached by content hash, so a second run is "
+        "fast) find each image's nearest neighbours, the fusion head confirms them, connected components are the groups. "
+        "Each group suggests the file to keep (highest resolution, then largest). Writes one JSON object per group.",
+    )
+    dd.add_argument("folder")
+    dd.add_argument("--out", "-o", required=True, help="GROUPS.jsonl")
+    dd.add_argument("--html", help="also write an HTML contact sheet of the groups")
+    dd.add_argument(
+        "--threshold",
+        help="head score for a duplicate (default 0.99: strict, because one false pair merges two groups; "
+        "'model' = the model's own threshold, which also catches heavy crops and overlays)",
+    )
+    dd.add_argument("-k", type=int, default=10, help="neighbours per image to check (default 10)")
+    dd.add_argument("--cache", help="embedding cache folder (default: DATA_DIR/cache)")
+    dd.add_argument("--batch", type=int, default=64)
+    dd.add_argument("--workers", type=int, help="read/decode threads (default: all cores)")
+    dd.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _add_bundle_arg(dd)
+    dd.set_defaults(func=_cmd_dedupe)
 
     sv = sub.add_parser(
         "serve",

@@ -9,6 +9,7 @@ place of an array, so one bad input never sinks a batch.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -44,6 +45,17 @@ class DecodePool:
     def map(self, blobs: Iterable[bytes]) -> Iterator[np.ndarray | DecodeError]:
         """Results in input order; decoding runs ahead on every worker."""
         return self._pool.map(self._safe, blobs)
+
+    def _safe_file(self, path: Path) -> np.ndarray | DecodeError:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            return DecodeError("unreadable", f"cannot read: {e.strerror or e}")
+        return self._safe(data)
+
+    def map_files(self, paths: Iterable[Path]) -> Iterator[np.ndarray | DecodeError]:
+        """Like ``map``, reading each file in the worker (a missing file is a DecodeError too)."""
+        return self._pool.map(self._safe_file, paths)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,155 @@
+"""``simserve embed DIR --out PREFIX``: every image's embedding, for other tools.
+
+Writes ``PREFIX.npy`` (float32 [n, d], L2-normalised), ``PREFIX.keys.txt``
+(the image paths relative to DIR, one per line, aligned with the rows) and
+``PREFIX.errors.jsonl`` (images that could not be read or decoded).
+
+While running it appends to ``PREFIX.rows.jsonl`` (one line per image, in
+order) and ``PREFIX.f32`` (the vectors), flushed per batch; ``--resume``
+keeps the whole batches already there. Under torchrun each rank embeds every
+N-th batch and rank 0 merges, so the output equals one process's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from simserve.decode_pool import DecodePool
+from simserve.engine import Engine
+from simserve.indexer import find_images
+from simserve.shard import Shard, interleave
+
+
+@dataclass
+class EmbedReport:
+    images: int = 0
+    embedded: int = 0
+    errors: int = 0
+    resumed_after: int = 0
+    seconds: float = 0.0
+
+
+class _Parts:
+    """The two growing files of one run: rows (JSONL) and raw float32 vectors."""
+
+    def __init__(self, prefix: Path, dim: int) -> None:
+        self.rows, self.vecs, self.dim = Path(f"{prefix}.rows.jsonl"), Path(f"{prefix}.f32"), dim
+
+    def resume(self, batch: int) -> int:
+        """Cut both files back to the last whole batch; return how many images that keeps."""
+        if not self.rows.exists():
+            return 0
+        lines = self.rows.read_bytes().split(b"\n")[:-1]  # a partial last line has no newline
+        keep = len(lines) - len(lines) % batch
+        ok = sum(1 for ln in lines[:keep] if json.loads(ln).get("error") is None)
+        with open(self.rows, "r+b") as f:
+            f.truncate(sum(len(ln) + 1 for ln in lines[:keep]))
+        if self.vecs.exists():
+            with open(self.vecs, "r+b") as f:
+                f.truncate(ok * self.dim * 4)
+        return keep
+
+    def open(self, append: bool):
+        mode = "ab" if append else "wb"
+        return open(self.rows, mode), open(self.vecs, mode)
+
+
+def embed_folder(
+    engine: Engine,
+    folder: str | os.PathLike,
+    prefix: str | os.PathLike,
+    *,
+    batch: int = 64,
+    workers: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    shard: Shard = Shard(),
+) -> EmbedReport:
+    folder, prefix = Path(folder), Path(prefix)
+    paths = find_images(folder)
+    dim, cfg = engine.bundle.embedding_dim, engine.config
+    parts = _Parts(shard.part(prefix), dim)
+    done = parts.resume(batch) if resume else 0
+    report = EmbedReport(resumed_after=done)
+    t0 = time.perf_counter()
+    rows_f, vecs_f = parts.open(append=done > 0)
+    bar = tqdm(total=len(paths) // shard.world, initial=done, unit="img", desc="embedding", disable=not progress)
+    with DecodePool(cfg.input_size, cfg.in_channels, workers) as pool, rows_f, vecs_f:
+        for i, chunk in enumerate(shard.batches(paths, batch)):
+            if i < done // batch:
+                continue
+            arrays = list(pool.map_files(chunk))
+            good = [a for a in arrays if isinstance(a, np.ndarray)]
+            if good:
+                _, embs = engine.embed(np.stack(good))
+                vecs_f.write(np.ascontiguousarray(embs, np.float32).tobytes())
+            for p, a in zip(chunk, arrays):
+                err = None if isinstance(a, np.ndarray) else str(a)
+                rows_f.write((json.dumps({"key": p.relative_to(folder).as_posix(), "error": err}, ensure_ascii=False) + "\n").encode())
+                report.errors += err is not None
+            report.embedded += len(good)
+            vecs_f.flush()
+            rows_f.flush()
+            os.fsync(vecs_f.fileno())  # vectors first: a counted row always has its vector
+            os.fsync(rows_f.fileno())
+            bar.update(len(chunk))
+    bar.close()
+    report.images = done + report.embedded + report.errors
+    report.seconds = time.perf_counter() - t0
+    if shard.finish(prefix, lambda part_paths, dest: _merge(prefix, shard.world, dim, batch)):
+        _finalize(_Parts(prefix, dim), prefix)
+    return report
+
+
+def _merge(prefix: Path, world: int, dim: int, batch: int) -> None:
+    """Interleave the ranks' rows and vectors batch by batch into the one-process files."""
+    parts = [_Parts(Shard(r, world).part(prefix), dim) for r in range(world)]
+    out = _Parts(prefix, dim)
+    vec_files = [open(p.vecs, "rb") for p in parts]
+    tagged = [_tagged_rows(r, p.rows) for r, p in enumerate(parts)]
+    with open(out.rows, "w", encoding="utf-8") as rows_out, open(out.vecs, "wb") as vecs_out:
+        for r, row in interleave(tagged, batch):
+            rows_out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if row["error"] is None:
+                vecs_out.write(vec_files[r].read(dim * 4))
+    for f in vec_files:
+        f.close()
+    for p in parts:
+        p.rows.unlink()
+        p.vecs.unlink()
+
+
+def _tagged_rows(rank: int, path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield rank, json.loads(line)
+
+
+def _finalize(parts: _Parts, prefix: Path) -> None:
+    """rows + raw vectors -> PREFIX.npy, PREFIX.keys.txt, PREFIX.errors.jsonl (then drop the working files)."""
+    n = os.path.getsize(parts.vecs) // (4 * parts.dim)
+    src = np.memmap(parts.vecs, dtype=np.float32, mode="r", shape=(n, parts.dim)) if n else np.zeros((0, parts.dim), np.float32)
+    dst = np.lib.format.open_memmap(f"{prefix}.npy", mode="w+", dtype=np.float32, shape=(n, parts.dim))
+    for s in range(0, n, 1 << 16):  # streamed: memory stays flat for any n
+        dst[s : s + (1 << 16)] = src[s : s + (1 << 16)]
+    dst.flush()
+    del src, dst
+    with open(parts.rows, encoding="utf-8") as rows, open(f"{prefix}.keys.txt", "w", encoding="utf-8") as keys, open(
+        f"{prefix}.errors.jsonl", "w", encoding="utf-8"
+    ) as errors:
+        for line in rows:
+            r = json.loads(line)
+            if r["error"] is None:
+                keys.write(r["key"] + "\n")
+            else:
+                errors.write(line)
+    parts.rows.unlink()
+    parts.vecs.unlink()
