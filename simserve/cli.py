@@ -309,6 +309,16 @@ def _cmd_dedupe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) -> None:
+    """The knobs every batch job shares."""
+    p.add_argument("--batch", type=int, default=64, help=f"{batch_help} (default 64)")
+    p.add_argument("--workers", type=int, help="read/decode threads (default: all cores)")
+    if resumable:
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the whole batches already written")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_bundle_arg(p)
+
+
 def _add_bundle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help="model bundle folder (default: the shipped default model)")
 
@@ -410,11 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threshold", nargs="?", const="model", help="add a match column: score >= T (bare --threshold: the model's own)")
     sc.add_argument("--root", help="folder that relative image paths are in (default: the folder of PAIRS)")
     sc.add_argument("--columns", help="the two image columns, A,B (default: a,b or the first two)")
-    sc.add_argument("--batch", type=int, default=64, help="pairs per engine call (default 64)")
-    sc.add_argument("--workers", type=int, help="decode threads (default: all cores)")
-    sc.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the rows already in OUT")
-    sc.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    _add_bundle_arg(sc)
+    _add_job_args(sc, "pairs per engine call", resumable=True)
     sc.set_defaults(func=_cmd_score)
 
     em = sub.add_parser(
@@ -425,11 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     em.add_argument("folder")
     em.add_argument("--out", "-o", required=True, help="output prefix")
-    em.add_argument("--batch", type=int, default=64)
-    em.add_argument("--workers", type=int, help="decode threads (default: all cores)")
-    em.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    em.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    _add_bundle_arg(em)
+    _add_job_args(em, "images per engine call", resumable=True)
     em.set_defaults(func=_cmd_embed)
 
     dd = sub.add_parser(
@@ -449,10 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dd.add_argument("-k", type=int, default=10, help="neighbours per image to check (default 10)")
     dd.add_argument("--cache", help="embedding cache folder (default: DATA_DIR/cache)")
-    dd.add_argument("--batch", type=int, default=64)
-    dd.add_argument("--workers", type=int, help="read/decode threads (default: all cores)")
-    dd.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    _add_bundle_arg(dd)
+    _add_job_args(dd, "images per engine call", resumable=False)
     dd.set_defaults(func=_cmd_dedupe)
 
     sv = sub.add_parser(
