@@ -100,6 +100,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from simserve.bench import hostile
 
         result = hostile.run(args.bundle, cases=args.cases, seed=args.seed)
+    elif args.what == "batch":
+        from simserve.bench import batch
+
+        result = batch.run(args.bundle, dedupe_images=args.dedupe_images, originals=args.originals)
     elif args.what == "soak":
         from simserve.bench import soak
 
@@ -518,9 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (medians; ratios measured side by side)", description="Run a benchmark and print JSON.")
     b.add_argument(
         "what",
-        choices=["engine", "index", "serve", "fuzz", "soak"],
+        choices=["engine", "index", "serve", "batch", "fuzz", "soak"],
         help="engine: ONNX Runtime vs eager torch, decode pool, roofline; index: FAISS types on real embeddings, durable adds, "
-        "snapshot start; serve: the gRPC service under concurrent load; fuzz: hostile input against a real server, "
+        "snapshot start; serve: the gRPC service under concurrent load; batch: score end to end vs the engine, dedupe at "
+        "scale, recall at precision 0.99 vs perceptual hashing; fuzz: hostile input against a real server, "
         "outcomes counted; soak: mixed score/search/add traffic for --minutes, errors, latency over time and RSS "
         "(exit status 1 when fuzz or soak finds a failure)",
     )
@@ -538,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cases", type=int, default=1000, help="fuzz: random mutations of valid images, on top of the named corpus")
     b.add_argument("--seed", type=int, default=0, help="fuzz: seed of the mutations")
     b.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")
+    b.add_argument("--dedupe-images", type=int, default=100_000, help="batch: images in the dedupe run (0: skip it)")
+    b.add_argument("--originals", type=int, default=400, help="batch: distinct real photos in the perceptual-hashing comparison")
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=_cmd_bench)
     return p

@@ -44,10 +44,14 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def photo_sources(drawings: bool = False) -> list[Image.Image]:
+TUXPAINT = Path("/usr/share/tuxpaint/stamps")  # mostly photos of objects (GPL-2)
+OPENCLIPART = Path("/usr/share/openclipart/png")  # drawings (public domain)
+
+
+def photo_sources(drawings: bool = False, folders: tuple[Path, ...] = (TUXPAINT, OPENCLIPART)) -> list[Image.Image]:
     """Real images to derive test images from: scikit-image's bundled photos, and with
-    ``drawings`` (or when no photos are installed) every Tux Paint stamp and Open Clip Art
-    drawing installed, downsized to 256 px."""
+    ``drawings`` (or when no photos are installed) every image in ``folders`` (the Tux Paint
+    stamps and Open Clip Art drawings installed), downsized to 256 px."""
     images: list[Image.Image] = []
     try:
         import skimage.data
@@ -59,7 +63,7 @@ def photo_sources(drawings: bool = False) -> list[Image.Image]:
     except ImportError:
         pass
     if drawings or not images:
-        for folder in (Path("/usr/share/tuxpaint/stamps"), Path("/usr/share/openclipart/png")):
+        for folder in folders:
             for p in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
                 try:
                     img = decode_file(p)
@@ -72,10 +76,10 @@ def photo_sources(drawings: bool = False) -> list[Image.Image]:
     return images
 
 
-def jpeg_crops(n: int, size: int = 256, quality: int = 90, seed: int = 0) -> list[bytes]:
-    """``n`` distinct size x size JPEGs: random crops of real photos."""
+def jpeg_crops(n: int, size: int = 256, quality: int = 90, seed: int = 0, sources: list[Image.Image] | None = None) -> list[bytes]:
+    """``n`` distinct size x size JPEGs: random crops of real photos (or of ``sources``)."""
     rng = random.Random(seed)
-    sources = photo_sources()
+    sources = sources or photo_sources()
     out = []
     for _ in range(n):
         src = rng.choice(sources)

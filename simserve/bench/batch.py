@@ -1,0 +1,246 @@
+"""``simserve bench batch``: the offline jobs end to end.
+
+1. ``score`` throughput vs the engine alone on the same pairs, in alternation
+   (medians): the engine-only pass gets pixels decoded beforehand and runs the
+   same batches (one tower pass over a batch's distinct images, one head pass).
+2. ``dedupe`` of ``dedupe_images`` generated JPEGs (real photo crops) in its
+   own process: wall time and peak RSS.
+3. Near-duplicate detection against perceptual hashing: originals are real
+   photos (scikit-image's, plus the Tux Paint stamps, which are mostly photos
+   of objects); each gets exact, resized, recompressed, cropped, colour-shifted
+   and text-overlaid copies. Negatives are pairs of different originals.
+   Recall at precision 0.99 for the head score, the embedding cosine, and the
+   ``imagehash`` pHash and dHash (similarity = -Hamming distance).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance
+
+from simserve.bench.common import TUXPAINT, interleaved_medians, jpeg_crops, photo_sources
+from simserve.decode_pool import DecodePool
+from simserve.engine import load_engine
+from simserve.score_job import score_file
+
+TRANSFORMS = ("exact", "resized", "recompressed", "cropped", "colour-shifted", "overlaid")
+
+
+def transform(img: Image.Image, kind: str, rng: random.Random) -> Image.Image:
+    w, h = img.size
+    if kind == "exact":
+        return img.copy()
+    if kind == "resized":
+        s = rng.uniform(0.4, 0.7)
+        return img.resize((max(8, int(w * s)), max(8, int(h * s))), Image.Resampling.BILINEAR)
+    if kind == "recompressed":
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=rng.randint(25, 45))
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if kind == "cropped":  # keep 70-85% of each side
+        s = rng.uniform(0.7, 0.85)
+        cw, ch = int(w * s), int(h * s)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        return img.crop((x, y, x + cw, y + ch))
+    if kind == "colour-shifted":
+        out = ImageEnhance.Color(img).enhance(rng.uniform(0.3, 1.7))
+        out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.75, 1.25))
+        r, g, b = out.split()
+        return Image.merge("RGB", (r.point(lambda v: min(255, v + 20)), g, b))
+    if kind == "overlaid":
+        out = img.copy()
+        d = ImageDraw.Draw(out)
+        d.rectangle((0, int(h * 0.8), w, h), fill=(0, 0, 0))
+        d.text((4, int(h * 0.82)), "COPYRIGHT 2026 simserve", fill=(255, 255, 255))
+        return out
+    raise ValueError(kind)
+
+
+def _originals(n: int, seed: int) -> list[Image.Image]:
+    """Distinct real photos: crops of different regions of scikit-image's photos and the Tux Paint stamps."""
+    rng = random.Random(seed)
+    photos = [p.convert("RGB") for p in photo_sources(drawings=True, folders=(TUXPAINT,))]
+    rng.shuffle(photos)
+    out = []
+    for src in photos:
+        if len(out) >= n:
+            break
+        w, h = src.size
+        if min(w, h) < 64:
+            continue
+        side = rng.randint(min(w, h) * 2 // 3, min(w, h))
+        x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+        out.append(src.crop((x, y, x + side, y + side)).resize((224, 224), Image.Resampling.BILINEAR))
+    return out
+
+
+def recall_at_precision(scores: np.ndarray, labels: np.ndarray, target: float = 0.99) -> tuple[float, float]:
+    """(recall, threshold) at the lowest threshold whose precision is still >= ``target``."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order].astype(bool)
+    tp = np.cumsum(y)
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # tied scores stand or fall together
+    ok = last[tp[last] / (last + 1) >= target]
+    if not len(ok):
+        return 0.0, float("inf")
+    return float(tp[ok[-1]] / y.sum()), float(s[ok[-1]])
+
+
+def compare_with_hashing(bundle: str | None, originals: int = 400, negatives: int = 20_000, seed: int = 0) -> dict:
+    try:
+        import imagehash
+    except ImportError:
+        raise SystemExit("the perceptual-hashing baseline needs the imagehash package: pip install -e '.[dev]'") from None
+
+    rng = random.Random(seed)
+    engine = load_engine(bundle)
+    base = _originals(originals, seed)
+    pos = [(i, t, transform(base[i], t, rng)) for i in range(len(base)) for t in TRANSFORMS]
+    neg = set()
+    while len(neg) < min(negatives, len(base) * (len(base) - 1) // 2):
+        a, b = rng.sample(range(len(base)), 2)
+        neg.add((min(a, b), max(a, b)))
+    neg_l = sorted(neg)
+    feats, embs = engine.embed_images(base)
+    pf, pe = engine.embed_images([im for _, _, im in pos])
+    ia = np.array([i for i, _, _ in pos])
+    na, nb = np.array([a for a, _ in neg_l]), np.array([b for _, b in neg_l])
+    head = {"pos": engine.fuse(feats[ia], pf), "neg": engine.fuse(feats[na], feats[nb])}
+    cos = {"pos": np.einsum("ij,ij->i", embs[ia], pe), "neg": np.einsum("ij,ij->i", embs[na], embs[nb])}
+    methods = {"simserve head": head, "simserve embedding cosine": cos}
+    for name, fn in (("pHash", imagehash.phash), ("dHash", imagehash.dhash)):
+        hb = [fn(im) for im in base]
+        hp = [fn(im) for _, _, im in pos]
+        methods[f"imagehash {name}"] = {
+            "pos": -np.array([hb[i] - h for (i, _, _), h in zip(pos, hp)], np.float64),
+            "neg": -np.array([hb[a] - hb[b] for a, b in neg_l], np.float64),
+        }
+    kinds = np.array([t for _, t, _ in pos])
+    table = {}
+    for name, m in methods.items():
+        scores = np.concatenate([m["pos"], m["neg"]])
+        labels = np.r_[np.ones(len(m["pos"])), np.zeros(len(m["neg"]))]
+        recall, thr = recall_at_precision(scores, labels)
+        row = {"recall_at_p99": round(recall, 4), "threshold": thr}
+        for t in TRANSFORMS:  # recall per transformation at that same threshold
+            row[t] = round(float((m["pos"][kinds == t] >= thr).mean()), 4)
+        table[name] = row
+    return {"originals": len(base), "positives": len(pos), "negatives": len(neg_l), "transforms": list(TRANSFORMS), "table": table}
+
+
+def score_throughput(bundle: str | None, pairs: int = 4096, images: int = 1024, batch: int = 64, repeats: int = 3) -> dict:
+    engine = load_engine(bundle)
+    cfg = engine.config
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        blobs = jpeg_crops(images, 256, seed=5)
+        for i, b in enumerate(blobs):
+            (root / f"{i:05d}.jpg").write_bytes(b)
+        rng = random.Random(1)
+        rows = [(f"{rng.randrange(images):05d}.jpg", f"{rng.randrange(images):05d}.jpg") for _ in range(pairs)]
+        with open(root / "pairs.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["a", "b"])
+            w.writerows(rows)
+        with DecodePool(cfg.input_size, cfg.in_channels) as pool:
+            pixels = dict(zip((f"{i:05d}.jpg" for i in range(images)), pool.map(blobs)))
+        batches = []
+        for s in range(0, pairs, batch):
+            part = rows[s : s + batch]
+            order = list(dict.fromkeys(p for r in part for p in r))
+            slot = {p: i for i, p in enumerate(order)}
+            batches.append((np.stack([pixels[p] for p in order]), np.array([slot[a] for a, _ in part]), np.array([slot[b] for _, b in part])))
+
+        def engine_only():
+            for x, ia, ib in batches:
+                f, _ = engine.embed(x)
+                engine.fuse(f[ia], f[ib])
+
+        def end_to_end():
+            score_file(engine, root / "pairs.csv", root / "out.csv", batch=batch, progress=False)
+
+        t = interleaved_medians({"engine_only": engine_only, "score_end_to_end": end_to_end}, repeats, warmup=1)
+    return {
+        "pairs": pairs,
+        "distinct_images": images,
+        "batch": batch,
+        "engine_only_pairs_per_s": pairs / t["engine_only"],
+        "score_pairs_per_s": pairs / t["score_end_to_end"],
+        "score_vs_engine": t["engine_only"] / t["score_end_to_end"],
+    }
+
+
+def dedupe_scale(bundle: str | None, n: int, workdir: str | None = None) -> dict:
+    """Generate ``n`` JPEGs (crops of every installed photo and drawing), run ``simserve dedupe``
+    on them in a child process, and read its peak RSS."""
+    sources = photo_sources(drawings=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        root = Path(d) / "images"
+        root.mkdir()
+        t = time.perf_counter()
+        made = 0
+        for chunk in range(0, n, 2000):
+            for i, b in enumerate(jpeg_crops(min(2000, n - chunk), 160, quality=85, seed=100 + chunk, sources=sources)):
+                (root / f"{(chunk + i) // 1000:03d}").mkdir(exist_ok=True)
+                (root / f"{(chunk + i) // 1000:03d}" / f"{chunk + i:07d}.jpg").write_bytes(b)
+                made += 1
+        gen_s = time.perf_counter() - t
+        cmd = [sys.executable, "-m", "simserve.cli", "dedupe", str(root), "--out", str(Path(d) / "groups.jsonl"), "-q", "--cache", str(Path(d) / "cache")]
+        if bundle:
+            cmd += ["--bundle", bundle]
+        t = time.perf_counter()
+        log = Path(d) / "dedupe.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL)
+            peak_mb = 0.0
+            while proc.poll() is None:  # VmHWM: the child's own peak (ru_maxrss would count this big parent's pages from fork)
+                peak_mb = max(peak_mb, _peak_rss_mb(proc.pid))
+                time.sleep(0.2)
+        wall = time.perf_counter() - t
+        r = subprocess.CompletedProcess(cmd, proc.returncode, "", log.read_text())
+        if r.returncode:
+            raise RuntimeError(r.stderr[-2000:])
+        groups = sum(1 for _ in open(Path(d) / "groups.jsonl"))
+        t = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        cached = time.perf_counter() - t
+    return {
+        "images": made,
+        "generate_s": round(gen_s, 1),
+        "dedupe_s": round(wall, 1),
+        "dedupe_cached_rerun_s": round(cached, 1),
+        "peak_rss_mb": round(peak_mb, 1),
+        "groups": groups,
+        "summary": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "",
+    }
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # exited meanwhile
+        pass
+    return 0.0
+
+
+def run(bundle: str | None = None, dedupe_images: int = 100_000, originals: int = 400) -> dict:
+    result = {"machine": f"{os.cpu_count()} cpus"}
+    result["score"] = score_throughput(bundle)
+    result["vs_perceptual_hashing"] = compare_with_hashing(bundle, originals=originals)
+    if dedupe_images:
+        result["dedupe"] = dedupe_scale(bundle, dedupe_images)
+    print(json.dumps(result["vs_perceptual_hashing"]["table"], indent=1), file=sys.stderr)
+    return result
