@@ -64,10 +64,11 @@ class RowWriter:
             self._csv.writerows(rows)
         else:
             self._f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        self._f.flush()
-        os.fsync(self._f.fileno())  # a row counted as done is on disk
+        self._f.flush()  # a kill -9 keeps what is flushed; after a power cut a lost tail is just redone on --resume
 
     def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
 
     def __enter__(self) -> "RowWriter":

@@ -199,18 +199,9 @@ def dedupe_scale(bundle: str | None, n: int, workdir: str | None = None) -> dict
         cmd = [sys.executable, "-m", "simserve.cli", "dedupe", str(root), "--out", str(Path(d) / "groups.jsonl"), "-q", "--cache", str(Path(d) / "cache")]
         if bundle:
             cmd += ["--bundle", bundle]
-        t = time.perf_counter()
         log = Path(d) / "dedupe.log"
-        with open(log, "w") as err:
-            proc = subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL)
-            peak_mb = 0.0
-            while proc.poll() is None:  # VmHWM: the child's own peak (ru_maxrss would count this big parent's pages from fork)
-                peak_mb = max(peak_mb, _peak_rss_mb(proc.pid))
-                time.sleep(0.2)
-        wall = time.perf_counter() - t
-        r = subprocess.CompletedProcess(cmd, proc.returncode, "", log.read_text())
-        if r.returncode:
-            raise RuntimeError(r.stderr[-2000:])
+        wall, peak_mb = _child_peak(cmd, log)
+        summary = log.read_text().strip().splitlines()
         groups = sum(1 for _ in open(Path(d) / "groups.jsonl"))
         t = time.perf_counter()
         subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -222,7 +213,7 @@ def dedupe_scale(bundle: str | None, n: int, workdir: str | None = None) -> dict
         "dedupe_cached_rerun_s": round(cached, 1),
         "peak_rss_mb": round(peak_mb, 1),
         "groups": groups,
-        "summary": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "",
+        "summary": summary[-1] if summary else "",
     }
 
 
@@ -236,9 +227,44 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _child_peak(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run ``cmd``; return (seconds, its peak RSS in MB from VmHWM, sampled)."""
+    t = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL)
+        peak = 0.0
+        while proc.poll() is None:  # VmHWM: the child's own peak (ru_maxrss would count this parent's pages from fork)
+            peak = max(peak, _peak_rss_mb(proc.pid))
+            time.sleep(0.2)
+    if proc.returncode:
+        raise RuntimeError(log.read_text()[-2000:])
+    return time.perf_counter() - t, peak
+
+
+def score_memory(bundle: str | None, rows: tuple[int, ...] = (20_000, 200_000)) -> dict:
+    """Peak RSS of ``simserve score`` at growing row counts: streaming keeps it flat.
+    The rows cycle over 16 real images (so the run is about rows, not decoding)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        for i, b in enumerate(jpeg_crops(16, 256, seed=9)):
+            (root / f"{i}.jpg").write_bytes(b)
+        for n in rows:
+            pairs = root / f"pairs-{n}.csv"
+            with open(pairs, "w") as f:
+                f.write("a,b,id\n")
+                f.writelines(f"{i % 16}.jpg,{(i * 7 + 3) % 16}.jpg,{i}\n" for i in range(n))
+            cmd = [sys.executable, "-m", "simserve.cli", "score", str(pairs), "--out", str(root / "out.csv"), "-q"]
+            secs, peak = _child_peak(cmd + (["--bundle", bundle] if bundle else []), root / "score.log")
+            out[str(n)] = {"seconds": round(secs, 1), "rows_per_s": round(n / secs), "peak_rss_mb": round(peak, 1)}
+            (root / "out.csv").unlink()
+    return out
+
+
 def run(bundle: str | None = None, dedupe_images: int = 100_000, originals: int = 400) -> dict:
     result = {"machine": f"{os.cpu_count()} cpus"}
     result["score"] = score_throughput(bundle)
+    result["score_memory"] = score_memory(bundle)
     result["vs_perceptual_hashing"] = compare_with_hashing(bundle, originals=originals)
     if dedupe_images:
         result["dedupe"] = dedupe_scale(bundle, dedupe_images)
