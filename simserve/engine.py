@@ -25,6 +25,9 @@ from simserve.preprocess import normalize, to_pixels
 BACKENDS = ("onnx", "torch")
 
 
+SPIN = os.environ.get("SIMSERVE_ORT_SPIN", "0") == "1"  # see OnnxEngine
+
+
 def default_threads() -> int:
     """All the cores this process may use (respects taskset / cgroup affinity)."""
     try:
@@ -91,12 +94,15 @@ class Engine(ABC):
 
 
 class OnnxEngine(Engine):
-    def __init__(self, bundle: Bundle, threads: int | None = None, max_batch: int = 64) -> None:
+    def __init__(self, bundle: Bundle, threads: int | None = None, max_batch: int = 64, spin: bool = SPIN) -> None:
         super().__init__(bundle, max_batch)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or default_threads()
+        # ORT's idle workers spin between ops by default, burning the cores that the decode
+        # threads (batch jobs) and gRPC handlers (server) need at the same moment.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -141,11 +147,13 @@ class TorchEngine(Engine):
             return t.sigmoid(self.model.fuse(t.from_numpy(np.ascontiguousarray(fa)), t.from_numpy(np.ascontiguousarray(fb)))).numpy()
 
 
-def load_engine(bundle: str | os.PathLike | Bundle | None = None, backend: str = "onnx", threads: int | None = None, max_batch: int = 64) -> Engine:
+def load_engine(
+    bundle: str | os.PathLike | Bundle | None = None, backend: str = "onnx", threads: int | None = None, max_batch: int = 64, spin: bool = SPIN
+) -> Engine:
     """The engine for a bundle path (or the shipped default model when None)."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if backend == "onnx":
-        return OnnxEngine(b, threads, max_batch)
+        return OnnxEngine(b, threads, max_batch, spin)
     if backend == "torch":
         return TorchEngine(b, threads, max_batch)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
