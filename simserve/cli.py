@@ -552,7 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (OSError, ValueError) as e:  # a missing file, a bad format, a bad value: the user's to fix
+        if os.environ.get("SIMSERVE_DEBUG"):
+            raise
+        print(f"simserve: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
