@@ -29,6 +29,9 @@ class DecodeError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # travels back from decode worker processes intact
+        return DecodeError, (self.reason, str(self))
+
 
 def decode_image(
     data: bytes,
