@@ -113,3 +113,14 @@ def test_decode_pool_keeps_order_and_reports_bad_images_in_place():
     with DecodePool(32, 3, workers=1) as single:
         for a, blob in zip(rest, good):
             assert np.array_equal(a, single.load(blob))  # same pixels whatever the worker count
+
+
+def test_process_and_thread_decode_pools_agree_and_keep_errors_typed():
+    from simserve.bench.common import jpeg_crops
+    from simserve.decode_pool import DecodePool
+
+    blobs = jpeg_crops(12, 200) + [b"not an image"]
+    with DecodePool(48, 3, 2) as threads, DecodePool(48, 3, 2, processes=True) as procs:
+        a, b = list(threads.map(blobs)), list(procs.map(blobs))
+    assert all(np.array_equal(x, y) for x, y in zip(a[:-1], b[:-1]))
+    assert isinstance(b[-1], DecodeError) and b[-1].reason == a[-1].reason == "undecodable"
