@@ -97,6 +97,8 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
         everything = sources.drop_near_identical(everything, float(d["dedupe"]))
     tr, ho = sources.holdout_split(everything.names, d.get("holdout", 0.15))
     train_set, held = everything.subset(tr), everything.subset(ho)
+    if mode == "copy" and recipe.eval.get("distinct"):  # a gallery of distinct originals: see distinct_subset
+        held = sources.drop_near_identical(held, float(recipe.eval["distinct"]))
     if mode == "copy":  # every image its own identity
         train_set.labels = np.arange(len(train_set), dtype=np.int64)
         held.labels = np.arange(len(held), dtype=np.int64)
