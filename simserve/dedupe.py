@@ -46,7 +46,7 @@ DEFAULT_THRESHOLD = 0.99
 
 
 @dataclass
-class Image_:
+class FileInfo:
     path: str
     sha256: str
     bytes: int
@@ -113,10 +113,10 @@ def find_duplicates(
     pool = ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="dedupe")
     try:
         hashed = list(tqdm(pool.map(_hash, paths), total=len(paths), unit="file", desc="hashing", disable=not progress))
-        images = [Image_(p.relative_to(folder).as_posix(), h, n) for p, (h, n) in zip(paths, hashed)]
+        images = [FileInfo(p.relative_to(folder).as_posix(), h, n) for p, (h, n) in zip(paths, hashed)]
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         cache = ItemStore(Path(cache_dir) / f"dedupe-{engine.bundle.manifest['files']['tower.onnx']['sha256'][:16]}.sqlite", engine.bundle.embedding_dim)
-        by_hash: dict[str, list[Image_]] = {}
+        by_hash: dict[str, list[FileInfo]] = {}
         for im in images:
             by_hash.setdefault(im.sha256, []).append(im)
         report.distinct = len(by_hash)
@@ -196,7 +196,7 @@ def _confirmed_pairs(engine, cache, hashes, store_ids, vecs, k, threshold, repor
     return out
 
 
-def _groups(images: list[Image_], pairs: list[tuple[int, int, float]]) -> list[dict]:
+def _groups(images: list[FileInfo], pairs: list[tuple[int, int, float]]) -> list[dict]:
     """Connected components over duplicate pairs (and byte-identical files), largest first."""
     parent = list(range(len(images)))
 

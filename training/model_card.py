@@ -40,16 +40,6 @@ def card(run: Path) -> str:
         *[f"- {DATA_NOTES.get(s, s)}" for s in sources],
         f"- {r['train_images']} training images; {r['held_out_images']} held out by a hash of the file path "
         f"(fraction {recipe['data'].get('holdout')}), never trained on.",
-        *(
-            [
-                f"- Near-identical images removed before the split (grey 16x16 thumbnails correlating above "
-                f"{recipe['data']['dedupe']}; `training.sources.distinct_subset`): Open Clip Art ships one drawing in "
-                "several colourways, which colour jitter makes copies of each other, so they can be neither "
-                "negatives in training nor distractors in evaluation."
-            ]
-            if recipe["data"].get("dedupe")
-            else []
-        ),
         "- Self-supervised: two augmented views of one image are a positive; other images in the batch are negatives "
         "(hardest in-batch negative + a random one for the head; InfoNCE over the batch for the embedding).",
         "- Augmentations: random resized crop (30-100% area), aspect change, padding, flip, rotation (+-20 deg), "

@@ -93,8 +93,6 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
         everything = loader(d["folder"], d.get("max_side", 192))
     else:
         everything = sources.load_sources(d["sources"], d.get("max_side", 192))
-    if mode == "copy" and d.get("dedupe"):  # before the split, so no twin straddles it
-        everything = sources.drop_near_identical(everything, float(d["dedupe"]))
     tr, ho = sources.holdout_split(everything.names, d.get("holdout", 0.15))
     train_set, held = everything.subset(tr), everything.subset(ho)
     if mode == "copy" and recipe.eval.get("distinct"):  # a gallery of distinct originals: see distinct_subset

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
-from simserve.bench.common import TUXPAINT, interleaved_medians, jpeg_crops, photo_sources
+from simserve.bench.common import TUXPAINT, interleaved_medians, jpeg_crops, photo_sources, rss_mb
+from simserve.calibration import threshold_at_precision
 from simserve.decode_pool import DecodePool
 from simserve.engine import load_engine
 from simserve.score_job import score_file
@@ -85,18 +86,6 @@ def _originals(n: int, seed: int) -> list[Image.Image]:
     return out
 
 
-def recall_at_precision(scores: np.ndarray, labels: np.ndarray, target: float = 0.99) -> tuple[float, float]:
-    """(recall, threshold) at the lowest threshold whose precision is still >= ``target``."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order].astype(bool)
-    tp = np.cumsum(y)
-    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # tied scores stand or fall together
-    ok = last[tp[last] / (last + 1) >= target]
-    if not len(ok):
-        return 0.0, float("inf")
-    return float(tp[ok[-1]] / y.sum()), float(s[ok[-1]])
-
-
 def compare_with_hashing(bundle: str | None, originals: int = 400, negatives: int = 20_000, seed: int = 0) -> dict:
     try:
         import imagehash
@@ -131,7 +120,8 @@ def compare_with_hashing(bundle: str | None, originals: int = 400, negatives: in
     for name, m in methods.items():
         scores = np.concatenate([m["pos"], m["neg"]])
         labels = np.r_[np.ones(len(m["pos"])), np.zeros(len(m["neg"]))]
-        recall, thr = recall_at_precision(scores, labels)
+        op = threshold_at_precision(scores, labels, 0.99)
+        recall, thr = op["recall"], op["threshold"]
         row = {"recall_at_p99": round(recall, 4), "threshold": thr}
         for t in TRANSFORMS:  # recall per transformation at that same threshold
             row[t] = round(float((m["pos"][kinds == t] >= thr).mean()), 4)
@@ -223,16 +213,6 @@ def dedupe_scale(bundle: str | None, n: int, workdir: str | None = None) -> dict
     }
 
 
-def _peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:  # exited meanwhile
-        pass
-    return 0.0
-
-
 def _child_peak(cmd: list[str], log: Path) -> tuple[float, float]:
     """Run ``cmd``; return (seconds, its peak RSS in MB from VmHWM, sampled)."""
     t = time.perf_counter()
@@ -240,7 +220,7 @@ def _child_peak(cmd: list[str], log: Path) -> tuple[float, float]:
         proc = subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL)
         peak = 0.0
         while proc.poll() is None:  # VmHWM: the child's own peak (ru_maxrss would count this parent's pages from fork)
-            peak = max(peak, _peak_rss_mb(proc.pid))
+            peak = max(peak, rss_mb(proc.pid, "VmHWM"))
             time.sleep(0.2)
     if proc.returncode:
         raise RuntimeError(log.read_text()[-2000:])

@@ -136,10 +136,15 @@ def start_server(data_dir: str, bundle: str | None, extra: list[str]) -> tuple[s
     raise RuntimeError("server did not start:\n" + log_path.read_text()[-3000:])
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process from /proc (Linux): now (VmRSS) or its peak (VmHWM).
+    NaN once the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    for line in status.splitlines():
+        if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
 
