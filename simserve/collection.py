@@ -6,7 +6,10 @@ sequence. Writes go to SQLite first (committed = acknowledged), then to the
 index under the write lock. Searches take the read lock, so they never see
 a half-updated index; background work (IVF training, HNSW compaction)
 builds a new index off to the side and swaps it in under the write lock
-after replaying what changed meanwhile.
+after replaying what changed meanwhile. HNSW collections acknowledge adds
+into an exactly-searched buffer that a drainer thread feeds into the graph
+in small steps (tiered_index), so adds run at SQLite speed and no search
+waits behind a big insert.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import numpy as np
 
 from simserve.rwlock import RWLock
 from simserve.store import ItemStore, NewItem, StoreError, StoredItem
-from simserve.vector_index import SearchTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
+from simserve.tiered_index import TieredIndex
+from simserve.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
 
 log = logging.getLogger("simserve.collection")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -69,10 +73,10 @@ class CollectionConfig:
 
 
 class Collection:
-    def __init__(self, root: Path, config: CollectionConfig, tuning: SearchTuning | None = None, synchronous: str = "FULL") -> None:
+    def __init__(self, root: Path, config: CollectionConfig, tuning: IndexTuning | None = None, synchronous: str = "FULL") -> None:
         self.root, self.config = root, config
         self.name, self.dim = config.name, config.dim
-        self.tuning = tuning or SearchTuning()
+        self.tuning = tuning or IndexTuning()
         self.store = ItemStore(root / "items.sqlite", config.dim, synchronous)
         self.lock = RWLock()  # searches (read) vs index mutation (write)
         # Writers hold this from the SQLite commit to the index update, so the
@@ -80,16 +84,20 @@ class Collection:
         self._writer = threading.Lock()
         self._bg: threading.Thread | None = None
         self._bg_lock = threading.Lock()
+        self._drainer: threading.Thread | None = None
+        self._drained = threading.Condition()  # guards _drainer; notified as the buffer shrinks
+        self._closing = False
         self.rebuilds = 0
         self.index = self._open_index()
+        self._kick_drainer()
         if self.store.read_only:
             log.warning("collection %s: the data directory is read-only; serving reads, refusing writes", self.name)
 
     # -- opening ------------------------------------------------------------------
-    def _open_index(self) -> VectorIndex:
+    def _open_index(self) -> TieredIndex:
         path = self.root / SNAPSHOT_FILE
         try:
-            idx = VectorIndex.load(path, self.dim, self.config.factory, self.tuning)
+            idx = TieredIndex.load(path, self.dim, self.config.factory, self.tuning)
             log.info("collection %s: loaded snapshot at seq %d (%d vectors)", self.name, idx.seq, idx.ntotal)
         except SnapshotError as e:
             if path.with_suffix(".json").exists() or path.exists():
@@ -101,16 +109,14 @@ class Collection:
             log.info("collection %s: replayed %d adds, %d removes after the snapshot", self.name, ids, removed)
         return idx
 
-    def _catch_up(self, idx: VectorIndex) -> tuple[int, int]:
+    def _catch_up(self, idx: TieredIndex) -> tuple[int, int]:
         """Fold the store's changes after ``idx.seq`` into ``idx``. Ids are never
         reused, so every id added after the sequence is new to the index."""
         ids, vecs, removed, last = self.store.changes_after(idx.seq)
-        idx.remove(removed)
-        idx.add(ids, vecs)
-        idx.seq = last
+        idx.apply(removed, ids, vecs, last)
         return len(ids), len(removed)
 
-    def _build_from_store(self) -> VectorIndex:
+    def _build_from_store(self) -> TieredIndex:
         """A fresh index of the store as of one sequence (trained first, for IVF types, when big enough)."""
         idx = VectorIndex(self.dim, self.config.factory, self.tuning)
         n = self.store.count()
@@ -120,7 +126,7 @@ class Collection:
         for seq, ids, vecs in self.store.iter_vectors():
             idx.seq = seq
             idx.add(ids, vecs)
-        return idx
+        return TieredIndex(idx)
 
     def _sample(self, n: int) -> np.ndarray:
         parts, got = [], 0
@@ -138,12 +144,13 @@ class Collection:
         if not items:
             return []
         vecs = np.stack([np.asarray(it.vector, np.float32).reshape(-1) for it in items])
+        self._wait_for_buffer_room()
         with self._writer:
             ids, replaced = self.store.add(items)  # committed: acknowledged from here on
+            seq = self.store.last_seq()
             with self.lock.write():
-                self.index.remove(np.asarray(replaced, np.int64))
-                self.index.add(np.asarray(ids, np.int64), vecs)
-                self.index.seq = self.store.last_seq()
+                self.index.apply(replaced, ids, vecs, seq)
+        self._kick_drainer()
         self._maybe_background_work()
         return ids
 
@@ -152,8 +159,7 @@ class Collection:
             found = self.store.remove(keys)
             if found:
                 with self.lock.write():
-                    self.index.remove(np.fromiter(found.values(), np.int64, len(found)))
-                    self.index.seq = self.store.last_seq()
+                    self.index.apply(list(found.values()), [], [], self.store.last_seq())
         if found:
             self._maybe_background_work()
         return found
@@ -200,6 +206,7 @@ class Collection:
                 "index_type": type(self.index.index).__name__,
                 "pending_training": self.index.pending_training,
                 "deleted_pending": len(self.index.deleted),
+                "buffered": self.index.buffered,
                 "index_bytes": self.index.memory_bytes(),
                 "seq": self.index.seq,
                 "rebuilds": self.rebuilds,
@@ -209,8 +216,7 @@ class Collection:
     def snapshot(self) -> None:
         """Write the index atomically; then the changes it includes can be forgotten."""
         with self._writer, self.lock.read():
-            seq = self.index.seq
-            self.index.save(self.root / SNAPSHOT_FILE)
+            seq = self.index.save(self.root / SNAPSHOT_FILE)  # complete up to seq; the buffer replays
         self.store.compact_changes(seq)
 
     def _needs_rebuild(self) -> bool:
@@ -235,6 +241,7 @@ class Collection:
             self._catch_up(new)
             self.index = new
             self.rebuilds += 1
+        self._kick_drainer()
         log.info("collection %s: index rebuilt (%s, %d vectors)", self.name, type(new.index).__name__, new.ntotal)
 
     def wait_background(self, timeout: float | None = None) -> None:
@@ -242,8 +249,48 @@ class Collection:
         if t is not None:
             t.join(timeout)
 
+    # -- the HNSW buffer's drainer ---------------------------------------------------
+    def _kick_drainer(self) -> None:
+        with self._drained:
+            if self.index.buffered and self._drainer is None and not self._closing:
+                self._drainer = threading.Thread(target=self._drain, name=f"drain-{self.name}", daemon=True)
+                self._drainer.start()
+
+    def _drain(self) -> None:
+        """Feed buffered rows into the main index, one short write-locked step at a time."""
+        while True:
+            with self.lock.write():
+                moved = 0 if self._closing else self.index.drain(self.tuning.drain_batch)
+            with self._drained:
+                self._drained.notify_all()
+                if not moved and (self._closing or not self.index.buffered):
+                    self._drainer = None  # an add that buffers after this starts a new drainer
+                    return
+
+    def _wait_for_buffer_room(self) -> None:
+        """Backpressure: past ``buffer_limit`` buffered vectors, adds go at the graph's pace."""
+        with self._drained:
+            while self.index.buffered >= self.tuning.buffer_limit and self._drainer is not None:
+                self._drained.wait(1.0)
+
+    def wait_indexed(self, timeout: float | None = None) -> bool:
+        """Block until the buffer is empty (every acknowledged vector in the main index)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._drained:
+            while self.index.buffered and self._drainer is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._drained.wait(left if left is not None else 1.0)
+        return not self.index.buffered
+
     def close(self, snapshot: bool = True) -> None:
         self.wait_background()
+        with self._drained:
+            self._closing = True  # the buffer is not waited for: the next start replays it from SQLite
+            drainer = self._drainer
+        if drainer is not None:
+            drainer.join()
         if snapshot and not self.store.read_only:
             try:
                 self.snapshot()
@@ -255,7 +302,7 @@ class Collection:
 class Collections:
     """Every collection under ``data_dir/collections``, opened lazily."""
 
-    def __init__(self, data_dir: str | Path, tuning: SearchTuning | None = None, synchronous: str = "FULL") -> None:
+    def __init__(self, data_dir: str | Path, tuning: IndexTuning | None = None, synchronous: str = "FULL") -> None:
         self.root = Path(data_dir) / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
         self.tuning, self.synchronous = tuning, synchronous

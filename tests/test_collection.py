@@ -194,3 +194,88 @@ def test_acknowledged_adds_survive_kill_9(tmp_path):
     assert c.stats()["indexed"] == n
     probe = c.get(["b3-7"])["b3-7"].vector
     assert c.search(probe[None], 1)[0][0].key == "b3-7"
+
+
+def test_fresh_buffer_matches_brute_force_through_kills_takes_and_growth():
+    from simserve.tiered_index import FreshBuffer
+
+    x = vecs(3000, seed=3)
+    q = vecs(20, seed=4)
+    buf = FreshBuffer(DIM)
+    live = {}
+    next_id = 0
+    rng = np.random.default_rng(5)
+    for step in range(30):  # appends, removals and front hand-offs interleaved, past several regrowths
+        n = int(rng.integers(1, 200))
+        ids = np.arange(next_id, next_id + n)
+        buf.append(ids, x[ids % len(x)], base_seq=step)
+        live.update({int(i): x[i % len(x)] for i in ids})
+        next_id += n
+        dead = rng.choice(next_id, 20, replace=False)
+        buf.kill(dead)
+        for i in dead:
+            live.pop(int(i), None)
+        if step % 3 == 2:
+            taken, _, last = buf.take(int(rng.integers(1, 150)))
+            assert all(int(i) in live for i in taken) and all(i <= last for i in taken)
+            for i in [i for i in live if i <= last]:
+                assert i in set(taken.tolist())
+                del live[i]
+        assert buf.live == len(live)
+        allow = np.array(sorted(live)[::2], np.int64)
+        for sel in (None, allow):
+            pool = sorted(live) if sel is None else allow.tolist()
+            scores, got = buf.search(q, 10, sel)
+            for qi in range(len(q)):
+                want = sorted(pool, key=lambda i: -float(live[i] @ q[qi]))[: min(10, len(pool))]
+                assert got[qi][: len(want)].tolist() == want
+                assert np.allclose(scores[qi][: len(want)], [live[i] @ q[qi] for i in want], atol=1e-5)
+                assert (got[qi][len(want):] == -1).all()
+
+
+def test_hnsw_snapshot_taken_mid_drain_replays_to_exactly_the_live_items(tmp_path, monkeypatch):
+    """Buffered adds, a half-drained commit, removals on both sides of the line, then a restart."""
+    from simserve.collection import Collection
+
+    monkeypatch.setattr(Collection, "_kick_drainer", lambda self: None)  # drain by hand, deterministically
+    cols = Collections(tmp_path)
+    c = cols.create("c", DIM, "HNSW16")
+    x = vecs(900)
+    for s in range(0, 900, 300):
+        c.add([NewItem(f"k{i}", x[i]) for i in range(s, s + 300)])
+    assert c.stats()["buffered"] == 900 and c.stats()["indexed"] == 900
+    assert [h[0].key for h in c.search(x[[5, 450, 899]], 1)] == ["k5", "k450", "k899"]  # searchable while buffered
+    with c.lock.write():
+        c.index.drain(450)  # all of the first commit, half of the second
+    c.remove(["k10", "k600", "k700"])  # one in the graph, two still buffered
+    c.add([NewItem("k20", x[20])])  # replace a key in the graph
+    assert c.stats()["indexed"] == 897
+    cols.close()  # snapshot of the graph, complete up to before the second commit
+
+    monkeypatch.undo()
+    c2 = Collections(tmp_path).get("c")
+    assert c2.wait_indexed(60)
+    st = c2.stats()
+    assert st["items"] == st["indexed"] == 897 and st["buffered"] == 0
+    for i, row in enumerate(c2.search(x, 3)):
+        keys = [h.key for h in row]
+        assert len(set(keys)) == len(keys)  # nothing indexed twice
+        if f"k{i}" not in ("k10", "k600", "k700"):
+            assert keys[0] == f"k{i}"
+        assert not {"k10", "k600", "k700"} & set(keys)
+    c2.close()
+
+
+def test_hnsw_adds_past_the_buffer_limit_wait_and_all_get_indexed(tmp_path):
+    from simserve.vector_index import IndexTuning
+
+    cols = Collections(tmp_path, tuning=IndexTuning(buffer_limit=300, drain_batch=64))
+    c = cols.create("c", DIM, "HNSW16")
+    x = vecs(3000)
+    for s in range(0, 3000, 200):
+        c.add([NewItem(f"k{i}", x[i]) for i in range(s, s + 200)])
+        assert c.stats()["buffered"] <= 300 + 200
+    assert c.wait_indexed(60)
+    assert c.stats()["indexed"] == 3000 and c.stats()["buffered"] == 0
+    assert [h[0].key for h in c.search(x[::500], 1)] == [f"k{i}" for i in range(0, 3000, 500)]
+    cols.close()
