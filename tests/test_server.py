@@ -76,6 +76,24 @@ def test_score_embed_search_add_get_remove_stats_list(client, stamp_folder):
     assert set(client.collections()) >= {"default", "streamed"}
 
 
+def test_hnsw_collection_searches_adds_while_buffered_and_after_the_graph_takes_them(tiny_bundle, stamp_folder, tmp_path):
+    files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:20]
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle), factory="HNSW16"))
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=20) as c:
+            assert c.add([(f.name, f, None) for f in files]) == 20
+            st = c.stats()
+            assert st.index_type == "IndexIDMap2" and st.items == st.indexed == 20 and 0 <= st.buffered <= 20
+            assert c.search(files[7], k=1)[0]["key"] == files[7].name  # buffered or not, it is found
+            deadline = time.monotonic() + 30
+            while c.stats().buffered and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.stats().buffered == 0 and c.stats().indexed == 20
+            assert c.search(files[7], k=1)[0]["key"] == files[7].name
+    finally:
+        srv.stop(2)
+
+
 def test_every_error_is_a_clear_status(client):
     png = (EX / "bee.png").read_bytes()
     s = client.similarity
