@@ -92,6 +92,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from simserve.bench import index
 
         result = index.run(args.bundle, n=args.n, queries=args.queries, cache=args.cache)
+        table = index.scaling_table(result)
+        print(table, file=sys.stderr)
+        if args.out:  # the latency-growth table, next to the figures it comes from
+            Path(args.out).with_suffix(".md").write_text(table)
     elif args.what == "serve":
         from simserve.bench import serve
 
@@ -259,7 +263,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     shard = Shard.from_env()
     r = score_file(
         engine, args.pairs, args.out, threshold=threshold, root=args.root, columns=columns, batch=args.batch,
-        workers=args.workers, resume=args.resume, progress=not args.quiet and shard.rank == 0, shard=shard,
+        workers=args.workers, resume=args.resume, progress=not args.quiet and shard.rank == 0, shard=shard, cache_mb=args.cache_mb,
     )  # fmt: skip
     where = f" (rank {shard.rank} of {shard.world})" if not shard.single else ""
     print(
@@ -424,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threshold", nargs="?", const="model", help="add a match column: score >= T (bare --threshold: the model's own)")
     sc.add_argument("--root", help="folder that relative image paths are in (default: the folder of PAIRS)")
     sc.add_argument("--columns", help="the two image columns, A,B (default: a,b or the first two)")
+    sc.add_argument("--cache-mb", type=float, default=256, help="memory for decoded images, so an image in many pairs is decoded once (0: off)")
     _add_job_args(sc, "pairs per engine call", resumable=True)
     sc.set_defaults(func=_cmd_score)
 

@@ -3,6 +3,10 @@
 rows (CSV/JSONL) -> batches -> decode pool (reads + decodes the next batch
 while the engine runs this one) -> engine (one tower pass over the batch's
 distinct images, one head pass over its pairs) -> rows out, in order.
+Pair lists repeat images (one query against many candidates, all pairs of
+a group), so decoded pixels stay in a bounded LRU (``cache_mb``): an image
+is read and decoded once per run, not once per pair. The engine's work is
+unchanged, so the output is byte-identical with or without it.
 
 A row whose image is missing or broken gets an ``error`` and the run goes
 on. Output is flushed per batch; ``--resume`` keeps the complete batches
@@ -16,6 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +82,7 @@ def score_file(
     resume: bool = False,
     progress: bool = True,
     shard: Shard = Shard(),
+    cache_mb: float = 256,
 ) -> ScoreReport:
     pairs = Path(pairs)
     root = Path(root) if root is not None else pairs.parent
@@ -101,12 +107,13 @@ def score_file(
         mine = shard.batches(read_rows(pairs), batch)
         skip = done // batch
         bar = tqdm(total=total // shard.world, initial=done, unit="pair", desc="scoring", disable=not progress, smoothing=0.05)
-        reader = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        reader = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # the cache's only user
+        cache = PixelCache(int(cache_mb * 2**20))
         pending: Future | None = None
         for i, rows in enumerate(mine):
             if i < skip:
                 continue
-            nxt = reader.submit(_decode_batch, pool, rows, cols, root)
+            nxt = reader.submit(_decode_batch, pool, rows, cols, root, cache)
             if pending is not None:
                 _finish(engine, pending.result(), threshold, writer, report, bar)
             pending = nxt
@@ -128,16 +135,38 @@ class _Decoded:
     errors: list[str | None]
 
 
-def _decode_batch(pool: DecodePool, rows: list[dict[str, Any]], cols: tuple[str, str], root: Path) -> _Decoded:
-    paths: dict[str, int] = {}
-    order: list[str] = []
-    for r in rows:
-        for c in cols:
-            p = r.get(c)
-            if isinstance(p, str) and p and p not in paths:
-                paths[p] = len(order)
-                order.append(p)
-    loaded = list(pool.map_files(root / p for p in order))
+class PixelCache:
+    """Decoded images by path, least recently used out first, within a byte budget. Failures
+    are not kept (a file fixed mid-run is read again). One thread uses it: no lock."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, key: str) -> np.ndarray | None:
+        a = self._items.get(key)
+        if a is not None:
+            self._items.move_to_end(key)
+        return a
+
+    def put(self, key: str, a: np.ndarray) -> None:
+        if a.nbytes > self.max_bytes or key in self._items:
+            return
+        self._items[key] = a
+        self.bytes += a.nbytes
+        while self.bytes > self.max_bytes:
+            self.bytes -= self._items.popitem(last=False)[1].nbytes
+
+
+def _decode_batch(pool: DecodePool, rows: list[dict[str, Any]], cols: tuple[str, str], root: Path, cache: PixelCache) -> _Decoded:
+    order = list(dict.fromkeys(p for r in rows for p in (r.get(c) for c in cols) if isinstance(p, str) and p))
+    hit = {p: cache.get(p) for p in order}
+    todo = [p for p in order if hit[p] is None]
+    for p, a in zip(todo, pool.map_files(root / p for p in todo)):
+        hit[p] = a
+        if isinstance(a, np.ndarray):
+            cache.put(p, a)
+    loaded = [hit[p] for p in order]
     good = {p: a for p, a in zip(order, loaded) if isinstance(a, np.ndarray)}
     bad = {p: str(a) for p, a in zip(order, loaded) if not isinstance(a, np.ndarray)}
     slot = {p: i for i, p in enumerate(good)}

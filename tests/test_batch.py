@@ -85,6 +85,31 @@ def test_killed_score_run_resumes_to_exactly_the_uninterrupted_output(pairs_file
     assert partial.read_bytes() == full.read_bytes()
 
 
+def test_score_decodes_each_image_once_and_writes_what_an_uncached_run_writes(pairs_file, stamp_folder, tmp_path, monkeypatch):
+    from simserve.decode_pool import DecodePool
+    from simserve.engine import load_engine
+    from simserve.score_job import score_file
+
+    requested: list[str] = []
+    real = DecodePool.map_files
+
+    def counting(self, paths):
+        paths = list(paths)
+        requested.extend(str(p) for p in paths)
+        return real(self, paths)
+
+    monkeypatch.setattr(DecodePool, "map_files", counting)
+    engine = load_engine(None)
+    kw = dict(root=stamp_folder, columns=("left", "right"), batch=8, progress=False)
+    score_file(engine, pairs_file, tmp_path / "cached.csv", **kw)
+    distinct = {r[c] for r in _rows(pairs_file) for c in ("left", "right")}
+    assert sorted(requested) == sorted(str(stamp_folder / p) for p in distinct)  # each once, across 38 batches
+    requested.clear()
+    score_file(engine, pairs_file, tmp_path / "uncached.csv", cache_mb=0, **kw)
+    assert len(requested) > len(distinct)
+    assert (tmp_path / "cached.csv").read_bytes() == (tmp_path / "uncached.csv").read_bytes()
+
+
 @pytest.mark.slow
 def test_score_and_embed_under_torchrun_equal_one_process(pairs_file, stamp_folder, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")

@@ -188,3 +188,16 @@ def run(bundle: str | None = None, n: int = 1_000_000, sizes: tuple[int, ...] = 
     result["durable_adds"] = [durable_adds(base, "Flat"), durable_adds(base, "HNSW32", total=100_000), durable_adds(base, "HNSW32", total=200_000)]
     result["snapshot_start"] = snapshot_start(base, snapshot_type)
     return result
+
+
+def scaling_table(result: dict) -> str:
+    """Markdown: single-query p50 / p99 ms and recall@10 per index type as the collection grows."""
+    rows = result["scaling"] + result["types"]
+    sizes = sorted({r["n"] for r in rows})
+    head = "| index type | " + " | ".join(f"{n:,} vectors" for n in sizes) + " |"
+    lines = [head, "|---|" + "---:|" * len(sizes)]
+    for f in dict.fromkeys(r["factory"] for r in rows):
+        by_n = {r["n"]: r for r in rows if r["factory"] == f}
+        cells = [f"{by_n[n]['single_p50_ms']:.2f} / {by_n[n]['single_p99_ms']:.2f} ms, recall {by_n[n]['recall@10']:.3f}" if n in by_n else "-" for n in sizes]
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
