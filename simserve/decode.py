@@ -3,6 +3,12 @@
 The single place where bytes become pixels, for the server, the batch tools
 and training alike. The pixel limit is checked from the header, before any
 pixel is decoded, so a decompression bomb costs nothing.
+
+JPEG, the common case, has a fast path: libjpeg-turbo (through simplejpeg)
+scales in the IDCT by any M/8, so a 256 px photo for a 96 px model decodes
+straight to 96 px (3/8) in under half the time Pillow takes to decode at
+1/2 and resize. Anything unusual (CMYK, an EXIF rotation, a warning from
+libjpeg) takes the Pillow path, which also names the error.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import os
 import warnings
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 6,000 photo
@@ -44,8 +51,21 @@ def decode_image(
     first frame of an animation, transparency composited over white.
 
     ``min_side``: the caller will shrink the image to about this size, so a
-    JPEG may be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (never
-    below ``min_side`` on either side): several times faster for photos."""
+    JPEG may be decoded at a reduced scale in the DCT domain (never below
+    ``min_side`` on either side): several times faster for photos."""
+    img = decode(data, max_pixels=max_pixels, max_bytes=max_bytes, min_side=min_side)
+    return Image.fromarray(img) if isinstance(img, np.ndarray) else img
+
+
+def decode(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    min_side: int | None = None,
+) -> Image.Image | np.ndarray:
+    """``decode_image``, except that the JPEG fast path gives its [H, W, 3] uint8 array
+    as it is (wrapping it in a PIL image costs a fifth of the decode)."""
     if not data:
         raise DecodeError("empty", "image is empty (0 bytes)")
     if len(data) > max_bytes:
@@ -62,6 +82,9 @@ def decode_image(
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             if min_side and img.format == "JPEG":
+                fast = _jpeg_scaled(data, img, min_side)
+                if fast is not None:
+                    return fast
                 img.draft(img.mode, (min_side, min_side))
             img.load()
             img = ImageOps.exif_transpose(img) or img
@@ -76,6 +99,18 @@ def decode_image(
         reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "undecodable"
         raise DecodeError(reason, f"image could not be decoded: {msg or type(e).__name__}") from None
     return to_rgb(img)
+
+
+def _jpeg_scaled(data: bytes, img: Image.Image, min_side: int) -> np.ndarray | None:
+    """RGB at the smallest M/8 scale with both sides >= ``min_side``; None: use Pillow."""
+    if img.mode not in ("RGB", "L"):
+        return None
+    if "exif" in img.info and img.getexif().get(0x0112, 1) != 1:  # 0x0112: orientation, Pillow applies it
+        return None
+    try:
+        return simplejpeg.decode_jpeg(data, "rgb", min_width=min_side, min_height=min_side)
+    except ValueError:  # truncated, corrupt, or anything libjpeg warned about
+        return None
 
 
 def decode_file(path: str | os.PathLike, **limits: int) -> Image.Image:

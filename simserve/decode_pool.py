@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
 from simserve.engine import default_threads
 from simserve.preprocess import to_pixels
 
@@ -66,7 +66,7 @@ class DecodePool:
 
 # Module-level, so worker processes can unpickle them.
 def _pixels(data: bytes, size: int, channels: int, max_pixels: int) -> np.ndarray:
-    return to_pixels(decode_image(data, max_pixels=max_pixels, min_side=size), size, channels)
+    return to_pixels(decode(data, max_pixels=max_pixels, min_side=size), size, channels)
 
 
 def _load(data: bytes, size: int, channels: int, max_pixels: int) -> np.ndarray | DecodeError:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from simserve.decode import DecodeError, decode_image
+from simserve.decode import DecodeError, decode
 from simserve.engine import Engine
 from simserve.indexer import find_images
 from simserve.preprocess import to_pixels
@@ -83,7 +83,7 @@ def _decode(path: Path, engine: Engine) -> tuple[np.ndarray, int, int] | DecodeE
     """Model pixels and the file's full resolution (the decoder may shrink JPEGs while decoding)."""
     try:
         data = path.read_bytes()
-        img = decode_image(data, min_side=engine.config.input_size)
+        img = decode(data, min_side=engine.config.input_size)
         with Image.open(io.BytesIO(data)) as header:  # reads the header only
             w, h = header.size
     except DecodeError as e:

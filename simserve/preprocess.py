@@ -19,8 +19,13 @@ import numpy as np
 from PIL import Image
 
 
-def to_pixels(img: Image.Image, size: int, channels: int = 3) -> np.ndarray:
-    """Return [C, size, size] uint8; C is 1 for grey ("L") models and 3 for RGB."""
+def to_pixels(img: Image.Image | np.ndarray, size: int, channels: int = 3) -> np.ndarray:
+    """Return [C, size, size] uint8; C is 1 for grey ("L") models and 3 for RGB.
+    ``img`` may be an [H, W, 3] uint8 RGB array (the JPEG fast path's output)."""
+    if isinstance(img, np.ndarray):
+        if channels == 3 and img.shape[:2] == (size, size):
+            return img.transpose(2, 0, 1)
+        img = Image.fromarray(img)
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:
         img = img.convert(mode)

@@ -16,7 +16,7 @@ import numpy as np
 from simserve.batcher import MicroBatcher
 from simserve.bundle import Bundle
 from simserve.collection import Collection, Collections
-from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
 from simserve.engine import Engine
 from simserve.preprocess import to_pixels
 from simserve.search import search as two_stage_search
@@ -85,7 +85,7 @@ class Runtime:
     # -- images --------------------------------------------------------------------
     def decode(self, data: bytes, where: str) -> np.ndarray:
         try:
-            img = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.bundle.config.input_size)
+            img = decode(data, max_pixels=self.limits.max_pixels, min_side=self.bundle.config.input_size)
         except DecodeError as e:
             kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
             raise RequestError(kind, f"{where}: {e}") from None

@@ -124,3 +124,37 @@ def test_process_and_thread_decode_pools_agree_and_keep_errors_typed():
         a, b = list(threads.map(blobs)), list(procs.map(blobs))
     assert all(np.array_equal(x, y) for x, y in zip(a[:-1], b[:-1]))
     assert isinstance(b[-1], DecodeError) and b[-1].reason == a[-1].reason == "undecodable"
+
+
+def test_jpeg_fast_path_decodes_straight_to_model_size_close_to_pillow():
+    from simserve.bench.common import jpeg_crops
+    from simserve.decode import decode
+    from simserve.preprocess import to_pixels
+
+    for data in jpeg_crops(12, 256, seed=11):  # real photos
+        fast = decode(data, min_side=96)
+        assert isinstance(fast, np.ndarray) and fast.shape == (96, 96, 3)  # 3/8 scale in the IDCT, no resize
+        ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((96, 96), Image.Resampling.BILINEAR))
+        assert np.abs(fast.astype(int) - ref).mean() < 5
+        assert (to_pixels(fast, 96) == fast.transpose(2, 0, 1)).all()
+    wide = decode(_bytes(Image.new("RGB", (320, 200), (0, 128, 255)), "JPEG"), min_side=96)
+    assert wide.shape == (100, 160, 3)  # the smallest M/8 scale keeping both sides >= 96
+    assert to_pixels(wide, 96).shape == (3, 96, 96)
+    grey = decode(_bytes(Image.new("L", (256, 256), 77), "JPEG"), min_side=96)
+    assert grey.shape == (96, 96, 3) and np.abs(grey.astype(int) - 77).max() <= 1
+
+
+def test_jpeg_fast_path_hands_odd_jpegs_to_pillow():
+    from simserve.decode import decode
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = decode(_bytes(Image.new("RGB", (400, 200), (255, 0, 0)), "JPEG", exif=exif), min_side=96)
+    h, w = np.asarray(rotated).shape[:2]
+    assert h == 2 * w >= 2 * 96  # portrait, as displayed (Pillow's draft: 1/2 scale)
+    cmyk = decode(_bytes(Image.new("CMYK", (256, 256), (0, 0, 0, 0)), "JPEG"), min_side=96)
+    assert np.abs(np.asarray(cmyk).astype(int) - 255).max() <= 3
+    data = _bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(DecodeError) as e:
+        decode(data[: len(data) // 2], min_side=96)
+    assert e.value.reason in ("truncated", "undecodable")
