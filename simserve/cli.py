@@ -91,11 +91,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "index":
         from simserve.bench import index
 
-        result = index.run(args.bundle, n=args.n, queries=args.queries, cache=args.cache)
-        table = index.scaling_table(result)
-        print(table, file=sys.stderr)
-        if args.out:  # the latency-growth table, next to the figures it comes from
-            Path(args.out).with_suffix(".md").write_text(table)
+        result = index.run(args.bundle, n=args.n, queries=args.queries, cache=args.cache, parts=tuple(args.parts.split(",")))
+        if result["types"]:
+            table = index.scaling_table(result)
+            print(table, file=sys.stderr)
+            if args.out:  # the latency-growth table, next to the figures it comes from
+                Path(args.out).with_suffix(".md").write_text(table)
     elif args.what == "serve":
         from simserve.bench import serve
 
@@ -545,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n", type=int, default=1_000_000, help="index: vectors in the largest index")
     b.add_argument("--queries", type=int, default=1000, help="index: query vectors")
     b.add_argument("--cache", default="runs/bench/embeddings.npy", help="index: where the real embeddings are cached")
+    b.add_argument("--parts", default="types,adds,snapshot", help="index: which parts to run (types = search figures per index type and size; adds = durable adds/s; snapshot = start from a snapshot)")
     b.add_argument("--cases", type=int, default=1000, help="fuzz: random mutations of valid images, on top of the named corpus")
     b.add_argument("--seed", type=int, default=0, help="fuzz: seed of the mutations")
     b.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")

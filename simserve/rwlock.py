@@ -3,44 +3,59 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
 
 class RWLock:
-    """Writer-preferring: a waiting writer stops new readers, so writes never starve."""
+    """Task-fair: requests are served in arrival order, consecutive readers together.
+
+    Neither side starves. That matters because the HNSW drainer takes the
+    write lock again the moment it lets go: with a writer-preferring lock it
+    would lock out every search, and with a plain one every add, for as long
+    as a backlog lasts. Here it queues behind whoever arrived meanwhile.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
-        self._waiting_writers = 0
+        self._queue: deque[tuple[bool, object]] = deque()  # (is_writer, ticket), oldest first
+
+    def _acquire(self, writer: bool) -> None:
+        ticket = object()
+        with self._cond:
+            self._queue.append((writer, ticket))
+            while not (self._queue[0][1] is ticket and not self._writer and (not writer or not self._readers)):
+                self._cond.wait()
+            self._queue.popleft()
+            if writer:
+                self._writer = True
+            else:
+                self._readers += 1
+                self._cond.notify_all()  # a reader next in line may come in too
+
+    def _release(self, writer: bool) -> None:
+        with self._cond:
+            if writer:
+                self._writer = False
+            else:
+                self._readers -= 1
+            self._cond.notify_all()
 
     @contextmanager
     def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
+        self._acquire(False)
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self._release(False)
 
     @contextmanager
     def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting_writers += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting_writers -= 1
-            self._writer = True
+        self._acquire(True)
         try:
             yield
         finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+            self._release(True)

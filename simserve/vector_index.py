@@ -38,7 +38,7 @@ class IndexTuning:
     # HNSW only (see tiered_index): adds wait while this many vectors are buffered ...
     buffer_limit: int = 100_000
     # ... and the drainer moves this many per step, holding off searches meanwhile.
-    drain_batch: int = 256
+    drain_batch: int = 64
 
 
 def _ivf_lists(factory: str) -> int | None:

@@ -279,3 +279,41 @@ def test_hnsw_adds_past_the_buffer_limit_wait_and_all_get_indexed(tmp_path):
     assert c.stats()["indexed"] == 3000 and c.stats()["buffered"] == 0
     assert [h[0].key for h in c.search(x[::500], 1)] == [f"k{i}" for i in range(0, 3000, 500)]
     cols.close()
+
+
+@pytest.mark.timeout(60)  # an unfair lock starves the waiters for good
+def test_rwlock_serves_readers_and_writers_past_a_writer_that_keeps_coming_back():
+    from simserve.rwlock import RWLock
+
+    lock = RWLock()
+    stop = threading.Event()
+
+    def drainer():  # like the HNSW drainer: re-takes the write lock the moment it lets go
+        while not stop.is_set():
+            with lock.write():
+                time.sleep(0.002)
+
+    t = threading.Thread(target=drainer)
+    t.start()
+    time.sleep(0.02)
+    waits = []
+    try:
+        for kind in ("read", "write") * 10:
+            t0 = time.monotonic()
+            with getattr(lock, kind)():
+                waits.append(time.monotonic() - t0)
+    finally:
+        stop.set()
+        t.join()
+    assert max(waits) < 0.5, waits  # a turn each; an unfair lock leaves them waiting on the drainer
+    readers_together = threading.Barrier(3, timeout=5)
+
+    def reader():
+        with lock.read():
+            readers_together.wait()  # three readers hold the lock at once
+
+    rs = [threading.Thread(target=reader) for _ in range(3)]
+    for r in rs:
+        r.start()
+    for r in rs:
+        r.join()

@@ -166,14 +166,15 @@ def snapshot_start(base: np.ndarray, factory: str) -> dict:
 
 
 def run(bundle: str | None = None, n: int = 1_000_000, sizes: tuple[int, ...] = (10_000, 100_000), types: tuple[str, ...] = DEFAULT_TYPES,
-        queries: int = 1000, cache: str | None = "runs/bench/embeddings.npy", threads: int | None = None, snapshot_type: str = "HNSW32") -> dict:
+        queries: int = 1000, cache: str | None = "runs/bench/embeddings.npy", threads: int | None = None, snapshot_type: str = "HNSW32",
+        parts: tuple[str, ...] = ("types", "adds", "snapshot")) -> dict:
     threads = threads or faiss.omp_get_max_threads()
     t = time.perf_counter()
     allv = real_embeddings(n + queries, bundle, cache)
     embed_s = time.perf_counter() - t
     base, q = allv[:n], allv[n : n + queries]
     result: dict = {"n": n, "dim": base.shape[1], "queries": queries, "threads": threads, "embedding_s": embed_s, "types": [], "scaling": []}
-    for size in sorted({s for s in sizes if s < n} | {n}):
+    for size in sorted({s for s in sizes if s < n} | {n}) if "types" in parts else ():
         b = base[:size]
         exact = faiss.IndexFlatIP(b.shape[1])
         exact.add(b)
@@ -185,8 +186,10 @@ def run(bundle: str | None = None, n: int = 1_000_000, sizes: tuple[int, ...] = 
             print(row, flush=True)
             (result["types"] if size == n else result["scaling"]).append(row)
     # HNSW twice: a burst the buffer absorbs, and twice that, where adds wait for the graph
-    result["durable_adds"] = [durable_adds(base, "Flat"), durable_adds(base, "HNSW32", total=100_000), durable_adds(base, "HNSW32", total=200_000)]
-    result["snapshot_start"] = snapshot_start(base, snapshot_type)
+    if "adds" in parts:
+        result["durable_adds"] = [durable_adds(base, "Flat"), durable_adds(base, "HNSW32", total=100_000), durable_adds(base, "HNSW32", total=200_000)]
+    if "snapshot" in parts:
+        result["snapshot_start"] = snapshot_start(base, snapshot_type)
     return result
 
 
