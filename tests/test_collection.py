@@ -317,3 +317,25 @@ def test_rwlock_serves_readers_and_writers_past_a_writer_that_keeps_coming_back(
         r.start()
     for r in rs:
         r.join()
+
+
+def test_searches_use_the_configured_openmp_threads_in_whatever_thread_they_run(tmp_path):
+    """OpenMP's thread count is per thread: a setting made in the main thread does not reach
+    gRPC handler threads, so the index applies it where the search runs."""
+    import faiss
+
+    from simserve.vector_index import IndexTuning
+
+    c = Collections(tmp_path, tuning=IndexTuning(search_threads=1)).create("c", DIM)
+    c.add(items(vecs(50)))
+    seen = []
+
+    def handler():
+        before = faiss.omp_get_max_threads()
+        c.search(vecs(1, seed=9), 3)
+        seen.append((before, faiss.omp_get_max_threads()))
+
+    t = threading.Thread(target=handler)
+    t.start()
+    t.join()
+    assert seen[0][1] == 1
