@@ -230,7 +230,7 @@ def test_full_or_read_only_disk_fails_writes_clearly_and_reads_go_on(tiny_bundle
                 for j in range(200):
                     c.add({f"y{j}": EX / "bee.png"})
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk is full" in e.value.details()
-            assert c.search(EX / "seagull-copy.jpg", k=1)[0]["key"] == "seagull"  # reads go on
+            assert c.search(EX / "seagull.png", k=1)[0]["key"] == "seagull"  # reads go on
             assert c.score([(EX / "seagull.png", EX / "seagull-copy.jpg")])[0].score > 0
             assert c.health_status() == "SERVING"
             filler.unlink()
@@ -244,13 +244,13 @@ def test_full_or_read_only_disk_fails_writes_clearly_and_reads_go_on(tiny_bundle
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=20, retries=0) as c:
             assert c.health_status() == "SERVING" and c.stats().items == n
-            assert c.search(EX / "seagull-copy.jpg", k=1)[0]["key"] == "seagull"
+            assert c.search(EX / "seagull.png", k=1)[0]["key"] == "seagull"
             assert c.get(["after-full"]).items[0].key == "after-full"
             for coll in ("", "brand-new"):  # an existing collection, and one that needs a new folder
                 with pytest.raises(grpc.RpcError) as e:
                     c.add({"ro": EX / "bee.png"}, collection=coll)
                 assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "read-only" in e.value.details()
-            assert c.search(EX / "seagull-copy.jpg", k=1)[0]["key"] == "seagull"
+            assert c.search(EX / "seagull.png", k=1)[0]["key"] == "seagull"
     finally:
         srv.stop(2)
 
