@@ -130,10 +130,6 @@ class TieredIndex:
         self.seq = main.seq
 
     @classmethod
-    def new(cls, dim: int, factory: str, tuning: IndexTuning | None = None) -> "TieredIndex":
-        return cls(VectorIndex(dim, factory, tuning))
-
-    @classmethod
     def load(cls, path: str | Path, dim: int, factory: str, tuning: IndexTuning | None = None) -> "TieredIndex":
         return cls(VectorIndex.load(path, dim, factory, tuning))
 
@@ -193,9 +189,6 @@ class TieredIndex:
         if not self.fresh or not self.fresh.live:
             return found
         return merge_topk(found, self.fresh.search(np.ascontiguousarray(queries, np.float32), k, allow), k)
-
-    def train(self, sample: np.ndarray) -> None:
-        self.main.train(sample)
 
     def save(self, path: str | Path) -> int:
         """Snapshot the main index; returns the store sequence it is complete up to."""
