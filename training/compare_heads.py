@@ -29,17 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/heads")
     p.add_argument("--runs", default="runs/heads")
     p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs (docs/heads.md used 6)")
     args = p.parse_args(argv)
 
     base = load_recipe(args.recipe)
     if args.seed is not None:
         base.seed = args.seed
+    if args.epochs:
+        base.train.epochs = args.epochs
     data = load_data(base, ModelConfig.from_dict(base.model))  # the same data for every head
     models, results = {}, {}
     for head in args.heads:  # train (or reuse) every head first
         recipe = load_recipe(args.recipe)
         recipe.seed = base.seed
         recipe.model["head"] = head
+        if args.epochs:
+            recipe.train.epochs = args.epochs
         run = Path(args.runs) / head
         if not (run / "model.pt").exists():
             train(recipe, run, resume=True, data=data)
