@@ -44,7 +44,7 @@ class DecodePool:
 
     def load(self, data: bytes) -> np.ndarray:
         """One image: bytes -> [C, S, S] uint8 pixels (``Engine.embed`` normalises), or raise DecodeError."""
-        return _pixels(data, self.input_size, self.channels, self.max_pixels)
+        return pixels(data, self.input_size, self.channels, self.max_pixels)
 
     def map(self, blobs: Iterable[bytes]) -> Iterator[np.ndarray | DecodeError]:
         """Results in input order; decoding runs ahead on every worker."""
@@ -65,13 +65,15 @@ class DecodePool:
 
 
 # Module-level, so worker processes can unpickle them.
-def _pixels(data: bytes, size: int, channels: int, max_pixels: int) -> np.ndarray:
+def pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> [C, size, size] uint8 model pixels, or raise DecodeError: the one recipe for
+    the pool's workers and the server's request threads."""
     return to_pixels(decode(data, max_pixels=max_pixels, min_side=size), size, channels)
 
 
 def _load(data: bytes, size: int, channels: int, max_pixels: int) -> np.ndarray | DecodeError:
     try:
-        return _pixels(data, size, channels, max_pixels)
+        return pixels(data, size, channels, max_pixels)
     except DecodeError as e:
         return e
 

@@ -16,9 +16,9 @@ import numpy as np
 from simserve.batcher import MicroBatcher
 from simserve.bundle import Bundle
 from simserve.collection import Collection, Collections
-from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
+from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError
+from simserve.decode_pool import pixels
 from simserve.engine import Engine
-from simserve.preprocess import to_pixels
 from simserve.search import search as two_stage_search
 from simserve.store import NewItem, valid_filter_field
 
@@ -84,13 +84,12 @@ class Runtime:
 
     # -- images --------------------------------------------------------------------
     def decode(self, data: bytes, where: str) -> np.ndarray:
+        c = self.bundle.config
         try:
-            img = decode(data, max_pixels=self.limits.max_pixels, min_side=self.bundle.config.input_size)
+            return pixels(data, c.input_size, c.in_channels, self.limits.max_pixels)
         except DecodeError as e:
             kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
             raise RequestError(kind, f"{where}: {e}") from None
-        c = self.bundle.config
-        return to_pixels(img, c.input_size, c.in_channels)
 
     def embed_refs(self, refs: Sequence[ImageRef], where: Sequence[str], collection: str | None, timeout: float | None) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
         """(features, embeddings, stored ids) for each ref. Keys resolve to stored items."""

@@ -166,9 +166,8 @@ def _decode_batch(pool: DecodePool, rows: list[dict[str, Any]], cols: tuple[str,
         hit[p] = a
         if isinstance(a, np.ndarray):
             cache.put(p, a)
-    loaded = [hit[p] for p in order]
-    good = {p: a for p, a in zip(order, loaded) if isinstance(a, np.ndarray)}
-    bad = {p: str(a) for p, a in zip(order, loaded) if not isinstance(a, np.ndarray)}
+    good = {p: a for p, a in hit.items() if isinstance(a, np.ndarray)}
+    bad = {p: str(a) for p, a in hit.items() if not isinstance(a, np.ndarray)}
     slot = {p: i for i, p in enumerate(good)}
     index: list[tuple[int, int] | None] = []
     errors: list[str | None] = []

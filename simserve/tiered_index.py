@@ -140,11 +140,11 @@ class TieredIndex:
 
     @property
     def ntotal(self) -> int:
-        return self.main.ntotal + (self.fresh.live if self.fresh else 0)
+        return self.main.ntotal + (self.fresh.live if self.fresh is not None else 0)
 
     @property
     def buffered(self) -> int:
-        return len(self.fresh) if self.fresh else 0
+        return len(self.fresh) if self.fresh is not None else 0
 
     @property
     def deleted(self) -> set[int]:
@@ -155,7 +155,7 @@ class TieredIndex:
         return self.main.pending_training
 
     def memory_bytes(self) -> int:
-        return self.main.memory_bytes() + (self.fresh.live * (4 * self.main.dim + 8) if self.fresh else 0)
+        return self.main.memory_bytes() + self.buffered * (4 * self.main.dim + 8)
 
     # mutations, under the collection's write lock
     def apply(self, removed: np.ndarray, added: np.ndarray, vecs: np.ndarray, seq: int) -> None:
@@ -176,9 +176,9 @@ class TieredIndex:
 
     def drain(self, n: int) -> int:
         """Move up to ``n`` buffered rows into the main index; returns how many were moved."""
-        if not self.fresh or not len(self.fresh):
+        moved = min(n, self.buffered)
+        if not moved:
             return 0
-        moved = min(n, len(self.fresh))
         ids, vecs, last = self.fresh.take(moved)
         self.main.add(ids, vecs)
         self.main.max_id = max(self.main.max_id, last)
@@ -186,13 +186,13 @@ class TieredIndex:
 
     def search(self, queries: np.ndarray, k: int, allow: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         found = self.main.search(queries, k, allow)
-        if not self.fresh or not self.fresh.live:
+        if self.fresh is None or not self.fresh.live:
             return found
         return merge_topk(found, self.fresh.search(np.ascontiguousarray(queries, np.float32), k, allow), k)
 
     def save(self, path: str | Path) -> int:
         """Snapshot the main index; returns the store sequence it is complete up to."""
-        first = self.fresh.first_base_seq if self.fresh else None
+        first = self.fresh.first_base_seq if self.fresh is not None else None
         self.main.seq = self.seq if first is None else first
         self.main.save(path)
         return self.main.seq

@@ -122,15 +122,15 @@ def bench_type(factory: str, base: np.ndarray, queries: np.ndarray, truth: np.nd
     return row
 
 
-def durable_adds(base: np.ndarray, factory: str, batch: int = 10_000, total: int = 200_000, buffer_limit: int | None = None) -> dict:
+def durable_adds(base: np.ndarray, factory: str, batch: int = 10_000, total: int = 200_000) -> dict:
     """Acknowledged adds/s (SQLite commit + FAISS or the HNSW buffer), and for HNSW how
-    long until every vector is in the graph. Past ``buffer_limit`` adds wait for the graph."""
+    long until every vector is in the graph. Past the tuning's ``buffer_limit`` adds wait for the graph."""
     from simserve.collection import Collections
     from simserve.store import NewItem
     from simserve.vector_index import IndexTuning
 
     total = min(total, len(base))
-    tuning = IndexTuning() if buffer_limit is None else IndexTuning(buffer_limit=buffer_limit)
+    tuning = IndexTuning()
     with tempfile.TemporaryDirectory() as d:
         col = Collections(d, tuning=tuning).create("adds", base.shape[1], factory)
         t = time.perf_counter()
