@@ -100,7 +100,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "serve":
         from simserve.bench import serve
 
-        result = serve.run(args.bundle, clients=args.clients, procs=args.procs, seconds=args.seconds, collection_size=args.collection_size)
+        result = serve.run(args.bundle, clients=args.clients, procs=args.procs, seconds=args.seconds, collection_size=args.collection_size, rounds=args.rounds)
     elif args.what == "fuzz":
         from simserve.bench import hostile
 
@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="engine threads (default: all cores)")
     b.add_argument("--clients", type=int, default=32, help="serve: concurrent clients")
     b.add_argument("--procs", type=int, default=2, help="serve: load-generator processes")
-    b.add_argument("--seconds", type=float, default=20.0, help="serve: seconds per measurement")
+    b.add_argument("--seconds", type=float, default=10.0, help="serve: seconds per load measurement")
+    b.add_argument("--rounds", type=int, default=3, help="serve: interleaved rounds of (engine, batching on, batching off); figures are medians")
     b.add_argument("--collection-size", type=int, default=100_000, help="serve: items in the searched collection")
     b.add_argument("--n", type=int, default=1_000_000, help="index: vectors in the largest index")
     b.add_argument("--queries", type=int, default=1000, help="index: query vectors")

@@ -278,3 +278,18 @@ def test_client_cli_add_search_score_stats_health(server, tmp_path):
     r = subprocess.run([sys.executable, "-m", "simserve.cli", "client", "--target", f"127.0.0.1:{server.port}", "--collection", "nope", "stats"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "NOT_FOUND" in r.stderr
+
+
+def test_serve_benchmark_runs_end_to_end_with_its_cpu_accounting(tiny_bundle):
+    """`simserve bench serve` in miniature: real servers, real load processes, no errors,
+    every figure present (a broken load generator would report zero requests)."""
+    from simserve.bench import serve as serve_bench
+
+    r = serve_bench.run(str(tiny_bundle), clients=4, procs=1, seconds=1.0, rounds=2, collection_size=600)
+    assert r["engine_images_per_s"] > 0 and len(r["engine_per_round"]) == 2
+    for label in ("embed_batching_on", "embed_batching_off"):
+        m = r[label]
+        assert m["requests"] > 0 and m["errors"] == {}, m
+        assert len(m["vs_engine_per_round"]) == 2 and m["vs_engine"] > 0
+        assert m["server_cpu_s"] > 0 and m["load_cpu_s"] > 0
+    assert r["search_600"]["requests"] > 0 and r["search_600"]["errors"] == {}

@@ -1,7 +1,7 @@
 """``simserve bench serve``: the gRPC service under concurrent load.
 
 The server runs in its own process; the load comes from separate client
-processes (``--procs``), each with ``clients / procs`` threads, every client
+processes (``--procs``), each with ``clients / procs`` asyncio clients, every client
 sending one 256x256 JPEG per Embed request back to back. Reported side by
 side in one run: the engine's in-process throughput (decode + embed at
 the batcher's batch size), the service with micro-batching on, and the
@@ -21,59 +21,82 @@ from pathlib import Path
 
 import numpy as np
 
-from simserve.bench.common import jpeg_crops, run_threads, start_server
+from simserve.bench.common import jpeg_crops, start_server
 from simserve.bundle import load_bundle
 from simserve.decode_pool import DecodePool
 from simserve.engine import load_engine
 
 
-def _load_worker(target: str, method: str, threads: int, seconds: float, blobs: list[bytes], collection: str, out: "mp.Queue") -> None:
+def _load_worker(target: str, method: str, concurrency: int, seconds: float, blobs: list[bytes], collection: str, out: "mp.Queue") -> None:
+    """One load process: ``concurrency`` asyncio clients on one channel, each sending back to back.
+
+    asyncio rather than a thread per client: the load shares the server's
+    cores, so every CPU-second the generator spends on thread switching is
+    taken from the service it measures (ghz, the usual gRPC load tool, is
+    event-driven for the same reason). Reports its own CPU time.
+    """
+    import asyncio
+
     import grpc
 
     from simserve.v1 import simserve_pb2 as pb
     from simserve.v1 import simserve_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(target, [("grpc.max_send_message_length", 64 << 20)])
-    sim = pb_grpc.SimilarityStub(channel)
     lat: list[float] = []
     errors: dict[str, int] = {}
-    stop = time.perf_counter() + seconds
 
-    def client(i: int) -> None:
-        k = i
-        while time.perf_counter() < stop:
-            blob = blobs[k % len(blobs)]
-            k += threads
-            t = time.perf_counter()
-            try:
-                if method == "embed":
-                    sim.Embed(pb.EmbedRequest(images=[pb.Image(data=blob)]), timeout=10)
-                else:
-                    sim.Search(pb.SearchRequest(collection=collection, query=pb.Image(data=blob), k=10), timeout=10)
-                lat.append(time.perf_counter() - t)
-            except grpc.RpcError as e:
-                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(target, [("grpc.max_send_message_length", 64 << 20)]) as channel:
+            sim = pb_grpc.SimilarityStub(channel)
+            stop = time.perf_counter() + seconds
 
-    run_threads(client, threads)
-    channel.close()
-    out.put((lat, errors))
+            async def client(i: int) -> None:
+                k = i
+                while time.perf_counter() < stop:
+                    blob = blobs[k % len(blobs)]
+                    k += concurrency
+                    t = time.perf_counter()
+                    try:
+                        if method == "embed":
+                            await sim.Embed(pb.EmbedRequest(images=[pb.Image(data=blob)]), timeout=10)
+                        else:
+                            await sim.Search(pb.SearchRequest(collection=collection, query=pb.Image(data=blob), k=10), timeout=10)
+                        lat.append(time.perf_counter() - t)
+                    except grpc.RpcError as e:
+                        errors[e.code().name] = errors.get(e.code().name, 0) + 1
+
+            await asyncio.gather(*(client(i) for i in range(concurrency)))
+
+    cpu0 = time.process_time()
+    asyncio.run(main())
+    out.put((lat, errors, time.process_time() - cpu0))
 
 
-def _load(target: str, method: str, clients: int, procs: int, seconds: float, blobs: list[bytes], collection: str = "") -> dict:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load(target: str, method: str, clients: int, procs: int, seconds: float, blobs: list[bytes], collection: str = "", server_pid: int | None = None) -> dict:
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     ps = [ctx.Process(target=_load_worker, args=(target, method, n, seconds, blobs[i::procs], collection, q)) for i, n in enumerate(per)]
+    server_cpu0 = _cpu_seconds(server_pid) if server_pid else 0.0
     t0 = time.perf_counter()
     for p in ps:
         p.start()
     lat: list[float] = []
     errors: dict[str, int] = {}
+    load_cpu = 0.0
     for _ in ps:
-        pl, pe = q.get()
+        pl, pe, pc = q.get()
         lat += pl
+        load_cpu += pc
         for k, v in pe.items():
             errors[k] = errors.get(k, 0) + v
+    server_cpu = _cpu_seconds(server_pid) - server_cpu0 if server_pid else float("nan")
     for p in ps:
         p.join()
     wall = time.perf_counter() - t0
@@ -85,6 +108,9 @@ def _load(target: str, method: str, clients: int, procs: int, seconds: float, bl
         "p99_ms": float(np.percentile(lat_ms, 99)) if len(lat) else None,
         "errors": errors,
         "wall_s": wall,
+        # Where the machine's CPU went: the load generator shares the server's cores here.
+        "server_cpu_s": server_cpu,
+        "load_cpu_s": load_cpu,
     }
 
 
@@ -107,44 +133,60 @@ def _fill_collection(data_dir: str, bundle: str | None, name: str, n: int, blobs
     cols.close()
 
 
-def run(bundle: str | None = None, clients: int = 32, procs: int = 2, seconds: float = 20.0, max_batch: int = 32, collection_size: int = 100_000) -> dict:
+def run(
+    bundle: str | None = None, clients: int = 32, procs: int = 2, seconds: float = 10.0, max_batch: int = 32,
+    collection_size: int = 100_000, rounds: int = 3,
+) -> dict:
+    """Embed figures come from ``rounds`` rounds of (engine pass, batching on, batching off),
+    interleaved so that the shared machine's slow spells hit all three alike; each figure is
+    the median over rounds and each ratio is taken within a round, then the median."""
     b = load_bundle(bundle)
     cfg = b.config
     blobs = jpeg_crops(512, 256, seed=3)
     engine = load_engine(b, max_batch=max_batch)
-    with DecodePool(cfg.input_size, cfg.in_channels) as pool:
-        def engine_pass() -> int:
+    configs = {"batching_on": max_batch, "batching_off": 1}
+    per_round: dict[str, list[dict]] = {label: [] for label in configs}
+    engine_ips: list[float] = []
+    with tempfile.TemporaryDirectory() as d, DecodePool(cfg.input_size, cfg.in_channels) as pool:
+
+        def engine_pass() -> float:
+            t = time.perf_counter()
             for s in range(0, len(blobs), max_batch):
                 engine.embed(np.stack(list(pool.map(blobs[s : s + max_batch]))))
-            return len(blobs)
+            return len(blobs) / (time.perf_counter() - t)
 
         engine_pass()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            engine_pass()
-            times.append(time.perf_counter() - t)
-    engine_ips = len(blobs) / statistics.median(times)
-    del engine
-    result: dict = {"clients": clients, "load_processes": procs, "seconds": seconds, "engine_images_per_s": engine_ips}
-    with tempfile.TemporaryDirectory() as d:
-        for label, mb in (("batching_on", max_batch), ("batching_off", 1)):
-            proc, addr, _ = start_server(d, bundle, ["--max-batch", str(mb)])
-            try:
+        servers = {label: start_server(d, bundle, ["--max-batch", str(mb)])[:2] for label, mb in configs.items()}
+        try:
+            for _, addr in servers.values():
                 _load(addr, "embed", clients, procs, 3, blobs)  # warm-up
-                r = _load(addr, "embed", clients, procs, seconds, blobs)
-            finally:
+            for _ in range(rounds):
+                engine_ips.append(statistics.median(engine_pass() for _ in range(3)))
+                for label, (proc, addr) in servers.items():
+                    r = _load(addr, "embed", clients, procs, seconds, blobs, server_pid=proc.pid)
+                    r["vs_engine"] = r["per_s"] / engine_ips[-1]
+                    per_round[label].append(r)
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(60)
-            r["vs_engine"] = r["per_s"] / engine_ips
-            result[f"embed_{label}"] = r
+    del engine
+    result: dict = {"clients": clients, "load_processes": procs, "seconds": seconds, "rounds": rounds,
+                    "engine_images_per_s": statistics.median(engine_ips), "engine_per_round": engine_ips}
+    for label, rs in per_round.items():
+        summary = {k: statistics.median(r[k] for r in rs) for k in ("per_s", "p50_ms", "p99_ms", "vs_engine", "server_cpu_s", "load_cpu_s")}
+        summary["requests"] = sum(r["requests"] for r in rs)
+        summary["errors"] = {k: sum(r["errors"].get(k, 0) for r in rs) for k in {k for r in rs for k in r["errors"]}}
+        summary["vs_engine_per_round"] = [r["vs_engine"] for r in rs]
+        result[f"embed_{label}"] = summary
+    with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         _fill_collection(d, bundle, "bench", collection_size, blobs)
         result["collection_fill_s"] = time.perf_counter() - t
         proc, addr, _ = start_server(d, bundle, ["--max-batch", str(max_batch)])
         try:
             _load(addr, "search", clients, procs, 3, blobs, "bench")
-            result["search_100k" if collection_size == 100_000 else f"search_{collection_size}"] = _load(addr, "search", clients, procs, seconds, blobs, "bench")
+            result["search_100k" if collection_size == 100_000 else f"search_{collection_size}"] = _load(addr, "search", clients, procs, seconds, blobs, "bench", server_pid=proc.pid)
         finally:
             proc.terminate()
             proc.wait(60)
