@@ -124,7 +124,7 @@ def _collection(args: argparse.Namespace, engine=None, create: bool = False):
 
     cols = Collections(args.data_dir or default_data_dir())
     if create and engine is not None:
-        return cols, cols.get_or_create(args.collection, engine.bundle.embedding_dim, args.factory, engine.bundle.manifest["feature_shape"])
+        return cols, cols.get_or_create(args.collection, engine.bundle.embedding_dim, args.factory, engine.bundle.manifest["feature_shape"], args.crop_views)
     return cols, cols.get(args.collection)
 
 
@@ -328,6 +328,13 @@ def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) 
     _add_bundle_arg(p)
 
 
+CROP_VIEWS_HELP = (
+    "new collections index each item as the pooled embedding of the whole image and 5 crops of 75%% of each side: "
+    "crops of stored images are found more often (default model, crops down to 30%% area: recall@1 0.768 -> 0.834), "
+    "at 6x the embedding work per added item and none per query"
+)
+
+
 def _add_bundle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help="model bundle folder (default: the shipped default model)")
 
@@ -396,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(ib)
     _add_bundle_arg(ib)
     ib.add_argument("--factory", default="Flat", help="FAISS factory string for a new collection: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
+    ib.add_argument("--crop-views", action="store_true", help=CROP_VIEWS_HELP)
     ib.add_argument("--batch", type=int, default=64)
     ib.add_argument("--workers", type=int, help="decode workers (default: all cores)")
     ib.add_argument("--quiet", action="store_true")
@@ -488,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-items", dest="max_items", type=int, help="most images or pairs in one request (default 1024)")
     sv.add_argument("--collection", help="default collection name (default 'default')")
     sv.add_argument("--factory", help="FAISS factory for new collections (default Flat)")
+    sv.add_argument("--crop-views", dest="crop_views", action="store_true", default=None, help=CROP_VIEWS_HELP)
     sv.add_argument("--token", help="require 'authorization: Bearer TOKEN' (health and reflection stay open)")
     sv.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain (enables TLS)")
     sv.add_argument("--tls-key", dest="tls_key", help="PEM private key")

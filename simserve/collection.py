@@ -67,6 +67,7 @@ class CollectionConfig:
     store_features: bool = True  # keep head features so searches can be re-ranked
     feature_shape: list[int] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    crop_views: bool = False  # vectors are the mean of whole-image and crop embeddings (simserve/views.py)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -203,6 +204,7 @@ class Collection:
                 "indexed": self.index.ntotal,
                 "dim": self.dim,
                 "factory": self.config.factory,
+                "crop_views": self.config.crop_views,
                 "index_type": type(self.index.index).__name__,
                 "pending_training": self.index.pending_training,
                 "deleted_pending": len(self.index.deleted),
@@ -325,7 +327,9 @@ class Collections:
             c = self._open[name] = Collection(self.root / name, cfg, self.tuning, self.synchronous)
             return c
 
-    def create(self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = (), store_features: bool = True) -> Collection:
+    def create(
+        self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = (), store_features: bool = True, crop_views: bool = False
+    ) -> Collection:
         if not NAME_RE.match(name):
             raise ValueError(f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit")
         validate_factory(factory, dim)
@@ -334,18 +338,19 @@ class Collections:
             if (path / CONFIG_FILE).exists():
                 raise ValueError(f"collection {name!r} already exists")
             path.mkdir(parents=True, exist_ok=True)
-            cfg = CollectionConfig(name, dim, factory, store_features, list(feature_shape))
+            cfg = CollectionConfig(name, dim, factory, store_features, list(feature_shape), crop_views=crop_views)
             tmp = path / (CONFIG_FILE + ".tmp")
             tmp.write_text(cfg.to_json())
             tmp.replace(path / CONFIG_FILE)
         return self.get(name)
 
-    def get_or_create(self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = ()) -> Collection:
+    def get_or_create(self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = (), crop_views: bool = False) -> Collection:
+        """The named collection; created with these settings if it does not exist (an existing one keeps its own)."""
         try:
             return self.get(name)
         except CollectionNotFound:
             try:
-                return self.create(name, dim, factory, feature_shape)
+                return self.create(name, dim, factory, feature_shape, crop_views=crop_views)
             except ValueError:
                 return self.get(name)  # created concurrently
 

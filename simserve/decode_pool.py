@@ -23,6 +23,7 @@ import numpy as np
 from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
 from simserve.engine import default_threads
 from simserve.preprocess import to_pixels
+from simserve.views import crop_view_pixels
 
 
 class DecodePool:
@@ -33,14 +34,17 @@ class DecodePool:
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         processes: bool = False,
+        crop_views: bool = False,
     ) -> None:
         self.input_size, self.channels, self.max_pixels = input_size, channels, max_pixels
         self.workers = workers or default_threads()
         self.processes = processes
         self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) if processes else ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         self._chunk = 16 if processes else 1
-        self._load = partial(_load, size=input_size, channels=channels, max_pixels=max_pixels)
-        self._load_file = partial(_load_file, size=input_size, channels=channels, max_pixels=max_pixels)
+        # crop_views: each result is [6, C, S, S] (simserve/views.py) instead of [C, S, S].
+        kw = dict(size=input_size, channels=channels, max_pixels=max_pixels, crop_views=crop_views)
+        self._load = partial(_load, **kw)
+        self._load_file = partial(_load_file, **kw)
 
     def load(self, data: bytes) -> np.ndarray:
         """One image: bytes -> [C, S, S] uint8 pixels (``Engine.embed`` normalises), or raise DecodeError."""
@@ -71,16 +75,16 @@ def pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_
     return to_pixels(decode(data, max_pixels=max_pixels, min_side=size), size, channels)
 
 
-def _load(data: bytes, size: int, channels: int, max_pixels: int) -> np.ndarray | DecodeError:
+def _load(data: bytes, size: int, channels: int, max_pixels: int, crop_views: bool = False) -> np.ndarray | DecodeError:
     try:
-        return pixels(data, size, channels, max_pixels)
+        return (crop_view_pixels if crop_views else pixels)(data, size, channels, max_pixels)
     except DecodeError as e:
         return e
 
 
-def _load_file(path: Path, size: int, channels: int, max_pixels: int) -> np.ndarray | DecodeError:
+def _load_file(path: Path, size: int, channels: int, max_pixels: int, crop_views: bool = False) -> np.ndarray | DecodeError:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         return DecodeError("unreadable", f"cannot read: {e.strerror or e}")
-    return _load(data, size, channels, max_pixels)
+    return _load(data, size, channels, max_pixels, crop_views)

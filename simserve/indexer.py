@@ -22,6 +22,7 @@ from simserve.decode import DecodeError
 from simserve.decode_pool import DecodePool
 from simserve.engine import Engine
 from simserve.store import NewItem
+from simserve.views import N_VIEWS, pool_views
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -60,7 +61,8 @@ def index_folder(
     keys = [p.relative_to(root).as_posix() for p in paths]
     report = IndexReport()
     cfg = engine.config
-    pool = DecodePool(cfg.input_size, cfg.in_channels, workers)
+    views = collection.config.crop_views
+    pool = DecodePool(cfg.input_size, cfg.in_channels, workers, crop_views=views)
     reader = ThreadPoolExecutor(4, thread_name_prefix="read")
     bar = tqdm(total=len(paths), unit="img", desc=f"indexing into {collection.name}", disable=not progress)
     try:
@@ -79,7 +81,11 @@ def index_folder(
                     if isinstance(a, DecodeError):
                         report.failed[keys[i]] = str(a)
                 if good:
-                    feats, emb = engine.embed(np.stack([a for _, _, a in good]))
+                    if views:  # [n, 6, C, S, S]: the whole image's features, the views' pooled embedding
+                        feats, emb = engine.embed(np.concatenate([a for _, _, a in good]))
+                        feats, emb = feats[::N_VIEWS], pool_views(emb.reshape(len(good), N_VIEWS, -1))
+                    else:
+                        feats, emb = engine.embed(np.stack([a for _, _, a in good]))
                     collection.add(
                         [
                             NewItem(keys[i], emb[j], {"path": keys[i]}, h, feats[j].astype(np.float16) if store_features else None)

@@ -21,6 +21,7 @@ from simserve.decode_pool import pixels
 from simserve.engine import Engine
 from simserve.search import search as two_stage_search
 from simserve.store import NewItem, valid_filter_field
+from simserve.views import N_VIEWS, crop_view_pixels, pool_views
 
 log = logging.getLogger("simserve.runtime")
 
@@ -59,6 +60,7 @@ class Runtime:
         *,
         default_collection: str = "default",
         factory: str = "Flat",
+        crop_views: bool = False,
         max_batch: int = 32,
         max_delay_ms: float = 2.0,
         max_queue: int = 1024,
@@ -67,12 +69,12 @@ class Runtime:
     ) -> None:
         self.engine, self.collections = engine, collections
         self.bundle: Bundle = engine.bundle
-        self.default_collection, self.factory = default_collection, factory
+        self.default_collection, self.factory, self.crop_views = default_collection, factory, crop_views
         self.limits = limits or Limits()
         self.batcher: MicroBatcher[np.ndarray, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
             self._embed_batch, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, name="engine-batcher", on_batch=on_batch
         )
-        self.collections.get_or_create(default_collection, self.bundle.embedding_dim, factory, self.bundle.manifest["feature_shape"])
+        self.collections.get_or_create(default_collection, self.bundle.embedding_dim, factory, self.bundle.manifest["feature_shape"], crop_views)
 
     @property
     def model_name(self) -> str:
@@ -83,10 +85,11 @@ class Runtime:
         return list(zip(feats, embs))
 
     # -- images --------------------------------------------------------------------
-    def decode(self, data: bytes, where: str) -> np.ndarray:
+    def decode(self, data: bytes, where: str, crop_views: bool = False) -> np.ndarray:
+        """[C, S, S] model pixels; with ``crop_views`` [6, C, S, S] (see simserve/views.py)."""
         c = self.bundle.config
         try:
-            return pixels(data, c.input_size, c.in_channels, self.limits.max_pixels)
+            return (crop_view_pixels if crop_views else pixels)(data, c.input_size, c.in_channels, self.limits.max_pixels)
         except DecodeError as e:
             kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
             raise RequestError(kind, f"{where}: {e}") from None
@@ -167,7 +170,7 @@ class Runtime:
         name = collection or self.default_collection
         if not _valid_name(name):
             raise RequestError("invalid", f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-'")
-        col = self.collections.get_or_create(name, self.bundle.embedding_dim, self.factory, self.bundle.manifest["feature_shape"])
+        col = self.collections.get_or_create(name, self.bundle.embedding_dim, self.factory, self.bundle.manifest["feature_shape"], self.crop_views)
         if col.dim != self.bundle.embedding_dim:
             raise RequestError("precondition", f"collection {name!r} holds {col.dim}-d vectors; the served model makes {self.bundle.embedding_dim}-d")
         seen: set[str] = set()
@@ -177,8 +180,13 @@ class Runtime:
             if key in seen:
                 raise RequestError("invalid", f"items[{i}].key {key!r} appears twice in one request")
             seen.add(key)
-        pixels = [self.decode(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)]
-        results = self.batcher.run(pixels, timeout) if pixels else []
+        views = col.config.crop_views
+        decoded = [self.decode(data, f"items[{i}].image", views) for i, (_, data, _) in enumerate(items)]
+        flat = [v for d in decoded for v in d] if views else decoded
+        results = self.batcher.run(flat, timeout) if flat else []
+        if views:  # per item: the whole image's features (to re-rank), the views' pooled embedding (to search)
+            embs = pool_views(np.stack([e for _, e in results]).reshape(len(decoded), N_VIEWS, -1))
+            results = [(results[i * N_VIEWS][0], e) for i, e in enumerate(embs)]
         new = [
             NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None)
             for (key, _, meta), (f, e) in zip(items, results)

@@ -61,6 +61,7 @@ class ServerConfig:
     max_items: int = 1024
     collection: str = "default"
     factory: str = "Flat"
+    crop_views: bool = False  # new collections index whole image + 5 crops (simserve/views.py)
     token: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -368,7 +369,7 @@ def start(cfg: ServerConfig) -> RunningServer:
     # (the main thread's setting does not reach them): single queries are ~3x faster on 1 thread.
     collections = Collections(cfg.data_dir or default_data_dir(), tuning=IndexTuning(search_threads=cfg.faiss_threads or default_threads()))
     runtime = Runtime(
-        engine, collections, default_collection=cfg.collection, factory=cfg.factory, max_batch=cfg.max_batch,
+        engine, collections, default_collection=cfg.collection, factory=cfg.factory, crop_views=cfg.crop_views, max_batch=cfg.max_batch,
         max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue, limits=Limits(max_pixels=cfg.max_pixels, max_items=cfg.max_items),
         on_batch=metrics.on_batch,
     )

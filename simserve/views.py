@@ -1,0 +1,49 @@
+"""Crop views for indexing: a stored original is described by its crops as well as by the whole.
+
+Copies found in the wild are often crops, while the stored item is the whole
+original, and one global embedding of the whole image sits far from the
+embedding of a 30%-area crop of it. Indexing the normalised weighted mean of
+six embeddings (the whole image and five crops of 75% of each side: four
+corners and the centre) moves the stored vector towards what crops look like, for
+six engine passes per *added* item and nothing extra per query. On the
+default model's held-out copies (crops down to 30% area) among 1,087
+originals, recall@1 goes from 0.768 to 0.834, crop-only queries 0.833 ->
+0.911, uncropped ones 0.959 -> 0.943 (``python -m training.robustness
+runs/default``). It is a per-collection choice fixed at creation, so every
+vector in a collection is made the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simserve.decode import DEFAULT_MAX_PIXELS, decode
+from simserve.preprocess import to_pixels
+
+CROP_SIDE = 0.75  # each crop keeps 75% of the width and of the height (56% of the area)
+N_VIEWS = 6
+# The whole image counts as three views: with equal weights an uncropped copy is found less
+# often (recall@1 0.959 -> 0.927); at 3 it keeps 0.943 and crops lose little (0.922 -> 0.911).
+WHOLE_WEIGHT = 3.0
+
+
+def crop_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> [6, C, size, size] uint8: the whole image, then the four corner crops and the centre crop.
+
+    The crops are cut from the image squashed to size / 0.75, so each is exactly ``size``
+    pixels with no second resize, and the whole view is the ordinary model input.
+    """
+    img = decode(data, max_pixels=max_pixels, min_side=round(size / CROP_SIDE))
+    whole = to_pixels(img, size, channels)
+    wide = to_pixels(img, round(size / CROP_SIDE), channels)
+    m = wide.shape[-1] - size
+    corners = [(0, 0), (0, m), (m, 0), (m, m), (m // 2, m // 2)]
+    return np.stack([whole] + [wide[:, y : y + size, x : x + size] for y, x in corners])
+
+
+def pool_views(embeddings: np.ndarray) -> np.ndarray:
+    """[n, 6, d] view embeddings (whole image first) -> [n, d]: their weighted mean, L2-normalised."""
+    w = np.ones(embeddings.shape[1], np.float32)
+    w[0] = WHOLE_WEIGHT
+    mean = np.einsum("nvd,v->nd", embeddings, w)
+    return (mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)).astype(np.float32)
