@@ -238,7 +238,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             text = f"added {out['added']} images to {args.collection or 'the default collection'}"
         elif args.action == "stats":
             s = c.stats(args.collection)
-            out = {"collection": s.collection, "items": s.items, "indexed": s.indexed, "dim": s.dim, "factory": s.factory, "index_type": s.index_type, "index_bytes": s.index_bytes}
+            out = {"collection": s.collection, "items": s.items, "indexed": s.indexed, "dim": s.dim, "factory": s.factory, "index_type": s.index_type, "index_bytes": s.index_bytes, "crop_views": s.crop_views}
             text = "\n".join(f"{k:>11}: {v}" for k, v in out.items())
         else:  # health
             out = {"status": c.health_status()}

@@ -236,7 +236,7 @@ class IndexService(pb_grpc.IndexServicer):
         return pb.StatsResponse(
             collection=s["name"], items=s["items"], indexed=s["indexed"], dim=s["dim"], factory=s["factory"],
             index_type=s["index_type"], index_bytes=s["index_bytes"], pending_training=s["pending_training"],
-            buffered=s["buffered"],
+            buffered=s["buffered"], crop_views=s["crop_views"],
         )
 
     @_guard

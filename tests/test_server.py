@@ -76,6 +76,27 @@ def test_score_embed_search_add_get_remove_stats_list(client, stamp_folder):
     assert set(client.collections()) >= {"default", "streamed"}
 
 
+def test_crop_views_server_stores_pooled_vectors_and_says_so(tiny_bundle, stamp_folder, tmp_path):
+    import numpy as np
+
+    from simserve.engine import load_engine
+    from simserve.views import crop_view_pixels, pool_views
+
+    files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:6]
+    engine = load_engine(str(tiny_bundle))
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle), crop_views=True))
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=20) as c:
+            assert c.add([(f.name, f, None) for f in files]) == 6
+            assert c.stats().crop_views is True
+            got = c.get([files[2].name], include_vectors=True).items[0]
+            views = crop_view_pixels(files[2].read_bytes(), engine.config.input_size, engine.config.in_channels)
+            assert np.allclose(got.vector, pool_views(engine.embed(views)[1][None])[0], atol=1e-5)
+            assert c.search(files[2], k=1)[0]["key"] == files[2].name
+    finally:
+        srv.stop(2)
+
+
 def test_hnsw_collection_searches_adds_while_buffered_and_after_the_graph_takes_them(tiny_bundle, stamp_folder, tmp_path):
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:20]
     srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle), factory="HNSW16"))

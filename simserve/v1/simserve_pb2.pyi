@@ -194,7 +194,7 @@ class StatsRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("collection", "items", "indexed", "dim", "factory", "index_type", "index_bytes", "pending_training", "buffered")
+    __slots__ = ("collection", "items", "indexed", "dim", "factory", "index_type", "index_bytes", "pending_training", "buffered", "crop_views")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class StatsResponse(_message.Message):
     INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PENDING_TRAINING_FIELD_NUMBER: _ClassVar[int]
     BUFFERED_FIELD_NUMBER: _ClassVar[int]
+    CROP_VIEWS_FIELD_NUMBER: _ClassVar[int]
     collection: str
     items: int
     indexed: int
@@ -213,7 +214,8 @@ class StatsResponse(_message.Message):
     index_bytes: int
     pending_training: bool
     buffered: int
-    def __init__(self, collection: _Optional[str] = ..., items: _Optional[int] = ..., indexed: _Optional[int] = ..., dim: _Optional[int] = ..., factory: _Optional[str] = ..., index_type: _Optional[str] = ..., index_bytes: _Optional[int] = ..., pending_training: _Optional[bool] = ..., buffered: _Optional[int] = ...) -> None: ...
+    crop_views: bool
+    def __init__(self, collection: _Optional[str] = ..., items: _Optional[int] = ..., indexed: _Optional[int] = ..., dim: _Optional[int] = ..., factory: _Optional[str] = ..., index_type: _Optional[str] = ..., index_bytes: _Optional[int] = ..., pending_training: _Optional[bool] = ..., buffered: _Optional[int] = ..., crop_views: _Optional[bool] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
     __slots__ = ()
