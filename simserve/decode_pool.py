@@ -69,15 +69,18 @@ class DecodePool:
 
 
 # Module-level, so worker processes can unpickle them.
-def pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes -> [C, size, size] uint8 model pixels, or raise DecodeError: the one recipe for
-    the pool's workers and the server's request threads."""
+def pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS, crop_views: bool = False) -> np.ndarray:
+    """Bytes -> [C, size, size] uint8 model pixels (with ``crop_views``: [6, C, size, size], see
+    simserve/views.py), or raise DecodeError: the one recipe for the pool's workers and the
+    server's request threads."""
+    if crop_views:
+        return crop_view_pixels(data, size, channels, max_pixels)
     return to_pixels(decode(data, max_pixels=max_pixels, min_side=size), size, channels)
 
 
 def _load(data: bytes, size: int, channels: int, max_pixels: int, crop_views: bool = False) -> np.ndarray | DecodeError:
     try:
-        return (crop_view_pixels if crop_views else pixels)(data, size, channels, max_pixels)
+        return pixels(data, size, channels, max_pixels, crop_views)
     except DecodeError as e:
         return e
 

@@ -12,7 +12,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -22,7 +21,7 @@ from simserve.decode import DecodeError
 from simserve.decode_pool import DecodePool
 from simserve.engine import Engine
 from simserve.store import NewItem
-from simserve.views import N_VIEWS, pool_views
+from simserve.views import collapse_views
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -81,9 +80,8 @@ def index_folder(
                     if isinstance(a, DecodeError):
                         report.failed[keys[i]] = str(a)
                 if good:
-                    if views:  # [n, 6, C, S, S]: the whole image's features, the views' pooled embedding
-                        feats, emb = engine.embed(np.concatenate([a for _, _, a in good]))
-                        feats, emb = feats[::N_VIEWS], pool_views(emb.reshape(len(good), N_VIEWS, -1))
+                    if views:  # each array is [6, C, S, S]
+                        feats, emb = collapse_views(*engine.embed(np.concatenate([a for _, _, a in good])))
                     else:
                         feats, emb = engine.embed(np.stack([a for _, _, a in good]))
                     collection.add(

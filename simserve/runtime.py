@@ -21,7 +21,7 @@ from simserve.decode_pool import pixels
 from simserve.engine import Engine
 from simserve.search import search as two_stage_search
 from simserve.store import NewItem, valid_filter_field
-from simserve.views import N_VIEWS, crop_view_pixels, pool_views
+from simserve.views import collapse_views
 
 log = logging.getLogger("simserve.runtime")
 
@@ -89,7 +89,7 @@ class Runtime:
         """[C, S, S] model pixels; with ``crop_views`` [6, C, S, S] (see simserve/views.py)."""
         c = self.bundle.config
         try:
-            return (crop_view_pixels if crop_views else pixels)(data, c.input_size, c.in_channels, self.limits.max_pixels)
+            return pixels(data, c.input_size, c.in_channels, self.limits.max_pixels, crop_views)
         except DecodeError as e:
             kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
             raise RequestError(kind, f"{where}: {e}") from None
@@ -184,9 +184,8 @@ class Runtime:
         decoded = [self.decode(data, f"items[{i}].image", views) for i, (_, data, _) in enumerate(items)]
         flat = [v for d in decoded for v in d] if views else decoded
         results = self.batcher.run(flat, timeout) if flat else []
-        if views:  # per item: the whole image's features (to re-rank), the views' pooled embedding (to search)
-            embs = pool_views(np.stack([e for _, e in results]).reshape(len(decoded), N_VIEWS, -1))
-            results = [(results[i * N_VIEWS][0], e) for i, e in enumerate(embs)]
+        if views:
+            results = list(zip(*collapse_views(np.stack([f for f, _ in results]), np.stack([e for _, e in results]))))
         new = [
             NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None)
             for (key, _, meta), (f, e) in zip(items, results)

@@ -41,6 +41,12 @@ def crop_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DE
     return np.stack([whole] + [wide[:, y : y + size, x : x + size] for y, x in corners])
 
 
+def collapse_views(features: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Engine outputs for n items x 6 views, item by item -> per item the whole image's
+    features (what the head re-ranks with) and the views' pooled embedding (what is searched)."""
+    return features[::N_VIEWS], pool_views(embeddings.reshape(-1, N_VIEWS, embeddings.shape[-1]))
+
+
 def pool_views(embeddings: np.ndarray) -> np.ndarray:
     """[n, 6, d] view embeddings (whole image first) -> [n, d]: their weighted mean, L2-normalised."""
     w = np.ones(embeddings.shape[1], np.float32)

@@ -7,12 +7,11 @@ and what indexing the originals with crop views (simserve/views.py) wins back.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import random
 import sys
 from pathlib import Path
-
-import io
-import random
 
 import numpy as np
 import torch
@@ -68,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe.from_dict(json.loads(payload["recipe"]))
     data = load_data(recipe, model.cfg)
     rows = {}
-    for name, aug in variants(model.cfg.input_size).items():
+    augments = variants(model.cfg.input_size)
+    for name, aug in augments.items():
         m = evaluate_copy(model, data.held_out, aug, n_queries=recipe.eval.get("queries", 1000))
         rows[name] = {k: m[k] for k in ("recall@1", "recall@10", "rerank_recall@1", "pair_auc")}
         print(name, rows[name], flush=True)
     for name in ("all augmentations (training distribution)", "crop only (30-100% area)", "no crop"):
-        rows[f"{name}, originals indexed with crop views"] = r = crop_view_recall(model, data.held_out, variants(model.cfg.input_size)[name], recipe.eval.get("queries", 1000))
+        rows[f"{name}, originals indexed with crop views"] = r = crop_view_recall(model, data.held_out, augments[name], recipe.eval.get("queries", 1000))
         print(f"{name}, crop views", r, flush=True)
     (run / "robustness.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0

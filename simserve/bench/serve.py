@@ -11,7 +11,6 @@ service with it off (max_batch=1). Then Search over a collection of
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import statistics
