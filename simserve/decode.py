@@ -70,6 +70,10 @@ def decode(
         raise DecodeError("empty", "image is empty (0 bytes)")
     if len(data) > max_bytes:
         raise DecodeError("too_large", f"image is {len(data)} bytes; the limit is {max_bytes}")
+    if min_side and data[:3] == b"\xff\xd8\xff":
+        fast = _jpeg_plain(data, max_pixels, min_side)
+        if fast is not None:
+            return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -101,12 +105,33 @@ def decode(
     return to_rgb(img)
 
 
+def _jpeg_plain(data: bytes, max_pixels: int, min_side: int) -> np.ndarray | None:
+    """The common JPEG (no EXIF, YCbCr or grey) without opening it in Pillow: libjpeg-turbo
+    reads the header in 1 us where Pillow takes 20 (a tenth of a 256 px decode). None:
+    anything else, for the Pillow path to handle or name."""
+    if b"Exif\x00" in data[:65536]:  # APP1 sits right after SOI; its orientation needs Pillow
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray") or w <= 0 or h <= 0:
+        return None
+    if w * h > max_pixels:
+        raise DecodeError("too_many_pixels", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    return _scaled(data, min_side)
+
+
 def _jpeg_scaled(data: bytes, img: Image.Image, min_side: int) -> np.ndarray | None:
     """RGB at the smallest M/8 scale with both sides >= ``min_side``; None: use Pillow."""
     if img.mode not in ("RGB", "L"):
         return None
     if "exif" in img.info and img.getexif().get(0x0112, 1) != 1:  # 0x0112: orientation, Pillow applies it
         return None
+    return _scaled(data, min_side)
+
+
+def _scaled(data: bytes, min_side: int) -> np.ndarray | None:
     try:
         return simplejpeg.decode_jpeg(data, "rgb", min_width=min_side, min_height=min_side)
     except ValueError:  # truncated, corrupt, or anything libjpeg warned about

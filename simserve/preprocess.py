@@ -37,13 +37,20 @@ def to_pixels(img: Image.Image | np.ndarray, size: int, channels: int = 3) -> np
 
 
 def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 [..., C, H, W] -> float32 ((x / 255) - mean) / std, vectorised over the batch."""
+    """uint8 [..., C, H, W] -> float32 ((x / 255) - mean) / std, vectorised over the batch.
+
+    As one multiply-add (x * 1/(255 std) - mean/std): two passes over the batch
+    instead of four; equal to the textbook form within float32 rounding. The output
+    is C-contiguous whatever the input's layout: a batch stacked from ``to_pixels``'
+    HWC->CHW views is strided, and numpy would otherwise give the result that same
+    layout (5x slower to write, and ORT would copy it again)."""
     shape = (len(mean), 1, 1)
-    m = np.asarray(mean, np.float32).reshape(shape)
-    s = np.asarray(std, np.float32).reshape(shape)
-    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
-    x -= m
-    x /= s
+    s = np.asarray(std, np.float64).reshape(shape)
+    scale = (1.0 / (255.0 * s)).astype(np.float32)
+    bias = (-np.asarray(mean, np.float64).reshape(shape) / s).astype(np.float32)
+    x = np.empty(pixels.shape, np.float32)
+    np.multiply(pixels, scale, out=x)
+    x += bias
     return x
 
 

@@ -30,16 +30,22 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> f
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Time several candidates in alternation, so machine noise hits all of them alike."""
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, settle_s: float = 0.02) -> dict[str, float]:
+    """Time several candidates in alternation, so machine noise hits all of them alike.
+
+    The order rotates every round and each candidate starts after ``settle_s`` of
+    quiet: a spin-waiting thread pool (ORT's default) keeps burning CPU for a
+    while after its run, which would otherwise be charged to whoever runs next."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(settle_s)
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
