@@ -11,6 +11,7 @@ before the batch runs, so abandoned requests cost no compute.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import threading
@@ -166,6 +167,27 @@ class MicroBatcher(Generic[T, R]):
 
     def run(self, values: Sequence[T], timeout: float | None = None) -> list[R]:
         """Submit and wait: the results of ``values``, in order."""
+        futures, timeout = self._enter(values, timeout)
+        try:
+            return [f.result(timeout=None if timeout is None else max(0.0, timeout) + 1.0) for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    async def run_async(self, values: Sequence[T], timeout: float | None = None) -> list[R]:
+        """``run`` for an asyncio caller: waits without holding a thread (the gRPC aio
+        handlers, where a thread per waiting request was the cost, not the compute)."""
+        futures, timeout = self._enter(values, timeout)
+        try:
+            waiting = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            return list(await (waiting if timeout is None else asyncio.wait_for(waiting, max(0.0, timeout) + 1.0)))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def _enter(self, values: Sequence[T], timeout: float | None) -> tuple[list[Future], float | None]:
         scope = _SCOPE.get()
         if scope is not None:  # the caller may have gone while its request was being decoded
             timeout = scope.remaining(timeout)
@@ -177,12 +199,7 @@ class MicroBatcher(Generic[T, R]):
         futures = self.submit_many(values, timeout)
         if scope is not None:
             scope.add(futures)
-        try:
-            return [f.result(timeout=None if timeout is None else max(0.0, timeout) + 1.0) for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        return futures, timeout
 
     def close(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting work; with ``drain`` finish what is queued, else cancel it."""

@@ -9,6 +9,8 @@ refused, in-flight ones finish, the index is snapshotted, exit 0.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import os
@@ -96,30 +98,57 @@ _STORE_CODES = {
 }
 
 
+def _status(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status for an exception from the runtime; None: not one of ours (re-raised)."""
+    if isinstance(e, CancelledError):
+        return grpc.StatusCode.CANCELLED, "the client cancelled the request"
+    if isinstance(e, RequestError):
+        return _CODES[e.kind], str(e)
+    if isinstance(e, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, (DeadlineExceeded, TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was computed"
+    if isinstance(e, BatcherClosed):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    if isinstance(e, StoreError):
+        return _STORE_CODES[e.reason], str(e)
+    if isinstance(e, OSError):  # e.g. creating a collection's folder on a full or read-only disk
+        err = StoreError(e.filename or "the data directory", e)
+        return _STORE_CODES[err.reason], str(err)
+    return None
+
+
+_OURS = (CancelledError, RequestError, QueueFull, DeadlineExceeded, TimeoutError, BatcherClosed, StoreError, OSError)
+
+
 def _guard(fn: Callable) -> Callable:
-    """Map the runtime's exceptions to status codes; nothing else escapes as UNKNOWN."""
+    """Map the runtime's exceptions to status codes; nothing else escapes as UNKNOWN.
+
+    Wraps plain handlers (run on the server's thread pool) and ``async def`` ones
+    (run on its event loop) alike; each RPC gets a CancelScope that the end of the
+    RPC (cancelled, timed out or done) cancels, so abandoned work leaves the queue."""
+    if inspect.iscoroutinefunction(fn):
+
+        async def async_wrapper(self, request, context):
+            scope = CancelScope(_timeout(context))
+            context.add_done_callback(lambda _: scope.cancel())
+            try:
+                with scope.active():
+                    return await fn(self, request, context)
+            except _OURS as e:
+                await context.abort(*_status(e))
+
+        async_wrapper.__name__ = fn.__name__
+        return async_wrapper
 
     def wrapper(self, request, context):
         scope = CancelScope(_timeout(context))
-        context.add_callback(scope.cancel)  # runs when the RPC ends: cancelled, timed out or done
+        context.add_callback(scope.cancel)
         try:
             with scope.active():
                 return fn(self, request, context)
-        except CancelledError:
-            context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the request")
-        except RequestError as e:
-            context.abort(_CODES[e.kind], str(e))
-        except QueueFull as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except (DeadlineExceeded, TimeoutError):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was computed")
-        except BatcherClosed as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except StoreError as e:
-            context.abort(_STORE_CODES[e.reason], str(e))
-        except OSError as e:  # e.g. creating a collection's folder on a full or read-only disk
-            err = StoreError(e.filename or "the data directory", e)
-            context.abort(_STORE_CODES[err.reason], str(err))
+        except _OURS as e:
+            context.abort(*_status(e))
 
     wrapper.__name__ = fn.__name__
     return wrapper
@@ -161,10 +190,13 @@ class SimilarityService(pb_grpc.SimilarityServicer):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
+    # Embed and ScorePairs are coroutines: they decode on the event loop and await the
+    # batcher, so a waiting request holds no thread (1.28x the thread-per-request server,
+    # runs/s4/aio_rounds.py). The rest block on SQLite or FAISS and run on the thread pool.
     @_guard
-    def ScorePairs(self, request, context):
+    async def ScorePairs(self, request, context):
         pairs = [(_ref(p.a), _ref(p.b)) for p in request.pairs]
-        scores, cosine, thr = self.rt.score_pairs(pairs, request.collection or None, request.threshold, _timeout(context))
+        scores, cosine, thr = await self.rt.score_pairs_async(pairs, request.collection or None, request.threshold, _timeout(context))
         return pb.ScorePairsResponse(
             scores=[pb.PairScore(score=float(s), match=bool(s >= thr), cosine=float(c)) for s, c in zip(scores, cosine)],
             threshold=thr,
@@ -172,8 +204,8 @@ class SimilarityService(pb_grpc.SimilarityServicer):
         )
 
     @_guard
-    def Embed(self, request, context):
-        embs = self.rt.embed([_ref(i) for i in request.images], request.collection or None, _timeout(context))
+    async def Embed(self, request, context):
+        embs = await self.rt.embed_async([_ref(i) for i in request.images], request.collection or None, _timeout(context))
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=e.tolist()) for e in embs], dim=embs.shape[1], model=self.rt.model_name)
 
     @_guard
@@ -244,48 +276,58 @@ class IndexService(pb_grpc.IndexServicer):
         return pb.ListCollectionsResponse(collections=self.rt.collections.names())
 
 
-class _Interceptor(grpc.ServerInterceptor):
+class _Interceptor(grpc.aio.ServerInterceptor):
     """Auth (bearer token), request ids, metrics and one JSON log line per RPC."""
 
     def __init__(self, metrics: Metrics, token: str) -> None:
         self.metrics, self.token = metrics, token
 
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
         md = dict(details.invocation_metadata or ())
-        request_id = md.get("x-request-id") or uuid.uuid4().hex[:16]
+        call = _Call(self, method, md.get("x-request-id") or uuid.uuid4().hex[:16])
         authorized = not self.token or method.startswith(OPEN_METHODS) or md.get("authorization") == f"Bearer {self.token}"
 
+        def refusal(request) -> tuple[grpc.StatusCode, str] | None:
+            if not authorized:
+                return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+            if isinstance(request, _Malformed):
+                return grpc.StatusCode.INVALID_ARGUMENT, request.message(method)
+            return None
+
         def wrap(behaviour, streaming_request: bool):
+            if inspect.iscoroutinefunction(behaviour):
+
+                async def async_inner(request, context):
+                    context = call.begin(context)
+                    try:
+                        if (err := refusal(request)) is not None:
+                            await context.abort(*err)
+                        return await behaviour(request, context)
+                    except BaseException as e:
+                        call.failed(e)
+                        raise
+                    finally:
+                        call.end(context)
+
+                return async_inner
+
             def inner(request_or_iter, context):
-                t0 = time.perf_counter()
-                context.set_trailing_metadata((("x-request-id", request_id),))
-                code = "OK"
+                context = call.begin(context)
                 try:
-                    if not authorized:
-                        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+                    if (err := refusal(None if streaming_request else request_or_iter)) is not None:
+                        context.abort(*err)
                     if streaming_request:
                         request_or_iter = _parsed_or_abort(request_or_iter, context, method)
-                    elif isinstance(request_or_iter, _Malformed):
-                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, request_or_iter.message(method))
                     return behaviour(request_or_iter, context)
-                except BaseException:
-                    c = context.code()
-                    code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
-                    if code == "UNKNOWN":
-                        log.exception("unhandled error", extra={"request_id": request_id, "method": method})
+                except BaseException as e:
+                    call.failed(e)
                     raise
                 finally:
-                    if code == "OK" and isinstance(context.code(), grpc.StatusCode):
-                        code = context.code().name
-                    ms = (time.perf_counter() - t0) * 1e3
-                    self.metrics.requests.labels(method, code).inc()
-                    self.metrics.latency.labels(method).observe(ms / 1e3)
-                    if not method.startswith(OPEN_METHODS):
-                        log.info("rpc", extra={"request_id": request_id, "method": method, "code": code, "ms": round(ms, 2), "peer": context.peer()})
+                    call.end(context)
 
             return inner
 
@@ -297,6 +339,53 @@ class _Interceptor(grpc.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, False), parse, handler.response_serializer)
         return handler  # stream-stream (reflection): no wrapping
+
+
+class _Call:
+    """One RPC's bookkeeping: its request id in the trailers, its status in the metrics and the log."""
+
+    def __init__(self, interceptor: _Interceptor, method: str, request_id: str) -> None:
+        self.metrics, self.method, self.request_id = interceptor.metrics, method, request_id
+        self.code = ""
+
+    def begin(self, context) -> "_Recorded":
+        self.t0 = time.perf_counter()
+        context.set_trailing_metadata((("x-request-id", self.request_id),))
+        self.context = _Recorded(context)
+        return self.context
+
+    def failed(self, e: BaseException) -> None:
+        if self.context.status is None:
+            self.code = "CANCELLED" if isinstance(e, asyncio.CancelledError) else "UNKNOWN"
+        if self.code == "UNKNOWN":
+            log.error("unhandled error", exc_info=e, extra={"request_id": self.request_id, "method": self.method})
+
+    def end(self, context: "_Recorded") -> None:
+        code = context.status.name if context.status is not None else self.code or "OK"
+        ms = (time.perf_counter() - self.t0) * 1e3
+        self.metrics.requests.labels(self.method, code).inc()
+        self.metrics.latency.labels(self.method).observe(ms / 1e3)
+        if not self.method.startswith(OPEN_METHODS):
+            log.info("rpc", extra={"request_id": self.request_id, "method": self.method, "code": code, "ms": round(ms, 2), "peer": context.peer()})
+
+
+class _Recorded:
+    """A handler's context that notes the status the handler sets: the aio server's context
+    for thread-pool handlers has no ``code()`` to ask afterwards."""
+
+    def __init__(self, context) -> None:
+        self._context, self.status = context, None
+
+    def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
+        self.status = code
+        return self._context.abort(code, details, trailing_metadata)  # a coroutine on the event loop
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.status = code
+        self._context.set_code(code)
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
 
 
 class _Malformed:
@@ -331,14 +420,32 @@ def _parsed_or_abort(requests, context, method: str):
         yield r
 
 
+class _Loop:
+    """An asyncio event loop on its own thread: the aio server lives there, and the
+    synchronous world (CLI, tests, signal handlers) drives it with ``call``."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
 @dataclass
 class RunningServer:
-    server: grpc.Server
+    server: grpc.aio.Server
     runtime: Runtime
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     port: int
     metrics_port: int | None
     config: ServerConfig
+    _loop: _Loop
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None = None) -> None:
@@ -346,14 +453,16 @@ class RunningServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        log.info("shutting down", extra={"grace_s": grace if grace is not None else self.config.grace_s})
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace if grace is not None else self.config.grace_s).wait()
+        grace = grace if grace is not None else self.config.grace_s
+        log.info("shutting down", extra={"grace_s": grace})
+        self._loop.call(self.health.enter_graceful_shutdown())
+        self._loop.call(self.server.stop(grace))
         self.runtime.close()
+        self._loop.close()
         log.info("stopped")
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        self._loop.call(self.server.wait_for_termination())
 
 
 def _read(path: str) -> bytes:
@@ -373,15 +482,39 @@ def start(cfg: ServerConfig) -> RunningServer:
         max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue, limits=Limits(max_pixels=cfg.max_pixels, max_items=cfg.max_items),
         on_batch=metrics.on_batch,
     )
+    loop = _Loop()
+    try:
+        server, health_servicer, port = loop.call(_open(cfg, runtime, metrics))
+    except BaseException:
+        loop.close()
+        runtime.close()
+        raise
+    metrics_port = metrics.serve(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
+    for name in ("",) + SERVICES:
+        loop.call(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
+    log.info(
+        "serving",
+        extra={
+            "address": f"{cfg.host}:{port}", "tls": bool(cfg.tls_cert), "mtls": bool(cfg.tls_client_ca), "auth": bool(cfg.token),
+            "metrics_port": metrics_port, "model": runtime.model_name, "data_dir": str(collections.root.parent),
+            "startup_s": round(time.perf_counter() - t0, 3),
+        },
+    )
+    return RunningServer(server, runtime, health_servicer, port, metrics_port, cfg, loop)
+
+
+async def _open(cfg: ServerConfig, runtime: Runtime, metrics: Metrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The aio server, on the loop's thread: coroutine handlers run on the loop, plain ones on
+    ``cfg.workers`` threads."""
     size = cfg.max_message_mb * 1024 * 1024
-    server = grpc.server(
+    server = grpc.aio.server(
         futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
         interceptors=[_Interceptor(metrics, cfg.token)],
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size), ("grpc.so_reuseport", 0)],
     )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health.aio.HealthServicer()
     for name in ("",) + SERVICES:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     pb_grpc.add_SimilarityServicer_to_server(SimilarityService(runtime), server)
     pb_grpc.add_IndexServicer_to_server(IndexService(runtime, metrics), server)
@@ -398,19 +531,8 @@ def start(cfg: ServerConfig) -> RunningServer:
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    server.start()
-    metrics_port = metrics.serve(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
-    for name in ("",) + SERVICES:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "serving",
-        extra={
-            "address": f"{cfg.host}:{port}", "tls": bool(cfg.tls_cert), "mtls": bool(cfg.tls_client_ca), "auth": bool(cfg.token),
-            "metrics_port": metrics_port, "model": runtime.model_name, "data_dir": str(collections.root.parent),
-            "startup_s": round(time.perf_counter() - t0, 3),
-        },
-    )
-    return RunningServer(server, runtime, health_servicer, port, metrics_port, cfg)
+    await server.start()
+    return server, health_servicer, port
 
 
 def serve_forever(cfg: ServerConfig) -> int:
