@@ -9,6 +9,7 @@ numpy ``.npz`` read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,8 +37,8 @@ class Bundle:
     path: Path
     manifest: dict[str, Any]
 
-    @property
-    def config(self) -> ModelConfig:
+    @functools.cached_property
+    def config(self) -> ModelConfig:  # cached: the server asks for it on every request
         return ModelConfig.from_dict(self.manifest["model"])
 
     @property
