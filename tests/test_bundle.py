@@ -85,3 +85,23 @@ def test_tampered_missing_and_wrong_version_are_refused(tmp_path):
 
     with pytest.raises(BundleError, match="bundle folder not found"):
         load_bundle(tmp_path / "nowhere")
+
+
+def test_onnx_lanes_cut_batches_without_changing_a_single_bit(tmp_path):
+    """One single-threaded session per lane, a slice of the batch each: the same numbers as
+    one session, for every batch size (slices of unequal length included) and for callers
+    on several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = _exported("dynamic", tmp_path / "b")
+    one, four = load_engine(path, "onnx", threads=4, lanes=1), load_engine(path, "onnx", threads=4, lanes=4)
+    assert (one.lanes, four.lanes) == (1, 4)
+    x = np.random.default_rng(2).integers(0, 256, size=(70, 3, 48, 48), dtype=np.uint8)
+    for n in (1, 3, 7, 16, 33, 70):
+        f1, e1 = one.embed(x[:n])
+        f4, e4 = four.embed(x[:n])
+        assert np.array_equal(f1, f4) and np.array_equal(e1, e4)
+        assert np.array_equal(one.fuse(f1, f1[::-1]), four.fuse(f1, f1[::-1]))
+    with ThreadPoolExecutor(6) as ex:
+        outs = list(ex.map(lambda i: four.embed(x[i : i + 20])[1], range(0, 50, 5)))
+    assert all(np.array_equal(o, one.embed(x[i : i + 20])[1]) for o, i in zip(outs, range(0, 50, 5)))

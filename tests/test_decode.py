@@ -158,3 +158,30 @@ def test_jpeg_fast_path_hands_odd_jpegs_to_pillow():
     with pytest.raises(DecodeError) as e:
         decode(data[: len(data) // 2], min_side=96)
     assert e.value.reason in ("truncated", "undecodable")
+
+
+def test_jpeg_header_claiming_too_many_pixels_is_refused_before_decoding():
+    from simserve.decode import decode
+
+    data = bytearray(_bytes(Image.new("RGB", (64, 48), (9, 9, 9)), "JPEG"))
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+    data[sof + 5 : sof + 9] = (60_000).to_bytes(2, "big") + (60_000).to_bytes(2, "big")
+    with pytest.raises(DecodeError) as e:
+        decode(bytes(data), min_side=96)  # the libjpeg-turbo header path
+    assert e.value.reason == "too_many_pixels"
+    assert decode(_bytes(Image.new("RGB", (64, 48), (9, 9, 9)), "JPEG"), min_side=32).shape == (36, 48, 3)  # 6/8 scale
+
+
+def test_normalize_gives_a_contiguous_batch_equal_to_the_textbook_formula():
+    """A batch stacked from to_pixels' HWC->CHW views is strided; normalising must not keep
+    that layout (5x slower to write, and copied again by ONNX Runtime)."""
+    from simserve.preprocess import normalize, to_pixels
+
+    rng = np.random.default_rng(3)
+    x = np.stack([to_pixels(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 32) for _ in range(5)])
+    assert not x.flags.c_contiguous
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = normalize(x, mean, std)
+    ref = (x.astype(np.float64) / 255 - np.array(mean).reshape(3, 1, 1)) / np.array(std).reshape(3, 1, 1)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    assert np.abs(out - ref).max() < 1e-5

@@ -314,3 +314,18 @@ def test_serve_benchmark_runs_end_to_end_with_its_cpu_accounting(tiny_bundle):
         assert len(m["vs_engine_per_round"]) == 2 and m["vs_engine"] > 0
         assert m["server_cpu_s"] > 0 and m["load_cpu_s"] > 0
     assert r["search_600"]["requests"] > 0 and r["search_600"]["errors"] == {}
+
+
+def test_embed_and_score_agree_whether_decoded_on_the_event_loop_or_a_worker_thread(client, stamp_folder, monkeypatch):
+    """Small requests decode on the aio event loop, big ones on a worker thread; the
+    answer must not depend on which."""
+    import simserve.runtime
+
+    files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:6]
+    inline = client.embed(files)
+    inline_scores = [s.score for s in client.score([(files[0], files[1]), (files[2], files[3])])]
+    monkeypatch.setattr(simserve.runtime, "INLINE_DECODE_BYTES", 0)  # every request is "big"
+    assert np.array_equal(np.array(client.embed(files)), np.array(inline))
+    assert [s.score for s in client.score([(files[0], files[1]), (files[2], files[3])])] == inline_scores
+    one_by_one = [client.embed([f])[0] for f in files]
+    assert np.allclose(np.array(one_by_one), np.array(inline), atol=1e-6)  # batched with others or alone
