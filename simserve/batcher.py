@@ -177,11 +177,14 @@ class MicroBatcher(Generic[T, R]):
 
     async def run_async(self, values: Sequence[T], timeout: float | None = None) -> list[R]:
         """``run`` for an asyncio caller: waits without holding a thread (the gRPC aio
-        handlers, where a thread per waiting request was the cost, not the compute)."""
-        futures, timeout = self._enter(values, timeout)
+        handlers, where a thread per waiting request was the cost, not the compute).
+        No timer of its own: the items carry the deadline, and gRPC cancels the
+        caller's task when the client's deadline passes."""
+        futures, _ = self._enter(values, timeout)
         try:
-            waiting = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-            return list(await (waiting if timeout is None else asyncio.wait_for(waiting, max(0.0, timeout) + 1.0)))
+            if len(futures) == 1:
+                return [await asyncio.wrap_future(futures[0])]
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -1,8 +1,9 @@
 """The service core, free of gRPC: engine + micro-batcher + collections.
 
 The server's handlers translate protobuf to these calls and these errors to
-status codes. Data flows one way: bytes -> decode (in the caller's thread)
--> micro-batcher -> engine -> collections / response.
+status codes. Data flows one way: bytes -> decode (in the caller's thread, or
+on the event loop for the aio handlers) -> micro-batcher -> engine ->
+collections / response.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Generator, Sequence, TypeVar
 
 import numpy as np
 
@@ -27,7 +28,9 @@ from simserve.views import collapse_views
 log = logging.getLogger("simserve.runtime")
 T = TypeVar("T")
 Steps = Generator[list[np.ndarray], list, T]  # yields pixels to embed, is sent their (features, embedding)s
-INLINE_DECODE_BYTES = 256 * 1024  # about a dozen 256 px JPEGs, or one 1,000 px photo: ~3 ms of decoding
+# A request above either limit is "heavy": its steps run on a worker thread, not the event loop.
+INLINE_MAX_BYTES = 256 * 1024  # about a dozen 256 px JPEGs, or one 1,000 px photo: ~3 ms of decoding
+INLINE_MAX_IMAGES = 32
 
 
 class RequestError(ValueError):
@@ -141,13 +144,13 @@ class Runtime:
         return self._run(self._score_pairs(pairs, collection, threshold), timeout)
 
     async def score_pairs_async(self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float, timeout: float | None) -> tuple[np.ndarray, np.ndarray, float]:
-        return await self._run_async(self._score_pairs(pairs, collection, threshold), timeout, _encoded_bytes(r for p in pairs for r in p))
+        return await self._run_async(self._score_pairs(pairs, collection, threshold), timeout, _heavy([r for p in pairs for r in p]))
 
     def embed(self, refs: Sequence[ImageRef], collection: str | None, timeout: float | None) -> np.ndarray:
         return self._run(self._embed(refs, collection), timeout)
 
     async def embed_async(self, refs: Sequence[ImageRef], collection: str | None, timeout: float | None) -> np.ndarray:
-        return await self._run_async(self._embed(refs, collection), timeout, _encoded_bytes(refs))
+        return await self._run_async(self._embed(refs, collection), timeout, _heavy(refs))
 
     def search(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str], timeout: float | None):
         return self._run(self._search(query, collection, k, rerank, where), timeout)
@@ -161,17 +164,19 @@ class Runtime:
             done, value = _advance(steps, self.batcher.run(value, timeout))
         return value
 
-    async def _run_async(self, steps: Steps[T], timeout: float | None, encoded_bytes: int) -> T:
-        """The first step decodes the request: on the event loop itself when it is small
-        (a hand-off to a thread costs more than a 256 px JPEG's 0.2 ms decode), on a
-        worker thread when it is big, so that one request of large photos does not stall
-        every other request on the loop."""
-        if encoded_bytes > INLINE_DECODE_BYTES:
-            done, value = await asyncio.get_running_loop().run_in_executor(None, _advance, steps)
-        else:
-            done, value = _advance(steps)
+    async def _run_async(self, steps: Steps[T], timeout: float | None, heavy: bool) -> T:
+        """The steps between the waits (decoding, the head, building the answer) run on the
+        event loop itself for a small request (a hand-off to a thread costs more than a
+        256 px JPEG's 0.2 ms decode) and on a worker thread for a heavy one, so that one
+        request of large photos or many pairs does not stall every other request."""
+        loop = asyncio.get_running_loop()
+
+        async def advance(value: list | None = None) -> tuple[bool, Any]:
+            return await loop.run_in_executor(None, _advance, steps, value) if heavy else _advance(steps, value)
+
+        done, value = await advance()
         while not done:
-            done, value = _advance(steps, await self.batcher.run_async(value, timeout))
+            done, value = await advance(await self.batcher.run_async(value, timeout))
         return value
 
     def _score_pairs(self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float) -> Steps[tuple[np.ndarray, np.ndarray, float]]:
@@ -263,8 +268,8 @@ def _advance(steps: Steps[T], value: list | None = None) -> tuple[bool, Any]:
         return True, finished.value
 
 
-def _encoded_bytes(refs: Iterable[ImageRef]) -> int:
-    return sum(len(r.data) for r in refs if r.data is not None)
+def _heavy(refs: Sequence[ImageRef]) -> bool:
+    return len(refs) > INLINE_MAX_IMAGES or sum(len(r.data) for r in refs if r.data is not None) > INLINE_MAX_BYTES
 
 
 def _valid_name(name: str) -> bool:

@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from concurrent import futures
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, fields
@@ -98,8 +97,11 @@ _STORE_CODES = {
 }
 
 
-def _status(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status for an exception from the runtime; None: not one of ours (re-raised)."""
+_OURS = (CancelledError, RequestError, QueueFull, DeadlineExceeded, TimeoutError, BatcherClosed, StoreError, OSError)
+
+
+def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status for one of the runtime's exceptions (``_OURS``); anything else escapes."""
     if isinstance(e, CancelledError):
         return grpc.StatusCode.CANCELLED, "the client cancelled the request"
     if isinstance(e, RequestError):
@@ -112,29 +114,25 @@ def _status(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, StoreError):
         return _STORE_CODES[e.reason], str(e)
-    if isinstance(e, OSError):  # e.g. creating a collection's folder on a full or read-only disk
-        err = StoreError(e.filename or "the data directory", e)
-        return _STORE_CODES[err.reason], str(err)
-    return None
-
-
-_OURS = (CancelledError, RequestError, QueueFull, DeadlineExceeded, TimeoutError, BatcherClosed, StoreError, OSError)
+    assert isinstance(e, OSError), e  # e.g. creating a collection's folder on a full or read-only disk
+    err = StoreError(e.filename or "the data directory", e)
+    return _STORE_CODES[err.reason], str(err)
 
 
 def _guard(fn: Callable) -> Callable:
     """Map the runtime's exceptions to status codes; nothing else escapes as UNKNOWN.
 
     Wraps plain handlers (run on the server's thread pool) and ``async def`` ones
-    (run on its event loop) alike; each RPC gets a CancelScope that the end of the
-    RPC (cancelled, timed out or done) cancels, so abandoned work leaves the queue."""
+    (run on its event loop) alike. A plain handler's RPC gets a CancelScope that the
+    end of the RPC (cancelled, timed out or done) cancels, so abandoned work leaves
+    the queue."""
     if inspect.iscoroutinefunction(fn):
 
         async def async_wrapper(self, request, context):
-            scope = CancelScope(_timeout(context))
-            context.add_done_callback(lambda _: scope.cancel())
+            # No CancelScope: gRPC cancels this task when the client leaves or its deadline
+            # passes, and the batcher's run_async cancels the task's queued work then.
             try:
-                with scope.active():
-                    return await fn(self, request, context)
+                return await fn(self, request, context)
             except _OURS as e:
                 await context.abort(*_status(e))
 
@@ -281,17 +279,27 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics, token: str) -> None:
         self.metrics, self.token = metrics, token
+        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (its handler, the wrapped one)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
-        md = dict(details.invocation_metadata or ())
-        call = _Call(self, method, md.get("x-request-id") or uuid.uuid4().hex[:16])
-        authorized = not self.token or method.startswith(OPEN_METHODS) or md.get("authorization") == f"Bearer {self.token}"
+        # A method's handler is the same object on every call: wrap it once, not per RPC
+        # (building closures and a handler per call was measurable on the event loop).
+        hit = self._wrapped.get(details.method)
+        if hit is None or hit[0] is not handler:
+            hit = self._wrapped[details.method] = (handler, self._wrap(details.method, handler))
+        return hit[1]
 
-        def refusal(request) -> tuple[grpc.StatusCode, str] | None:
+    def _wrap(self, method: str, handler):
+        def start(context) -> tuple["_Call", "_Recorded", bool]:
+            md = dict(context.invocation_metadata() or ())
+            call = _Call(self.metrics, method, md.get("x-request-id") or os.urandom(8).hex())
+            authorized = not self.token or method.startswith(OPEN_METHODS) or md.get("authorization") == f"Bearer {self.token}"
+            return call, call.begin(context), authorized
+
+        def refusal(request, authorized: bool) -> tuple[grpc.StatusCode, str] | None:
             if not authorized:
                 return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
             if isinstance(request, _Malformed):
@@ -302,9 +310,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             if inspect.iscoroutinefunction(behaviour):
 
                 async def async_inner(request, context):
-                    context = call.begin(context)
+                    call, context, authorized = start(context)
                     try:
-                        if (err := refusal(request)) is not None:
+                        if (err := refusal(request, authorized)) is not None:
                             await context.abort(*err)
                         return await behaviour(request, context)
                     except BaseException as e:
@@ -316,9 +324,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 return async_inner
 
             def inner(request_or_iter, context):
-                context = call.begin(context)
+                call, context, authorized = start(context)
                 try:
-                    if (err := refusal(None if streaming_request else request_or_iter)) is not None:
+                    if (err := refusal(None if streaming_request else request_or_iter, authorized)) is not None:
                         context.abort(*err)
                     if streaming_request:
                         request_or_iter = _parsed_or_abort(request_or_iter, context, method)
@@ -344,8 +352,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """One RPC's bookkeeping: its request id in the trailers, its status in the metrics and the log."""
 
-    def __init__(self, interceptor: _Interceptor, method: str, request_id: str) -> None:
-        self.metrics, self.method, self.request_id = interceptor.metrics, method, request_id
+    def __init__(self, metrics: Metrics, method: str, request_id: str) -> None:
+        self.metrics, self.method, self.request_id = metrics, method, request_id
         self.code = ""
 
     def begin(self, context) -> "_Recorded":

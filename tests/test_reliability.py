@@ -122,7 +122,7 @@ def test_deadlines_and_cancellations_leave_no_work_in_the_batcher(tiny_bundle, t
                 time.sleep(1.0)
             assert batcher.depth == 0
             # Most of the 8 x 256 images were never computed: dropped in the queue, abandoned
-            # before it, or their request cancelled while it decoded (this request is big, so it
+            # before it, or their request cancelled while it decoded (this request is heavy, so it
             # decodes on a worker thread and the cancelled handler never reaches the batcher).
             # gRPC may not even start a handler for a call cancelled before it arrived.
             assert st_.items < 4 * 256

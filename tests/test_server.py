@@ -324,7 +324,7 @@ def test_embed_and_score_agree_whether_decoded_on_the_event_loop_or_a_worker_thr
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:6]
     inline = client.embed(files)
     inline_scores = [s.score for s in client.score([(files[0], files[1]), (files[2], files[3])])]
-    monkeypatch.setattr(simserve.runtime, "INLINE_DECODE_BYTES", 0)  # every request is "big"
+    monkeypatch.setattr(simserve.runtime, "INLINE_MAX_BYTES", 0)  # every request is "heavy"
     assert np.array_equal(np.array(client.embed(files)), np.array(inline))
     assert [s.score for s in client.score([(files[0], files[1]), (files[2], files[3])])] == inline_scores
     one_by_one = [client.embed([f])[0] for f in files]
