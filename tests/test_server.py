@@ -312,7 +312,10 @@ def test_serve_benchmark_runs_end_to_end_with_its_cpu_accounting(tiny_bundle):
         m = r[label]
         assert m["requests"] > 0 and m["errors"] == {}, m
         assert len(m["vs_engine_per_round"]) == 2 and m["vs_engine"] > 0
-        assert m["server_cpu_s"] > 0 and m["load_cpu_s"] > 0
+        assert m["server_cpu_s"] > 0 and m["load_cpu_s"] > 0 and m["ceiling_vs_engine"] > 0
+    floor = r["grpc_floor"]  # the bare gRPC server under the same load
+    assert floor["per_s"] > 0 and floor["server_cpu_ms_per_request"] > 0 and floor["ceiling_vs_engine"] > 0
+    assert r["engine_cpu_ms_per_image"] > 0
     assert r["search_600"]["requests"] > 0 and r["search_600"]["errors"] == {}
 
 

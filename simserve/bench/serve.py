@@ -71,6 +71,31 @@ def _load_worker(target: str, method: str, concurrency: int, seconds: float, blo
     out.put((lat, errors, time.process_time() - cpu0))
 
 
+def _bare_server(out: "mp.Queue") -> None:
+    """gRPC's own cost: a grpc.aio server whose Embed decodes nothing and answers a constant
+    128-d embedding. Under the same load its CPU per request is the floor any Python
+    handler starts from."""
+    import asyncio
+
+    import grpc
+
+    from simserve.v1 import simserve_pb2 as pb
+    from simserve.v1 import simserve_pb2_grpc as pb_grpc
+
+    class Bare(pb_grpc.SimilarityServicer):
+        async def Embed(self, request, context):
+            return pb.EmbedResponse(embeddings=[pb.Embedding(values=[0.1] * 128)], dim=128, model="bare")
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_SimilarityServicer_to_server(Bare(), server)
+        out.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a live process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -181,7 +206,23 @@ def run(
                 proc.terminate()
                 proc.wait(60)
     engine = None  # its sessions go before the search server starts
-    result: dict = {"clients": clients, "load_processes": procs, "seconds": seconds, "rounds": rounds, "cores": cores,
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    bare = ctx.Process(target=_bare_server, args=(q,), daemon=True)
+    bare.start()
+    try:
+        addr = f"127.0.0.1:{q.get(timeout=60)}"
+        _load(addr, "embed", clients, procs, 3, blobs)
+        floor = _load(addr, "embed", clients, procs, seconds, blobs, server_pid=bare.pid)
+    finally:
+        bare.terminate()
+        bare.join(10)
+    n = max(1, floor["requests"])
+    grpc_floor = {"per_s": floor["per_s"], "server_cpu_ms_per_request": 1e3 * floor["server_cpu_s"] / n, "load_cpu_ms_per_request": 1e3 * floor["load_cpu_s"] / n}
+    # The best any Python gRPC server could do here: decode + embed + gRPC's own cost, on cores
+    # shared with the load generator.
+    grpc_floor["ceiling_vs_engine"] = cores / (statistics.median(engine_cpu) + (floor["server_cpu_s"] + floor["load_cpu_s"]) / n) / statistics.median(engine_ips)
+    result: dict = {"clients": clients, "load_processes": procs, "seconds": seconds, "rounds": rounds, "cores": cores, "grpc_floor": grpc_floor,
                     "engine_images_per_s": statistics.median(engine_ips), "engine_per_round": engine_ips,
                     "engine_cpu_ms_per_image": 1e3 * statistics.median(engine_cpu)}
     keys = ("per_s", "p50_ms", "p99_ms", "vs_engine", "server_cpu_s", "load_cpu_s", "server_cpu_ms_per_request", "load_cpu_ms_per_request", "ceiling_vs_engine")
