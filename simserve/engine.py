@@ -98,11 +98,12 @@ class OnnxEngine(Engine):
     """ONNX Runtime over the bundle's graphs, as ``lanes`` single-threaded sessions.
 
     A batch is cut into one slice per lane and the lanes run at once (ORT releases
-    the GIL). For this small tower that is 1.2-1.3x faster than one session with
-    the same number of intra-op threads at every batch size from 8 to 64
-    (runs/s5/engine_par.py): an intra-op thread pool synchronises after every
-    operator, and a 96 px depthwise conv is too short for that to pay. ``lanes``
-    defaults to ``threads``; each session gets ``threads // lanes`` intra-op threads.
+    the GIL). For this small tower on 2 cores that is ~1.1x one session with two
+    intra-op threads and no spin-waiting (2,523 vs 2,300 img/s at batch 64, 2,782 vs
+    2,460 at 16; each in its own process, alternated), about what ORT's spinning pool
+    gets without burning idle CPU: an intra-op pool synchronises after every operator,
+    and a 96 px depthwise conv is too short for that to pay. ``lanes`` defaults to
+    ``threads``; each session gets ``threads // lanes`` intra-op threads.
     """
 
     MIN_SLICE = 4  # fewer rows than this per lane are not worth a hand-off

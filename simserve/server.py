@@ -189,8 +189,8 @@ class SimilarityService(pb_grpc.SimilarityServicer):
         self.rt = rt
 
     # Embed and ScorePairs are coroutines: they decode on the event loop and await the
-    # batcher, so a waiting request holds no thread (1.28x the thread-per-request server,
-    # runs/s4/aio_rounds.py). The rest block on SQLite or FAISS and run on the thread pool.
+    # batcher, so a waiting request holds no thread (1.28x the thread-per-request server in
+    # interleaved rounds). The rest block on SQLite or FAISS and run on the thread pool.
     @_guard
     async def ScorePairs(self, request, context):
         pairs = [(_ref(p.a), _ref(p.b)) for p in request.pairs]
