@@ -155,6 +155,10 @@ class Runtime:
     def search(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str], timeout: float | None):
         return self._run(self._search(query, collection, k, rerank, where), timeout)
 
+    async def search_async(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str], timeout: float | None):
+        # The index scan (milliseconds for an exact search) always runs on a worker thread.
+        return await self._run_async(self._search(query, collection, k, rerank, where), timeout, _heavy([query]) or query.data is None, tail_on_thread=True)
+
     def add(self, collection: str | None, items: Sequence[tuple[str, bytes, dict | None]], timeout: float | None) -> list[str]:
         return self._run(self._add(collection, items), timeout)
 
@@ -164,19 +168,20 @@ class Runtime:
             done, value = _advance(steps, self.batcher.run(value, timeout))
         return value
 
-    async def _run_async(self, steps: Steps[T], timeout: float | None, heavy: bool) -> T:
+    async def _run_async(self, steps: Steps[T], timeout: float | None, heavy: bool, tail_on_thread: bool = False) -> T:
         """The steps between the waits (decoding, the head, building the answer) run on the
         event loop itself for a small request (a hand-off to a thread costs more than a
         256 px JPEG's 0.2 ms decode) and on a worker thread for a heavy one, so that one
-        request of large photos or many pairs does not stall every other request."""
+        request of large photos or many pairs does not stall every other request.
+        ``tail_on_thread``: the steps after the first wait always go to a thread."""
         loop = asyncio.get_running_loop()
 
-        async def advance(value: list | None = None) -> tuple[bool, Any]:
-            return await loop.run_in_executor(None, _advance, steps, value) if heavy else _advance(steps, value)
+        async def advance(value: list | None, on_thread: bool) -> tuple[bool, Any]:
+            return await loop.run_in_executor(None, _advance, steps, value) if on_thread else _advance(steps, value)
 
-        done, value = await advance()
+        done, value = await advance(None, heavy)
         while not done:
-            done, value = await advance(await self.batcher.run_async(value, timeout))
+            done, value = await advance(await self.batcher.run_async(value, timeout), heavy or tail_on_thread)
         return value
 
     def _score_pairs(self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float) -> Steps[tuple[np.ndarray, np.ndarray, float]]:

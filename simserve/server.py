@@ -188,9 +188,10 @@ class SimilarityService(pb_grpc.SimilarityServicer):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    # Embed and ScorePairs are coroutines: they decode on the event loop and await the
-    # batcher, so a waiting request holds no thread (1.28x the thread-per-request server in
-    # interleaved rounds). The rest block on SQLite or FAISS and run on the thread pool.
+    # Embed, ScorePairs and Search are coroutines: they decode on the event loop and await
+    # the batcher, so a waiting request holds no thread (1.28x the thread-per-request server
+    # in interleaved rounds); Search scans the index on a worker thread. The Index methods
+    # block on SQLite and run on the thread pool.
     @_guard
     async def ScorePairs(self, request, context):
         pairs = [(_ref(p.a), _ref(p.b)) for p in request.pairs]
@@ -207,10 +208,10 @@ class SimilarityService(pb_grpc.SimilarityServicer):
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=e.tolist()) for e in embs], dim=embs.shape[1], model=self.rt.model_name)
 
     @_guard
-    def Search(self, request, context):
+    async def Search(self, request, context):
         if not request.HasField("query") or request.query.WhichOneof("source") is None:
             raise RequestError("invalid", "query: set image data or key")
-        hits = self.rt.search(_ref(request.query), request.collection or None, request.k, request.rerank, dict(request.filter), _timeout(context))
+        hits = await self.rt.search_async(_ref(request.query), request.collection or None, request.k, request.rerank, dict(request.filter), _timeout(context))
         return pb.SearchResponse(
             neighbors=[
                 pb.Neighbor(key=h.key, score=h.score, metadata_json=json.dumps(h.metadata) if h.metadata else "", **({"head_score": h.head_score} if h.head_score is not None else {}))
