@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bundle", help="model bundle (default: the shipped model)")
     sv.add_argument("--backend", choices=["onnx", "torch"])
     sv.add_argument("--threads", type=int, help="engine threads: one single-threaded ONNX Runtime session each, a batch cut across them (default: all cores)")
-    sv.add_argument("--workers", type=int, help="threads for the methods that block on SQLite or FAISS (Search, Add, Get, ...); Embed and ScorePairs run on the event loop (default 32)")
+    sv.add_argument("--workers", type=int, help="threads for the Index methods, which block on SQLite (Add, Get, Remove, ...); Embed, ScorePairs and Search run on the event loop (default 32)")
     sv.add_argument("--faiss-threads", dest="faiss_threads", type=int, help="OpenMP threads per FAISS search (default 1: concurrent requests fill the cores)")
     sv.add_argument("--max-batch", dest="max_batch", type=int, help="micro-batcher: most images per engine call (default 32)")
     sv.add_argument("--max-delay-ms", dest="max_delay_ms", type=float, help="micro-batcher: longest wait for a fuller batch (default 2)")

@@ -53,7 +53,7 @@ class ServerConfig:
     backend: str = "onnx"
     threads: int = 0  # engine threads (one single-threaded ORT session each); 0 = all cores
     faiss_threads: int = 1  # per search: concurrent requests already use every core
-    workers: int = 32  # threads for the blocking methods; Embed and ScorePairs run on the event loop
+    workers: int = 32  # threads for the Index methods (SQLite); Embed, ScorePairs and Search run on the event loop
     max_batch: int = 32
     max_delay_ms: float = 2.0
     max_queue: int = 1024
