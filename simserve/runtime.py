@@ -153,11 +153,12 @@ class Runtime:
         return await self._run_async(self._embed(refs, collection), timeout, _heavy(refs))
 
     def search(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str], timeout: float | None):
-        return self._run(self._search(query, collection, k, rerank, where), timeout)
+        return self._scan(*self._run(self._search_query(query, collection, k, rerank, where), timeout))
 
     async def search_async(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str], timeout: float | None):
+        found = await self._run_async(self._search_query(query, collection, k, rerank, where), timeout, _heavy([query]))
         # The index scan (milliseconds for an exact search) always runs on a worker thread.
-        return await self._run_async(self._search(query, collection, k, rerank, where), timeout, _heavy([query]) or query.data is None, tail_on_thread=True)
+        return await asyncio.get_running_loop().run_in_executor(None, self._scan, *found)
 
     def add(self, collection: str | None, items: Sequence[tuple[str, bytes, dict | None]], timeout: float | None) -> list[str]:
         return self._run(self._add(collection, items), timeout)
@@ -168,20 +169,19 @@ class Runtime:
             done, value = _advance(steps, self.batcher.run(value, timeout))
         return value
 
-    async def _run_async(self, steps: Steps[T], timeout: float | None, heavy: bool, tail_on_thread: bool = False) -> T:
+    async def _run_async(self, steps: Steps[T], timeout: float | None, heavy: bool) -> T:
         """The steps between the waits (decoding, the head, building the answer) run on the
         event loop itself for a small request (a hand-off to a thread costs more than a
         256 px JPEG's 0.2 ms decode) and on a worker thread for a heavy one, so that one
-        request of large photos or many pairs does not stall every other request.
-        ``tail_on_thread``: the steps after the first wait always go to a thread."""
+        request of large photos or many pairs does not stall every other request."""
         loop = asyncio.get_running_loop()
 
-        async def advance(value: list | None, on_thread: bool) -> tuple[bool, Any]:
-            return await loop.run_in_executor(None, _advance, steps, value) if on_thread else _advance(steps, value)
+        async def advance(value: list | None = None) -> tuple[bool, Any]:
+            return await loop.run_in_executor(None, _advance, steps, value) if heavy else _advance(steps, value)
 
-        done, value = await advance(None, heavy)
+        done, value = await advance()
         while not done:
-            done, value = await advance(await self.batcher.run_async(value, timeout), heavy or tail_on_thread)
+            done, value = await advance(await self.batcher.run_async(value, timeout))
         return value
 
     def _score_pairs(self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float) -> Steps[tuple[np.ndarray, np.ndarray, float]]:
@@ -204,7 +204,8 @@ class Runtime:
         _, embs, _ = yield from self._embed_refs(refs, [f"images[{i}]" for i in range(len(refs))], collection)
         return embs
 
-    def _search(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str]) -> Steps[list]:
+    def _search_query(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str]) -> Steps[tuple]:
+        """Checks the request and embeds the query; returns ``_scan``'s arguments."""
         k = k or 10
         if not 0 < k <= self.limits.max_k:
             raise RequestError("invalid", f"k must be between 1 and {self.limits.max_k}, got {k}")
@@ -217,7 +218,10 @@ class Runtime:
         feats, embs, ids = yield from self._embed_refs([query], ["query"], col.name)
         use_feats = None if (rerank == 0 or np.isnan(feats).any()) else feats
         exclude = [[ids[0]]] if ids[0] is not None else None
-        return two_stage_search(self.engine, col, embs, k, features=use_feats, rerank=rerank, where=where or None, exclude_ids=exclude)[0]
+        return col, embs, k, use_feats, rerank, where or None, exclude
+
+    def _scan(self, col: Collection, embs: np.ndarray, k: int, feats: np.ndarray | None, rerank: int, where: dict | None, exclude: list | None) -> list:
+        return two_stage_search(self.engine, col, embs, k, features=feats, rerank=rerank, where=where, exclude_ids=exclude)[0]
 
     def _add(self, collection: str | None, items: Sequence[tuple[str, bytes, dict | None]]) -> Steps[list[str]]:
         self._check_count(len(items), "items")

@@ -320,7 +320,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                         call.failed(e)
                         raise
                     finally:
-                        call.end(context)
+                        call.end()
 
                 return async_inner
 
@@ -336,7 +336,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                     call.failed(e)
                     raise
                 finally:
-                    call.end(context)
+                    call.end()
 
             return inner
 
@@ -369,7 +369,8 @@ class _Call:
         if self.code == "UNKNOWN":
             log.error("unhandled error", exc_info=e, extra={"request_id": self.request_id, "method": self.method})
 
-    def end(self, context: "_Recorded") -> None:
+    def end(self) -> None:
+        context = self.context
         code = context.status.name if context.status is not None else self.code or "OK"
         ms = (time.perf_counter() - self.t0) * 1e3
         self.metrics.requests.labels(self.method, code).inc()

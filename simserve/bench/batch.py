@@ -26,12 +26,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
-from simserve.bench.common import TUXPAINT, interleaved_medians, jpeg_crops, photo_sources, rss_mb
+from simserve.bench.common import TUXPAINT, cpu_seconds, interleaved_medians, jpeg_crops, photo_sources, rss_mb
 from simserve.calibration import threshold_at_precision
 from simserve.decode_pool import DecodePool
 from simserve.engine import default_threads, load_engine
@@ -179,8 +178,8 @@ def score_throughput(bundle: str | None, pairs: int = 4096, images: int = 1024, 
         # cores / (engine + decode CPU per pair), however well the two overlap.
         best = min(engines, key=lambda k: t[f"engine_only_{k}"])
         with DecodePool(cfg.input_size, cfg.in_channels) as pool:
-            decode_cpu = statistics.median(_cpu_seconds(lambda: list(pool.map_files(root / f"{i:05d}.jpg" for i in range(images)))) for _ in range(3))
-        engine_cpu = statistics.median(_cpu_seconds(engine_only(engines[best])) for _ in range(3))
+            decode_cpu = statistics.median(cpu_seconds(lambda: list(pool.map_files(root / f"{i:05d}.jpg" for i in range(images)))) for _ in range(3))
+        engine_cpu = statistics.median(cpu_seconds(engine_only(engines[best])) for _ in range(3))
     best_engine = min(v for k, v in t.items() if k.startswith("engine_only"))
     best_score = min(v for k, v in t.items() if k.startswith("score"))
     cores = default_threads()
@@ -195,12 +194,6 @@ def score_throughput(bundle: str | None, pairs: int = 4096, images: int = 1024, 
         "decode_cpu_ms_per_pair": round(1e3 * decode_cpu / pairs, 3),
         "ceiling_vs_engine": round(cores / ((engine_cpu + decode_cpu) / pairs) * best_engine / pairs, 3),
     }
-
-
-def _cpu_seconds(fn: Callable[[], object]) -> float:
-    c = time.process_time()
-    fn()
-    return time.process_time() - c
 
 
 def dedupe_scale(bundle: str | None, n: int, workdir: str | None = None) -> dict:

@@ -30,6 +30,13 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> f
     return statistics.median(times)
 
 
+def cpu_seconds(fn: Callable[[], object]) -> float:
+    """CPU time (every thread of this process) that ``fn`` takes."""
+    c = time.process_time()
+    fn()
+    return time.process_time() - c
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, settle_s: float = 0.02) -> dict[str, float]:
     """Time several candidates in alternation, so machine noise hits all of them alike.
 

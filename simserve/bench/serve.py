@@ -96,7 +96,7 @@ def _bare_server(out: "mp.Queue") -> None:
     asyncio.run(main())
 
 
-def _cpu_seconds(pid: int) -> float:
+def _process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a live process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -107,7 +107,7 @@ def _load(target: str, method: str, clients: int, procs: int, seconds: float, bl
     q: mp.Queue = ctx.Queue()
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     ps = [ctx.Process(target=_load_worker, args=(target, method, n, seconds, blobs[i::procs], collection, q)) for i, n in enumerate(per)]
-    server_cpu0 = _cpu_seconds(server_pid) if server_pid else 0.0
+    server_cpu0 = _process_cpu_seconds(server_pid) if server_pid else 0.0
     t0 = time.perf_counter()
     for p in ps:
         p.start()
@@ -120,7 +120,7 @@ def _load(target: str, method: str, clients: int, procs: int, seconds: float, bl
         load_cpu += pc
         for k, v in pe.items():
             errors[k] = errors.get(k, 0) + v
-    server_cpu = _cpu_seconds(server_pid) - server_cpu0 if server_pid else float("nan")
+    server_cpu = _process_cpu_seconds(server_pid) - server_cpu0 if server_pid else float("nan")
     for p in ps:
         p.join()
     wall = time.perf_counter() - t0
