@@ -43,8 +43,8 @@ class DecodePool:
         self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) if processes else ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         # crop_views: each result is [6, C, S, S] (simserve/views.py) instead of [C, S, S].
         kw = dict(size=input_size, channels=channels, max_pixels=max_pixels, crop_views=crop_views)
-        self._load = partial(_load, **kw)
-        self._load_file = partial(_load_file, **kw)
+        self._load = partial(load_bytes, **kw)
+        self._load_file = partial(load_file, **kw)
 
     def load(self, data: bytes) -> np.ndarray:
         """One image: bytes -> [C, S, S] uint8 pixels (``Engine.embed`` normalises), or raise DecodeError."""
@@ -93,16 +93,18 @@ def _load_run(fn: Callable, items: list) -> list:
     return [fn(x) for x in items]
 
 
-def _load(data: bytes, size: int, channels: int, max_pixels: int, crop_views: bool = False) -> np.ndarray | DecodeError:
+def load_bytes(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS, crop_views: bool = False) -> np.ndarray | DecodeError:
+    """``pixels``, with a failure returned (not raised), so one bad image never sinks a batch."""
     try:
         return pixels(data, size, channels, max_pixels, crop_views)
     except DecodeError as e:
         return e
 
 
-def _load_file(path: Path, size: int, channels: int, max_pixels: int, crop_views: bool = False) -> np.ndarray | DecodeError:
+def load_file(path: Path, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS, crop_views: bool = False) -> np.ndarray | DecodeError:
+    """A file -> model pixels, or the DecodeError that says why not (a missing file is one too)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         return DecodeError("unreadable", f"cannot read: {e.strerror or e}")
-    return _load(data, size, channels, max_pixels, crop_views)
+    return load_bytes(data, size, channels, max_pixels, crop_views)

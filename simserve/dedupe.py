@@ -23,8 +23,9 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from simserve.decode import DecodeError, decode
 from simserve.engine import Engine
 from simserve.indexer import find_images
+from simserve.lanes import map_lanes
 from simserve.preprocess import to_pixels
 from simserve.store import ItemStore, NewItem
 
@@ -79,18 +81,18 @@ def _hash(path: Path) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _decode(path: Path, engine: Engine) -> tuple[np.ndarray, int, int] | DecodeError:
+def _decode(path: Path, size: int, channels: int) -> tuple[np.ndarray, int, int] | DecodeError:
     """Model pixels and the file's full resolution (the decoder may shrink JPEGs while decoding)."""
     try:
         data = path.read_bytes()
-        img = decode(data, min_side=engine.config.input_size)
+        img = decode(data, min_side=size)
         with Image.open(io.BytesIO(data)) as header:  # reads the header only
             w, h = header.size
     except DecodeError as e:
         return e
     except OSError as e:
         return DecodeError("unreadable", f"cannot read: {e.strerror or e}")
-    return to_pixels(img, engine.config.input_size, engine.config.in_channels), w, h
+    return to_pixels(img, size, channels), w, h
 
 
 def find_duplicates(
@@ -120,7 +122,7 @@ def find_duplicates(
         for im in images:
             by_hash.setdefault(im.sha256, []).append(im)
         report.distinct = len(by_hash)
-        failed = _fill_cache(engine, cache, folder, by_hash, pool, batch, report, progress)
+        failed = _fill_cache(engine, cache, folder, by_hash, batch, workers, report, progress)
         report.failed = {im.path: err for h, err in failed.items() for im in by_hash[h]}
         hashes = [h for h in by_hash if h not in failed]
         stored = cache.get(hashes)
@@ -138,27 +140,38 @@ def find_duplicates(
     return groups, report
 
 
-def _fill_cache(engine, cache, folder, by_hash, pool, batch, report, progress) -> dict[str, str]:
+def _fill_cache(engine, cache, folder, by_hash, batch, workers, report, progress) -> dict[str, str]:
     """Embed what the cache lacks; returns {content hash: error} for files that failed."""
     known = {h for h, v in cache.hashes(list(by_hash)).items() if v}  # key = content hash
     failed: dict[str, str] = {}
     todo = [h for h in by_hash if h not in known]
     report.from_cache = len(by_hash) - len(todo)
     bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress or not todo)
-    for s in range(0, len(todo), batch):
-        part = todo[s : s + batch]
-        out = list(pool.map(lambda h: _decode(folder / by_hash[h][0].path, engine), part))
+    parts = (todo[s : s + batch] for s in range(0, len(todo), batch))
+    decode = partial(_decode_batch, path=lambda h: folder / by_hash[h][0].path, size=engine.config.input_size, channels=engine.config.in_channels)
+    for part, out, (feats, embs) in map_lanes(engine, parts, decode, _embed_batch, lanes=workers):
         good = [(h, o) for h, o in zip(part, out) if not isinstance(o, DecodeError)]
-        for h, o in zip(part, out):
-            if isinstance(o, DecodeError):
-                failed[h] = str(o)
+        failed.update((h, str(o)) for h, o in zip(part, out) if isinstance(o, DecodeError))
         if good:
-            feats, embs = engine.embed(np.stack([o[0] for _, o in good]))
             cache.add([NewItem(h, e, {"w": o[1], "h": o[2]}, h, f.astype(np.float16)) for (h, o), f, e in zip(good, feats, embs)])
             report.embedded += len(good)
         bar.update(len(part))
     bar.close()
     return failed
+
+
+Decoded = tuple[list[str], list[tuple[np.ndarray, int, int] | DecodeError]]
+
+
+def _decode_batch(part: list[str], path: Callable[[str], Path], size: int, channels: int) -> Decoded:
+    return part, [_decode(path(h), size, channels) for h in part]
+
+
+def _embed_batch(lane: Engine, d: Decoded) -> tuple[list[str], list, tuple[np.ndarray, np.ndarray]]:
+    """Embed the images that decoded."""
+    part, out = d
+    good = [o[0] for o in out if not isinstance(o, DecodeError)]
+    return part, out, lane.embed(np.stack(good)) if good else (None, None)
 
 
 def _confirmed_pairs(engine, cache, hashes, store_ids, vecs, k, threshold, report, progress) -> list[tuple[int, int, float]]:

@@ -12,19 +12,23 @@ N-th batch and rank 0 merges, so the output equals one process's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from simserve.decode_pool import DecodePool
+from simserve.decode import DecodeError
+from simserve.decode_pool import load_file
 from simserve.engine import Engine
 from simserve.indexer import find_images
+from simserve.lanes import map_lanes
 from simserve.shard import Shard, interleave
 
 
@@ -82,20 +86,17 @@ def embed_folder(
     t0 = time.perf_counter()
     rows_f, vecs_f = parts.open(append=done > 0)
     bar = tqdm(total=len(paths) // shard.world, initial=done, unit="img", desc="embedding", disable=not progress)
-    with DecodePool(cfg.input_size, cfg.in_channels, workers) as pool, rows_f, vecs_f:
-        for i, chunk in enumerate(shard.batches(paths, batch)):
-            if i < done // batch:
-                continue
-            arrays = list(pool.map_files(chunk))
-            good = [a for a in arrays if isinstance(a, np.ndarray)]
-            if good:
-                _, embs = engine.embed(np.stack(good))
+    load = partial(load_file, size=cfg.input_size, channels=cfg.in_channels)
+    todo = itertools.islice(shard.batches(paths, batch), done // batch, None)
+    with rows_f, vecs_f:
+        for chunk, arrays, embs in map_lanes(engine, todo, partial(_decode_batch, load=load), _embed_batch, lanes=workers):
+            if embs is not None:
                 vecs_f.write(np.ascontiguousarray(embs, np.float32).tobytes())
             for p, a in zip(chunk, arrays):
                 err = None if isinstance(a, np.ndarray) else str(a)
                 rows_f.write((json.dumps({"key": p.relative_to(folder).as_posix(), "error": err}, ensure_ascii=False) + "\n").encode())
                 report.errors += err is not None
-            report.embedded += len(good)
+            report.embedded += 0 if embs is None else len(embs)
             vecs_f.flush()
             rows_f.flush()
             os.fsync(vecs_f.fileno())  # vectors first: a counted row always has its vector
@@ -107,6 +108,20 @@ def embed_folder(
     if shard.finish(prefix, lambda part_paths, dest: _merge(prefix, shard.world, dim, batch)):
         _finalize(_Parts(prefix, dim), prefix)
     return report
+
+
+Decoded = tuple[list[Path], list[np.ndarray | DecodeError]]
+
+
+def _decode_batch(chunk: list[Path], load: Callable[[Path], np.ndarray | DecodeError]) -> Decoded:
+    return chunk, [load(p) for p in chunk]
+
+
+def _embed_batch(lane: Engine, d: Decoded) -> tuple[list[Path], list, np.ndarray | None]:
+    """Embed the images that decoded."""
+    chunk, arrays = d
+    good = [a for a in arrays if isinstance(a, np.ndarray)]
+    return chunk, arrays, lane.embed(np.stack(good))[1] if good else None
 
 
 def _merge(prefix: Path, world: int, dim: int, batch: int) -> None:

@@ -12,6 +12,7 @@ returns scores in [0, 1]. The image-level helpers sit on top.
 
 from __future__ import annotations
 
+import copy
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,11 @@ class Engine(ABC):
         if len(fa) == 0:
             return np.zeros((0,), np.float32)
         return np.concatenate([self._fuse(fa[s : s + self.max_batch], fb[s : s + self.max_batch]) for s in range(0, len(fa), self.max_batch)])
+
+    def split(self, lanes: int | None = None) -> list["Engine"]:
+        """Engines that can run at the same time, one per thread (see simserve/lanes.py).
+        By default the engine itself: one lane, however many threads it uses inside."""
+        return [self]
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> uint8 pixels [n, C, S, S] for ``embed``."""
@@ -127,6 +133,15 @@ class OnnxEngine(Engine):
         self.heads = [ort.InferenceSession(str(bundle.file(HEAD_FILE)), opts, providers=providers) for _ in range(self.lanes)]
         # Lane 0 runs on the caller's thread; the others on these (one each, so never queued).
         self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="ort-lane") if self.lanes > 1 else None
+
+    def split(self, lanes: int | None = None) -> list[Engine]:
+        """One single-lane view per lane (the first ``lanes`` of them), sharing this engine's sessions."""
+        views = []
+        for tower, head in list(zip(self.towers, self.heads))[: lanes or self.lanes]:
+            v = copy.copy(self)
+            v.lanes, v.towers, v.heads, v._pool = 1, [tower], [head], None
+            views.append(v)
+        return views
 
     def _parallel(self, sessions: list, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         n = len(next(iter(feeds.values())))

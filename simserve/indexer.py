@@ -1,4 +1,4 @@
-"""Bulk indexing of a folder: read -> hash -> decode (pool) -> embed (batches) -> add.
+"""Bulk indexing of a folder: read -> hash -> decode and embed (a batch per lane) -> add.
 
 Resumable: each batch is committed as it goes, and a key (the file's path
 relative to the folder) already stored with the same content hash is
@@ -11,15 +11,18 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from simserve.collection import Collection
 from simserve.decode import DecodeError
-from simserve.decode_pool import DecodePool
+from simserve.decode_pool import load_bytes
 from simserve.engine import Engine
+from simserve.lanes import map_lanes
 from simserve.store import NewItem
 from simserve.views import collapse_views
 
@@ -61,10 +64,12 @@ def index_folder(
     report = IndexReport()
     cfg = engine.config
     views = collection.config.crop_views
-    pool = DecodePool(cfg.input_size, cfg.in_channels, workers, crop_views=views)
+    load = partial(load_bytes, size=cfg.input_size, channels=cfg.in_channels, crop_views=views)
     reader = ThreadPoolExecutor(4, thread_name_prefix="read")
     bar = tqdm(total=len(paths), unit="img", desc=f"indexing into {collection.name}", disable=not progress)
-    try:
+
+    def changed() -> Iterator[list[tuple[int, bytes, str]]]:
+        """Batches of (path index, bytes, content hash) whose key is new or whose content changed."""
         for chunk_start in range(0, len(paths), batch * 8):
             chunk = list(range(chunk_start, min(len(paths), chunk_start + batch * 8)))
             known = collection.store.hashes([keys[i] for i in chunk])
@@ -72,28 +77,34 @@ def index_folder(
             todo = [(i, data, h) for i, (data, h) in zip(chunk, read) if known.get(keys[i]) != h]
             report.skipped_unchanged += len(chunk) - len(todo)
             bar.update(len(chunk) - len(todo))
-            for s in range(0, len(todo), batch):
-                part = todo[s : s + batch]
-                arrays = list(pool.map(d for _, d, _ in part))
-                good = [(i, h, a) for (i, _, h), a in zip(part, arrays) if not isinstance(a, DecodeError)]
-                for (i, _, _), a in zip(part, arrays):
-                    if isinstance(a, DecodeError):
-                        report.failed[keys[i]] = str(a)
-                if good:
-                    if views:  # each array is [6, C, S, S]
-                        feats, emb = collapse_views(*engine.embed(np.concatenate([a for _, _, a in good])))
-                    else:
-                        feats, emb = engine.embed(np.stack([a for _, _, a in good]))
-                    collection.add(
-                        [
-                            NewItem(keys[i], emb[j], {"path": keys[i]}, h, feats[j].astype(np.float16) if store_features else None)
-                            for j, (i, h, _) in enumerate(good)
-                        ]
-                    )
-                    report.added += len(good)
-                bar.update(len(part))
+            yield from (todo[s : s + batch] for s in range(0, len(todo), batch))
+
+    def decode(part: list[tuple[int, bytes, str]]) -> tuple[list, list]:
+        return part, [load(d) for _, d, _ in part]
+
+    def embed(lane: Engine, decoded: tuple[list, list]) -> tuple[list, list, tuple | None]:
+        part, arrays = decoded
+        good = [a for a in arrays if not isinstance(a, DecodeError)]
+        if not good:
+            return part, arrays, None
+        if views:  # each array is [6, C, S, S]
+            return part, arrays, collapse_views(*lane.embed(np.concatenate(good)))
+        return part, arrays, lane.embed(np.stack(good))
+
+    try:
+        for part, arrays, out in map_lanes(engine, changed(), decode, embed, lanes=workers):
+            good = [(i, h) for (i, _, h), a in zip(part, arrays) if not isinstance(a, DecodeError)]
+            for (i, _, _), a in zip(part, arrays):
+                if isinstance(a, DecodeError):
+                    report.failed[keys[i]] = str(a)
+            if out is not None:
+                feats, emb = out
+                collection.add(
+                    [NewItem(keys[i], emb[j], {"path": keys[i]}, h, feats[j].astype(np.float16) if store_features else None) for j, (i, h) in enumerate(good)]
+                )
+                report.added += len(good)
+            bar.update(len(part))
     finally:
         bar.close()
         reader.shutdown()
-        pool.close()
     return report

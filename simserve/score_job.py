@@ -1,8 +1,9 @@
 """``simserve score PAIRS --out SCORES``: score a file of image pairs, streamed.
 
-rows (CSV/JSONL) -> batches -> decode pool (reads + decodes the next batch
-while the engine runs this one) -> engine (one tower pass over the batch's
-distinct images, one head pass over its pairs) -> rows out, in order.
+rows (CSV/JSONL) -> batches -> lanes (simserve/lanes.py: each lane reads and
+decodes a batch's distinct images, then runs one tower pass over them and one
+head pass over its pairs, while the other lanes do the same with the next
+batches) -> rows out, in order.
 Pair lists repeat images (one query against many candidates, all pairs of
 a group), so decoded pixels stay in a bounded LRU (``cache_mb``): an image
 is read and decoded once per run, not once per pair. The engine's work is
@@ -19,19 +20,22 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from simserve.decode import DecodeError
-from simserve.decode_pool import DecodePool
+from simserve.decode_pool import load_file
 from simserve.engine import Engine
+from simserve.lanes import map_lanes
 from simserve.rows import RowWriter, file_format, read_rows
 from simserve.shard import Shard, interleave
 
@@ -97,29 +101,20 @@ def score_file(
     total = max(0, _count_lines(pairs) - (1 if file_format(pairs) == "csv" else 0))
     part = shard.part(out)
     t0 = time.perf_counter()
-    with RowWriter(part, out_columns, resume=resume) as writer, DecodePool(cfg.input_size, cfg.in_channels, workers) as pool:
+    with RowWriter(part, out_columns, resume=resume) as writer:
         done = writer.done - writer.done % batch  # whole batches only: they are what a fresh run would write
         if done != writer.done:
             writer.close()
             _truncate_rows(part, done, out_columns)
             writer = RowWriter(part, out_columns, resume=True)
         report.resumed_after = done
-        mine = shard.batches(read_rows(pairs), batch)
-        skip = done // batch
+        todo = itertools.islice(shard.batches(read_rows(pairs), batch), done // batch, None)
         bar = tqdm(total=total // shard.world, initial=done, unit="pair", desc="scoring", disable=not progress, smoothing=0.05)
-        reader = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # the cache's only user
         cache = PixelCache(int(cache_mb * 2**20))
-        pending: Future | None = None
-        for i, rows in enumerate(mine):
-            if i < skip:
-                continue
-            nxt = reader.submit(_decode_batch, pool, rows, cols, root, cache)
-            if pending is not None:
-                _finish(engine, pending.result(), threshold, writer, report, bar)
-            pending = nxt
-        if pending is not None:
-            _finish(engine, pending.result(), threshold, writer, report, bar)
-        reader.shutdown()
+        load = partial(load_file, size=cfg.input_size, channels=cfg.in_channels)
+        decode = partial(_decode_batch, cols=cols, root=root, cache=cache, load=load)
+        for scored in map_lanes(engine, todo, decode, _score_batch, lanes=workers):
+            _write(scored, threshold, writer, report, bar)
         bar.close()
     report.seconds = time.perf_counter() - t0
     report.rows += done
@@ -130,91 +125,125 @@ def score_file(
 @dataclass
 class _Decoded:
     rows: list[dict[str, Any]]
-    pixels: np.ndarray | None  # distinct images of the batch
-    index: list[tuple[int, int] | None]  # per row: (a, b) positions in pixels, or None
+    errors: list[str | None]  # per row; None where the row is scored
+    pixels: np.ndarray | None  # the batch's distinct decoded images
+    ia: list[int]  # per scored row, in row order: its two images in ``pixels``
+    ib: list[int]
+
+
+@dataclass
+class _Scored:
+    rows: list[dict[str, Any]]
     errors: list[str | None]
+    scores: np.ndarray  # one per scored row, in row order
+    cosine: np.ndarray
+
+
+Pixels = np.ndarray | DecodeError
 
 
 class PixelCache:
-    """Decoded images by path, least recently used out first, within a byte budget. Failures
-    are not kept (a file fixed mid-run is read again). One thread uses it: no lock."""
+    """Decoded images by path, least recently used out first, within a byte budget; shared by
+    the lanes. An image another lane is decoding right now is waited for, not decoded again.
+    Failures are not kept (a file fixed mid-run is read again)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._loading: dict[str, Future] = {}
+        self._lock = threading.Lock()
 
-    def get(self, key: str) -> np.ndarray | None:
-        a = self._items.get(key)
-        if a is not None:
-            self._items.move_to_end(key)
-        return a
+    def fetch(self, keys: list[str], load: Callable[[str], Pixels]) -> dict[str, Pixels]:
+        """Every key's pixels (or its DecodeError): from the cache, from the lane already
+        loading it, or loaded here."""
+        out: dict[str, Pixels] = {}
+        mine: list[str] = []
+        theirs: dict[str, Future] = {}
+        with self._lock:
+            for k in keys:
+                if (a := self._items.get(k)) is not None:
+                    self._items.move_to_end(k)
+                    out[k] = a
+                elif k in self._loading:
+                    theirs[k] = self._loading[k]
+                elif self.max_bytes > 0:
+                    self._loading[k] = Future()
+                    mine.append(k)
+                else:
+                    mine.append(k)
+        for k in mine:  # always finish our own loads before waiting on anyone's: no deadlock
+            try:
+                out[k] = load(k)
+            finally:
+                self._done(k, out.get(k, DecodeError("unreadable", "load failed")))
+        for k, f in theirs.items():
+            out[k] = f.result()
+        return out
 
-    def put(self, key: str, a: np.ndarray) -> None:
-        if a.nbytes > self.max_bytes or key in self._items:
-            return
-        self._items[key] = a
-        self.bytes += a.nbytes
-        while self.bytes > self.max_bytes:
-            self.bytes -= self._items.popitem(last=False)[1].nbytes
+    def _done(self, key: str, a: Pixels) -> None:
+        with self._lock:
+            f = self._loading.pop(key, None)
+            if isinstance(a, np.ndarray) and a.nbytes <= self.max_bytes:
+                self._items[key] = a
+                self.bytes += a.nbytes
+                while self.bytes > self.max_bytes:
+                    self.bytes -= self._items.popitem(last=False)[1].nbytes
+        if f is not None:
+            f.set_result(a)
 
 
-def _decode_batch(pool: DecodePool, rows: list[dict[str, Any]], cols: tuple[str, str], root: Path, cache: PixelCache) -> _Decoded:
+def _decode_batch(rows: list[dict[str, Any]], cols: tuple[str, str], root: Path, cache: PixelCache, load: Callable[[Path], Pixels]) -> _Decoded:
+    """Read and decode a batch's distinct images; say which rows cannot be scored, and why."""
     order = list(dict.fromkeys(p for r in rows for p in (r.get(c) for c in cols) if isinstance(p, str) and p))
-    hit = {p: cache.get(p) for p in order}
-    todo = [p for p in order if hit[p] is None]
-    for p, a in zip(todo, pool.map_files(root / p for p in todo)):
-        hit[p] = a
-        if isinstance(a, np.ndarray):
-            cache.put(p, a)
-    good = {p: a for p, a in hit.items() if isinstance(a, np.ndarray)}
-    bad = {p: str(a) for p, a in hit.items() if not isinstance(a, np.ndarray)}
+    got = cache.fetch(order, lambda p: load(root / p))
+    good = {p: a for p, a in got.items() if isinstance(a, np.ndarray)}
     slot = {p: i for i, p in enumerate(good)}
-    index: list[tuple[int, int] | None] = []
+    ia: list[int] = []
+    ib: list[int] = []
     errors: list[str | None] = []
     for r in rows:
-        if "__error__" in r:
-            index.append(None)
-            errors.append(r["__error__"])
-            continue
         a, b = r.get(cols[0]), r.get(cols[1])
         missing = [c for c, v in zip(cols, (a, b)) if not isinstance(v, str) or not v]
-        if missing:
-            index.append(None)
+        if "__error__" in r:
+            errors.append(r["__error__"])
+        elif missing:
             errors.append(f"column {missing[0]!r} is empty")
-        elif a in bad or b in bad:
-            index.append(None)
-            errors.append(f"{a if a in bad else b}: {bad[a] if a in bad else bad[b]}")
+        elif a not in good or b not in good:
+            bad = a if a not in good else b
+            errors.append(f"{bad}: {got[bad]}")
         else:
-            index.append((slot[a], slot[b]))
+            ia.append(slot[a])
+            ib.append(slot[b])
             errors.append(None)
-    pixels = np.stack(list(good.values())) if good else None
-    return _Decoded(rows, pixels, index, errors)
+    return _Decoded(rows, errors, np.stack(list(good.values())) if ia else None, ia, ib)
 
 
-def _finish(engine: Engine, d: _Decoded, threshold: float | None, writer: RowWriter, report: ScoreReport, bar: tqdm) -> None:
-    ok = [i for i, ix in enumerate(d.index) if ix is not None]
+def _score_batch(lane: Engine, d: _Decoded) -> _Scored:
+    """One tower pass over the batch's distinct images, one head pass over its pairs."""
     scores = cosine = np.zeros(0, np.float32)
-    if ok:
-        feats, embs = engine.embed(d.pixels)
-        ia = np.array([d.index[i][0] for i in ok])
-        ib = np.array([d.index[i][1] for i in ok])
-        scores = engine.fuse(feats[ia], feats[ib])
-        cosine = np.einsum("ij,ij->i", embs[ia], embs[ib])
+    if d.ia:
+        feats, embs = lane.embed(d.pixels)
+        scores = lane.fuse(feats[d.ia], feats[d.ib])
+        cosine = np.einsum("ij,ij->i", embs[d.ia], embs[d.ib])
+    return _Scored(d.rows, d.errors, scores, cosine)
+
+
+def _write(d: _Scored, threshold: float | None, writer: RowWriter, report: ScoreReport, bar: tqdm) -> None:
     out = []
     k = 0
-    for r, ix, err in zip(d.rows, d.index, d.errors):
+    for r, err in zip(d.rows, d.errors):
         row = {key: v for key, v in r.items() if not key.startswith("__")}
-        if ix is None:
+        if err is not None:
             row.update(score=None, cosine=None, error=err)
             if threshold is not None:
                 row["match"] = None
             report.errors += 1
             if len(report.error_examples) < 5:
-                report.error_examples.append(err or "")
+                report.error_examples.append(err)
         else:
-            row.update(score=round(float(scores[k]), 6), cosine=round(float(cosine[k]), 6), error=None)
+            row.update(score=round(float(d.scores[k]), 6), cosine=round(float(d.cosine[k]), 6), error=None)
             if threshold is not None:
-                row["match"] = bool(scores[k] >= threshold)
+                row["match"] = bool(d.scores[k] >= threshold)
             k += 1
             report.scored += 1
         out.append(row)

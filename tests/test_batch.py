@@ -86,19 +86,18 @@ def test_killed_score_run_resumes_to_exactly_the_uninterrupted_output(pairs_file
 
 
 def test_score_decodes_each_image_once_and_writes_what_an_uncached_run_writes(pairs_file, stamp_folder, tmp_path, monkeypatch):
-    from simserve.decode_pool import DecodePool
+    from simserve import score_job
     from simserve.engine import load_engine
     from simserve.score_job import score_file
 
     requested: list[str] = []
-    real = DecodePool.map_files
+    real = score_job.load_file
 
-    def counting(self, paths):
-        paths = list(paths)
-        requested.extend(str(p) for p in paths)
-        return real(self, paths)
+    def counting(path, **kw):
+        requested.append(str(path))
+        return real(path, **kw)
 
-    monkeypatch.setattr(DecodePool, "map_files", counting)
+    monkeypatch.setattr(score_job, "load_file", counting)
     engine = load_engine(None)
     kw = dict(root=stamp_folder, columns=("left", "right"), batch=8, progress=False)
     score_file(engine, pairs_file, tmp_path / "cached.csv", **kw)

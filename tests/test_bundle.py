@@ -105,3 +105,47 @@ def test_onnx_lanes_cut_batches_without_changing_a_single_bit(tmp_path):
     with ThreadPoolExecutor(6) as ex:
         outs = list(ex.map(lambda i: four.embed(x[i : i + 20])[1], range(0, 50, 5)))
     assert all(np.array_equal(o, one.embed(x[i : i + 20])[1]) for o, i in zip(outs, range(0, 50, 5)))
+
+
+def test_lane_views_and_map_lanes_give_the_engines_numbers_in_input_order(tmp_path):
+    """The bulk jobs' shape (simserve/lanes.py): each lane a whole batch of its own. Same bits
+    as the engine, results in input order however the lanes finish, the input pulled lazily
+    (a stream stays a stream), and a failure surfaces at its item."""
+    import itertools
+
+    from simserve.lanes import map_lanes
+
+    path = _exported("grouped", tmp_path / "b")
+    engine = load_engine(path, "onnx", threads=3, lanes=3)
+    views = engine.split()
+    assert len(views) == 3 and len({id(v.towers[0]) for v in views}) == 3 and all(v.lanes == 1 for v in views)
+    assert len(engine.split(2)) == 2
+    x = np.random.default_rng(3).integers(0, 256, size=(40, 3, 48, 48), dtype=np.uint8)
+    batches = [x[s : s + n] for s, n in zip(range(0, 40, 8), (8, 3, 8, 1, 8))]
+
+    def run(lane, b):
+        assert lane.lanes == 1
+        return lane.embed(b)[1]
+
+    out = list(map_lanes(engine, batches, lambda b: b, run))
+    assert len(out) == len(batches) and all(np.array_equal(o, engine.embed(b)[1]) for o, b in zip(out, batches))
+
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield x[:2]
+
+    first = next(map_lanes(engine, endless(), lambda b: b, run))
+    assert first.shape == (2, 24) and len(pulled) == 4  # a batch per lane in flight, one waiting
+
+    def broken(b):
+        if len(b) == 1:
+            raise ValueError("item 3 is bad")
+        return b
+
+    got = map_lanes(engine, batches, broken, run)
+    assert [len(next(got)) for _ in range(3)] == [8, 3, 8]
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        next(got)

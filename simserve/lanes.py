@@ -1,0 +1,60 @@
+"""Bulk jobs on every lane at once: each lane reads, decodes and embeds whole batches of its own.
+
+The server cuts each batch across the engine's lanes, which is right for latency. The
+offline jobs (``score``, ``embed``, ``dedupe``, folder indexing) want throughput, and
+there the better shape is one pipeline per core: a lane thread decodes a batch and then
+runs its own single-threaded session on it, while the other lane does the same with the
+next batch. Nothing waits for anything (no decode pool to hand off to, no slice to
+join), and decoding never competes with the engine for a core it needs at that moment.
+Measured on the 2-core box, 4,096 pairs of distinct 256 px JPEGs: 817 vs 684 pairs/s
+for decode-pool prefetch + cut batches (runs/s6/fused.py, interleaved medians).
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from simserve.engine import Engine
+
+T = TypeVar("T")
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+def map_lanes(engine: Engine, items: Iterable[T], prepare: Callable[[T], P], run: Callable[[Engine, P], R], lanes: int | None = None) -> Iterator[R]:
+    """``run(lane, prepare(item))`` for every item, results in input order.
+
+    ``prepare`` (read, decode) needs no lane; ``run`` gets a one-session view of ``engine``
+    (``Engine.split``) to itself. There is a thread per lane, and at least two, so a
+    single-lane engine (torch, or ORT's own intra-op pool) still decodes the next batch
+    while it runs this one. Items are pulled lazily and one waits beyond those in flight,
+    so a stream of 10 million rows stays a stream. An exception in either step surfaces
+    here, at its item's turn."""
+    views = engine.split(lanes)
+    free: queue.SimpleQueue[Engine] = queue.SimpleQueue()
+    for v in views:
+        free.put(v)
+
+    def task(item: T) -> R:
+        ready = prepare(item)
+        lane = free.get()
+        try:
+            return run(lane, ready)
+        finally:
+            free.put(lane)
+
+    threads = max(2, len(views))
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="lane")
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(task, item))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
