@@ -321,7 +321,7 @@ def _cmd_dedupe(args: argparse.Namespace) -> int:
 def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) -> None:
     """The knobs every batch job shares."""
     p.add_argument("--batch", type=int, default=64, help=f"{batch_help} (default 64)")
-    p.add_argument("--workers", type=int, help="read/decode threads (default: all cores)")
+    p.add_argument("--workers", type=int, help="lanes: pipelines that each read, decode and embed a whole batch, one engine session each (default: one per core)")
     if resumable:
         p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the whole batches already written")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--factory", default="Flat", help="FAISS factory string for a new collection: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
     ib.add_argument("--crop-views", action="store_true", help=CROP_VIEWS_HELP)
     ib.add_argument("--batch", type=int, default=64)
-    ib.add_argument("--workers", type=int, help="decode workers (default: all cores)")
+    ib.add_argument("--workers", type=int, help="lanes: pipelines that each decode and embed a whole batch, one engine session each (default: one per core)")
     ib.add_argument("--quiet", action="store_true")
     ist = ixs.add_parser("stats", help="item counts, index type and size")
     common(ist, collection_required=False)
