@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from simserve.decode import DecodeError, decode
 from simserve.engine import Engine
 from simserve.indexer import find_images
-from simserve.lanes import map_lanes
+from simserve.lanes import decode_each, embed_decoded, map_lanes
 from simserve.preprocess import to_pixels
 from simserve.store import ItemStore, NewItem
 
@@ -81,10 +81,11 @@ def _hash(path: Path) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _decode(path: Path, size: int, channels: int) -> tuple[np.ndarray, int, int] | DecodeError:
-    """Model pixels and the file's full resolution (the decoder may shrink JPEGs while decoding)."""
+def _decode(content: str, folder: Path, by_hash: dict[str, list["FileInfo"]], size: int, channels: int) -> tuple[np.ndarray, int, int] | DecodeError:
+    """Model pixels and the full resolution of the first file with this content hash (the
+    decoder may shrink JPEGs while decoding)."""
     try:
-        data = path.read_bytes()
+        data = (folder / by_hash[content][0].path).read_bytes()
         img = decode(data, min_side=size)
         with Image.open(io.BytesIO(data)) as header:  # reads the header only
             w, h = header.size
@@ -148,30 +149,17 @@ def _fill_cache(engine, cache, folder, by_hash, batch, workers, report, progress
     report.from_cache = len(by_hash) - len(todo)
     bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress or not todo)
     parts = (todo[s : s + batch] for s in range(0, len(todo), batch))
-    decode = partial(_decode_batch, path=lambda h: folder / by_hash[h][0].path, size=engine.config.input_size, channels=engine.config.in_channels)
-    for part, out, (feats, embs) in map_lanes(engine, parts, decode, _embed_batch, lanes=workers):
+    load = partial(_decode, folder=folder, by_hash=by_hash, size=engine.config.input_size, channels=engine.config.in_channels)
+    for part, out, embedded in map_lanes(engine, parts, partial(decode_each, load=load), embed_decoded, lanes=workers):
         good = [(h, o) for h, o in zip(part, out) if not isinstance(o, DecodeError)]
         failed.update((h, str(o)) for h, o in zip(part, out) if isinstance(o, DecodeError))
-        if good:
+        if embedded is not None:
+            feats, embs = embedded
             cache.add([NewItem(h, e, {"w": o[1], "h": o[2]}, h, f.astype(np.float16)) for (h, o), f, e in zip(good, feats, embs)])
             report.embedded += len(good)
         bar.update(len(part))
     bar.close()
     return failed
-
-
-Decoded = tuple[list[str], list[tuple[np.ndarray, int, int] | DecodeError]]
-
-
-def _decode_batch(part: list[str], path: Callable[[str], Path], size: int, channels: int) -> Decoded:
-    return part, [_decode(path(h), size, channels) for h in part]
-
-
-def _embed_batch(lane: Engine, d: Decoded) -> tuple[list[str], list, tuple[np.ndarray, np.ndarray]]:
-    """Embed the images that decoded."""
-    part, out = d
-    good = [o[0] for o in out if not isinstance(o, DecodeError)]
-    return part, out, lane.embed(np.stack(good)) if good else (None, None)
 
 
 def _confirmed_pairs(engine, cache, hashes, store_ids, vecs, k, threshold, report, progress) -> list[tuple[int, int, float]]:

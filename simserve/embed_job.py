@@ -19,16 +19,15 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from simserve.decode import DecodeError
 from simserve.decode_pool import load_file
 from simserve.engine import Engine
 from simserve.indexer import find_images
-from simserve.lanes import map_lanes
+from simserve.lanes import decode_each, embed_decoded, map_lanes
 from simserve.shard import Shard, interleave
 
 
@@ -89,7 +88,8 @@ def embed_folder(
     load = partial(load_file, size=cfg.input_size, channels=cfg.in_channels)
     todo = itertools.islice(shard.batches(paths, batch), done // batch, None)
     with rows_f, vecs_f:
-        for chunk, arrays, embs in map_lanes(engine, todo, partial(_decode_batch, load=load), _embed_batch, lanes=workers):
+        for chunk, arrays, out in map_lanes(engine, todo, partial(decode_each, load=load), embed_decoded, lanes=workers):
+            embs = None if out is None else out[1]
             if embs is not None:
                 vecs_f.write(np.ascontiguousarray(embs, np.float32).tobytes())
             for p, a in zip(chunk, arrays):
@@ -108,20 +108,6 @@ def embed_folder(
     if shard.finish(prefix, lambda part_paths, dest: _merge(prefix, shard.world, dim, batch)):
         _finalize(_Parts(prefix, dim), prefix)
     return report
-
-
-Decoded = tuple[list[Path], list[np.ndarray | DecodeError]]
-
-
-def _decode_batch(chunk: list[Path], load: Callable[[Path], np.ndarray | DecodeError]) -> Decoded:
-    return chunk, [load(p) for p in chunk]
-
-
-def _embed_batch(lane: Engine, d: Decoded) -> tuple[list[Path], list, np.ndarray | None]:
-    """Embed the images that decoded."""
-    chunk, arrays = d
-    good = [a for a in arrays if isinstance(a, np.ndarray)]
-    return chunk, arrays, lane.embed(np.stack(good))[1] if good else None
 
 
 def _merge(prefix: Path, world: int, dim: int, batch: int) -> None:

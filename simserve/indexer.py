@@ -22,7 +22,7 @@ from simserve.collection import Collection
 from simserve.decode import DecodeError
 from simserve.decode_pool import load_bytes
 from simserve.engine import Engine
-from simserve.lanes import map_lanes
+from simserve.lanes import decode_each, embed_decoded, map_lanes
 from simserve.store import NewItem
 from simserve.views import collapse_views
 
@@ -79,26 +79,15 @@ def index_folder(
             bar.update(len(chunk) - len(todo))
             yield from (todo[s : s + batch] for s in range(0, len(todo), batch))
 
-    def decode(part: list[tuple[int, bytes, str]]) -> tuple[list, list]:
-        return part, [load(d) for _, d, _ in part]
-
-    def embed(lane: Engine, decoded: tuple[list, list]) -> tuple[list, list, tuple | None]:
-        part, arrays = decoded
-        good = [a for a in arrays if not isinstance(a, DecodeError)]
-        if not good:
-            return part, arrays, None
-        if views:  # each array is [6, C, S, S]
-            return part, arrays, collapse_views(*lane.embed(np.concatenate(good)))
-        return part, arrays, lane.embed(np.stack(good))
-
     try:
-        for part, arrays, out in map_lanes(engine, changed(), decode, embed, lanes=workers):
+        decode = partial(decode_each, load=lambda item: load(item[1]))
+        for part, arrays, out in map_lanes(engine, changed(), decode, embed_decoded, lanes=workers):
             good = [(i, h) for (i, _, h), a in zip(part, arrays) if not isinstance(a, DecodeError)]
             for (i, _, _), a in zip(part, arrays):
                 if isinstance(a, DecodeError):
                     report.failed[keys[i]] = str(a)
             if out is not None:
-                feats, emb = out
+                feats, emb = collapse_views(*out) if views else out  # views: six rows an image
                 collection.add(
                     [NewItem(keys[i], emb[j], {"path": keys[i]}, h, feats[j].astype(np.float16) if store_features else None) for j, (i, h) in enumerate(good)]
                 )

@@ -15,8 +15,11 @@ from __future__ import annotations
 import queue
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
+
+from simserve.decode import DecodeError
 from simserve.engine import Engine
 
 T = TypeVar("T")
@@ -58,3 +61,25 @@ def map_lanes(engine: Engine, items: Iterable[T], prepare: Callable[[T], P], run
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# The shape every embedding job's batch takes between the two steps: its items, and per item
+# the decoder's result (pixels, [C, S, S] or views [V, C, S, S], or a tuple whose first element
+# is them) or the DecodeError that says why not.
+Decoded = tuple[list, list[Any]]
+Embedded = tuple[list, list[Any], "tuple[np.ndarray, np.ndarray] | None"]
+
+
+def decode_each(items: list, load: Callable[[Any], Any]) -> Decoded:
+    """``map_lanes``' ``prepare`` for jobs that embed every image of a batch."""
+    return items, [load(x) for x in items]
+
+
+def embed_decoded(lane: Engine, decoded: Decoded) -> Embedded:
+    """``map_lanes``' ``run`` for them: one engine call over the images that decoded (views
+    of one image are consecutive rows). (items, results, (features, embeddings) or None)."""
+    items, results = decoded
+    px = [r[0] if isinstance(r, tuple) else r for r in results if not isinstance(r, DecodeError)]
+    if not px:
+        return items, results, None
+    return items, results, lane.embed(np.concatenate([p.reshape(-1, *p.shape[-3:]) for p in px]))
