@@ -6,8 +6,9 @@ there the better shape is one pipeline per core: a lane thread decodes a batch a
 runs its own single-threaded session on it, while the other lane does the same with the
 next batch. Nothing waits for anything (no decode pool to hand off to, no slice to
 join), and decoding never competes with the engine for a core it needs at that moment.
-Measured on the 2-core box, 4,096 pairs of distinct 256 px JPEGs: 817 vs 684 pairs/s
-for decode-pool prefetch + cut batches (runs/s6/fused.py, interleaved medians).
+On the 2-core box, ``score`` over 4,096 pairs of distinct 256 px JPEGs: 854 vs 802 pairs/s
+for a decode pool feeding cut batches (medians of 4 alternating rounds, 1.00-1.17x each);
+``dedupe`` of 100,000 JPEGs 403 s instead of 470.
 """
 
 from __future__ import annotations
