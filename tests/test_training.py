@@ -89,3 +89,30 @@ def test_distinct_subset_drops_recoloured_variants_and_keeps_distinct_photos(pho
     shrunk = imgs[2].resize((imgs[2].width // 3, imgs[2].height // 3))
     kept = distinct_subset(imgs + [recoloured, shrunk])
     assert list(kept) == list(range(len(imgs)))  # every distinct photo once; both variants dropped
+
+
+def test_cross_batch_memory_holds_the_last_embeddings_and_counts_their_labels():
+    """XBM: the memory keeps the newest ``size`` rows; remembered rows join the loss, as
+    positives when their label is the anchor's and as negatives otherwise; gradients reach
+    only the current batch."""
+    import torch.nn.functional as F
+
+    from training.losses import EmbeddingMemory, info_nce
+
+    torch.manual_seed(0)
+    za = F.normalize(torch.randn(8, 16), dim=1).requires_grad_()
+    zb = F.normalize(torch.randn(8, 16), dim=1)
+    labels = torch.arange(8)
+    mem = EmbeddingMemory(12, 16)
+    for k in range(3):
+        mem.extend(zb + k, labels + 100 * k)
+    assert len(mem) == 12 and mem.labels.tolist() == list(range(104, 108)) + list(range(200, 208))
+    plain = info_nce(za, zb, labels).item()
+    same = EmbeddingMemory(8, 16)
+    same.extend(za.detach(), labels)  # vectors close to the anchors, as earlier views of the same items
+    other = EmbeddingMemory(8, 16)
+    other.extend(za.detach(), labels + 1000)  # the same vectors as other items: hard negatives
+    with_same, with_other = info_nce(za, zb, labels, memory=same).item(), info_nce(za, zb, labels, memory=other).item()
+    assert with_same < with_other and plain < with_other
+    info_nce(za, zb, labels, memory=other).backward()
+    assert za.grad is not None and not other.z.requires_grad

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
-    """Symmetric InfoNCE with every same-label entry counted as a positive (SupCon form)."""
+def info_nce(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, tau: float = 0.07, memory: "EmbeddingMemory | None" = None) -> torch.Tensor:
+    """Symmetric InfoNCE with every same-label entry counted as a positive (SupCon form).
+    With a ``memory``, the a-side also contrasts against the embeddings of earlier batches."""
     logits = za @ zb.t() / tau
     pos = (labels[:, None] == labels[None, :]).float()
 
@@ -20,7 +21,32 @@ def info_nce(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, tau: floa
         log_prob = lg - torch.logsumexp(lg, dim=1, keepdim=True)
         return -((log_prob * p).sum(1) / p.sum(1)).mean()
 
-    return 0.5 * (one_side(logits, pos) + one_side(logits.t(), pos.t()))
+    logits_a, pos_a = logits, pos
+    if memory is not None and len(memory):
+        logits_a = torch.cat([logits, za @ memory.z.t() / tau], 1)
+        pos_a = torch.cat([pos, (labels[:, None] == memory.labels[None, :]).float()], 1)
+    return 0.5 * (one_side(logits_a, pos_a) + one_side(logits.t(), pos.t()))
+
+
+class EmbeddingMemory:
+    """Cross-batch memory (XBM, Wang et al., CVPR 2020): the last ``size`` embeddings and their
+    labels, detached, as extra candidates for the metric loss. Retrieval among a thousand
+    distractors needs finer distinctions than a batch of 128 offers, and the embeddings of a
+    slowly-changing encoder stay valid for a few dozen steps, so this buys thousands of
+    negatives for one small matmul."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        self.size = size
+        self.z = torch.zeros(0, dim)
+        self.labels = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @torch.no_grad()
+    def extend(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+        self.z = torch.cat([self.z, z.detach()])[-self.size :]
+        self.labels = torch.cat([self.labels, labels])[-self.size :]
 
 
 def contrastive(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, margin: float = 0.5) -> torch.Tensor:

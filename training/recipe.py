@@ -22,6 +22,10 @@ class TrainSettings:
     metric_loss: str = "infonce"  # or "contrastive"
     metric_weight: float = 1.0
     tau: float = 0.07
+    # Cross-batch memory for InfoNCE (training.losses.EmbeddingMemory): this many earlier
+    # embeddings, used from this fraction of training on (early embeddings move too fast).
+    memory: int = 0
+    memory_start: float = 0.3
     # Dynamic-head temperature: exponential anneal from start to end over this
     # fraction of training, then held (DY-Conv: 30 -> 1).
     temperature_start: float = 30.0

@@ -33,7 +33,7 @@ from simserve.model.heads import set_temperature
 from training import sources
 from training.augment import CopyAugment, LightAugment
 from training.evaluate import evaluate_class, evaluate_copy
-from training.losses import METRIC_LOSSES, hardest_negatives, pair_bce, random_negatives
+from training.losses import METRIC_LOSSES, EmbeddingMemory, hardest_negatives, pair_bce, random_negatives
 from training.pairs import EpochBatchSampler, PairDataset
 from training.recipe import Recipe, TrainSettings
 
@@ -51,13 +51,18 @@ class TrainStep(nn.Module):
         self.metric = METRIC_LOSSES[settings.metric_loss]
         self.metric_weight = settings.metric_weight
         self.metric_kw = {"tau": settings.tau} if settings.metric_loss == "infonce" else {}
+        self.memory = EmbeddingMemory(settings.memory, model.cfg.embed_dim) if settings.memory and settings.metric_loss == "infonce" else None
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, use_memory: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         # channels_last: ~1.7x faster depthwise convs on CPU (measured, batch 256 at 96 px).
         fmap, emb = self.model.tower(torch.cat([a, b]).contiguous(memory_format=torch.channels_last))
         fa, fb = fmap.split(a.shape[0])
         za, zb = emb.split(a.shape[0])
-        metric = self.metric(za, zb, labels, **self.metric_kw)
+        if self.memory is not None:
+            metric = self.metric(za, zb, labels, **self.metric_kw, memory=self.memory if use_memory else None)
+            self.memory.extend(zb, labels)
+        else:
+            metric = self.metric(za, zb, labels, **self.metric_kw)
         hard = hardest_negatives(za, zb, labels)
         rand = random_negatives(labels, gen)
         valid = labels[rand] != labels  # a batch of one class has no negative
@@ -201,7 +206,7 @@ def train(
                 g["lr"] = lr_at(gstep, total, s)
             set_temperature(model, temperature_at(gstep, total, s))
             gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + gstep)
-            loss, stats = step_module(a, b, labels, gen)
+            loss, stats = step_module(a, b, labels, gen, gstep >= s.memory_start * total)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
