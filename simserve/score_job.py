@@ -101,7 +101,8 @@ def score_file(
     total = max(0, _count_lines(pairs) - (1 if file_format(pairs) == "csv" else 0))
     part = shard.part(out)
     t0 = time.perf_counter()
-    with RowWriter(part, out_columns, resume=resume) as writer:
+    writer = RowWriter(part, out_columns, resume=resume)
+    try:
         done = writer.done - writer.done % batch  # whole batches only: they are what a fresh run would write
         if done != writer.done:
             writer.close()
@@ -116,6 +117,8 @@ def score_file(
         for scored in map_lanes(engine, todo, decode, _score_batch, lanes=workers):
             _write(scored, threshold, writer, report, bar)
         bar.close()
+    finally:
+        writer.close()
     report.seconds = time.perf_counter() - t0
     report.rows += done
     shard.finish(out, lambda parts, dest: _merge(parts, dest, out_columns, batch))

@@ -85,6 +85,23 @@ def test_killed_score_run_resumes_to_exactly_the_uninterrupted_output(pairs_file
     assert partial.read_bytes() == full.read_bytes()
 
 
+def test_resume_cuts_a_part_batch_back_to_whole_batches(pairs_file, stamp_folder, tmp_path):
+    """An output whose complete rows end mid-batch (written with another --batch, or cut by
+    hand) is cut back to whole batches and continued: same bytes as an uninterrupted run."""
+    from simserve.engine import load_engine
+    from simserve.score_job import score_file
+
+    engine = load_engine(None)
+    kw = dict(root=stamp_folder, columns=("left", "right"), batch=8, progress=False)
+    full, part = tmp_path / "full.csv", tmp_path / "part.csv"
+    score_file(engine, pairs_file, full, **kw)
+    lines = full.read_bytes().splitlines(keepends=True)
+    part.write_bytes(b"".join(lines[: 1 + 21]))  # header + 21 rows: two whole batches and 5 rows
+    r = score_file(engine, pairs_file, part, resume=True, **kw)
+    assert r.resumed_after == 16
+    assert part.read_bytes() == full.read_bytes()
+
+
 def test_score_decodes_each_image_once_and_writes_what_an_uncached_run_writes(pairs_file, stamp_folder, tmp_path, monkeypatch):
     from simserve import score_job
     from simserve.engine import load_engine
