@@ -174,11 +174,14 @@ class PixelCache:
                     mine.append(k)
                 else:
                     mine.append(k)
-        for k in mine:  # always finish our own loads before waiting on anyone's: no deadlock
+        for i, k in enumerate(mine):  # our own loads before waiting on anyone's: no deadlock
             try:
                 out[k] = load(k)
-            finally:
-                self._done(k, out.get(k, DecodeError("unreadable", "load failed")))
+            except BaseException:  # not a DecodeError (those are returned): release every claim
+                for rest in mine[i:]:
+                    self._done(rest, DecodeError("unreadable", "the batch loading it failed"))
+                raise
+            self._done(k, out[k])
         for k, f in theirs.items():
             out[k] = f.result()
         return out

@@ -228,3 +228,59 @@ def test_dedupe_report_renders_thumbnails_in_headless_chromium(stamp_folder, tmp
     assert len(np.unique(px.reshape(-1, 3), axis=0)) > 5000
     green = (px[..., 1] > 140) & (px[..., 0] < 80) & (px[..., 2] < 110)  # the keep frame (#2a9d4b)
     assert green.sum() > 200
+
+
+def test_pixel_cache_shared_by_lanes_loads_each_key_once_and_never_strands_a_waiter():
+    """Two lanes asking for overlapping images at once: each image is loaded once (the second
+    asker waits for the first); a load that blows up releases everything it had claimed, so
+    the other lane gets an error for those images instead of waiting forever."""
+    import threading
+
+    from simserve.decode import DecodeError
+    from simserve.score_job import PixelCache
+
+    loads: list[str] = []
+    gate = threading.Event()
+
+    def slow(key):
+        loads.append(key)
+        gate.wait(5)
+        if key == "boom":
+            raise MemoryError("simulated")
+        return np.full((3, 2, 2), ord(key[0]), np.uint8)
+
+    cache = PixelCache(1 << 20)
+    got: dict[str, dict] = {}
+    t1 = threading.Thread(daemon=True, target=lambda: got.__setitem__("1", cache.fetch(["a", "b", "c"], slow)))
+    t1.start()
+    while len(loads) < 1:
+        time.sleep(0.001)
+    t2 = threading.Thread(daemon=True, target=lambda: got.__setitem__("2", cache.fetch(["b", "c", "d"], slow)))
+    t2.start()
+    time.sleep(0.05)
+    gate.set()
+    t1.join(5), t2.join(5)
+    assert sorted(loads) == ["a", "b", "c", "d"]  # b and c once, though both lanes wanted them
+    assert all(np.array_equal(got["1"][k], got["2"][k]) for k in "bc")
+
+    stuck = PixelCache(1 << 20)
+    gate.clear()
+    errors: list[BaseException] = []
+
+    def first():
+        try:
+            stuck.fetch(["boom", "x"], slow)
+        except MemoryError as e:
+            errors.append(e)
+
+    t1 = threading.Thread(daemon=True, target=first)
+    t1.start()
+    while "boom" not in loads:
+        time.sleep(0.001)
+    result: dict = {}
+    t2 = threading.Thread(daemon=True, target=lambda: result.update(stuck.fetch(["x"], slow)))
+    t2.start()
+    time.sleep(0.05)
+    gate.set()
+    t1.join(5), t2.join(5)
+    assert not t2.is_alive() and errors and isinstance(result["x"], DecodeError)
