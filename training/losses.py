@@ -33,7 +33,12 @@ class EmbeddingMemory:
     labels, detached, as extra candidates for the metric loss. Retrieval among a thousand
     distractors needs finer distinctions than a batch of 128 offers, and the embeddings of a
     slowly-changing encoder stay valid for a few dozen steps, so this buys thousands of
-    negatives for one small matmul."""
+    negatives for one small matmul.
+
+    Measured on the default recipe (seed 0, 30 epochs, memory 4,096 from 30% of training on;
+    ``--set train.memory=4096``): embedding recall@1 0.733 vs 0.768 without it, while the head
+    got better (pair ROC-AUC 0.9975 vs 0.9963, recall at precision 0.99 0.949 vs 0.916, re-rank
+    recall@1 0.774 vs 0.752). So it stays off in the shipped recipe."""
 
     def __init__(self, size: int, dim: int) -> None:
         self.size = size
