@@ -96,6 +96,9 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
     if "folder" in d:
         loader = sources.image_folder if mode == "class" else sources.instance_folder
         everything = loader(d["folder"], d.get("max_side", 192))
+        # Split a user's folder by the path inside it, so the same data gives the same split
+        # wherever it lives (another machine, another checkout, a temporary directory).
+        everything.names = [Path(n).relative_to(d["folder"]).as_posix() for n in everything.names]
     else:
         everything = sources.load_sources(d["sources"], d.get("max_side", 192))
     tr, ho = sources.holdout_split(everything.names, d.get("holdout", 0.15))
