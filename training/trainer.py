@@ -51,7 +51,9 @@ class TrainStep(nn.Module):
         self.metric = METRIC_LOSSES[settings.metric_loss]
         self.metric_weight = settings.metric_weight
         self.metric_kw = {"tau": settings.tau} if settings.metric_loss == "infonce" else {}
-        self.memory = EmbeddingMemory(settings.memory, model.cfg.embed_dim) if settings.memory and settings.metric_loss == "infonce" else None
+        if settings.memory and settings.metric_loss != "infonce":
+            raise ValueError(f"train.memory works with metric_loss 'infonce', not {settings.metric_loss!r}")
+        self.memory = EmbeddingMemory(settings.memory, model.cfg.embed_dim) if settings.memory else None
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, use_memory: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         # channels_last: ~1.7x faster depthwise convs on CPU (measured, batch 256 at 96 px).
