@@ -169,10 +169,8 @@ class PixelCache:
                     out[k] = a
                 elif k in self._loading:
                     theirs[k] = self._loading[k]
-                elif self.max_bytes > 0:
-                    self._loading[k] = Future()
-                    mine.append(k)
                 else:
+                    self._loading[k] = Future()
                     mine.append(k)
         for i, k in enumerate(mine):  # our own loads before waiting on anyone's: no deadlock
             try:

@@ -190,12 +190,11 @@ def score_throughput(bundle: str | None, pairs: int = 4096, images: int = 1024, 
         # CPU per pair (all threads of this process), to say what the cores allow: reading and
         # decoding run on the same cores as the engine, so end-to-end can reach at best
         # cores / (engine + decode CPU per pair), however well the two overlap.
-        best = min(engines, key=lambda k: t[f"engine_only_{k}"])
-        cpu_fn = engine_lanes(engines["nospin"]) if t["engine_only_lanes"] < t[f"engine_only_{best}"] else engine_only(engines[best])
+        fastest = min((k for k in t if k.startswith("engine_only")), key=t.__getitem__)
         with DecodePool(cfg.input_size, cfg.in_channels) as pool:
             decode_cpu = statistics.median(cpu_seconds(lambda: list(pool.map_files(root / f"{i:05d}.jpg" for i in range(images)))) for _ in range(3))
-        engine_cpu = statistics.median(cpu_seconds(cpu_fn) for _ in range(3))
-    best_engine = min(v for k, v in t.items() if k.startswith("engine_only"))
+        engine_cpu = statistics.median(cpu_seconds(fns[fastest]) for _ in range(3))
+    best_engine = t[fastest]
     best_score = min(v for k, v in t.items() if k.startswith("score"))
     cores = default_threads()
     return {
