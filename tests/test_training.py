@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import tiny_recipe_dict
+from training import sources
 from training.recipe import Recipe, load_recipe
 from training.trainer import train
 from simserve.config import ModelConfig
@@ -132,3 +133,8 @@ def test_a_folders_holdout_split_does_not_depend_on_where_the_folder_lives(fmnis
         data = load_data(recipe, ModelConfig.from_dict(recipe.model))
         splits.append((sorted(data.train.names), sorted(data.held_out.names)))
     assert splits[0] == splits[1] and splits[0][1] and len(splits[0][0]) > len(splits[0][1])
+    # The same for sources (the default recipe's): a folder source, and scikit-image's photos,
+    # whose absolute path is wherever the venv happens to be.
+    assert sources.load_sources([str(copies[0])], 32).names == sources.load_sources([str(copies[1])], 32).names
+    photos = sources.load_sources(["skimage"], 32).names
+    assert photos and all(n.startswith("skimage/") and "/" not in n[len("skimage/") :] for n in photos)

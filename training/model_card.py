@@ -25,6 +25,7 @@ def card(run: Path) -> str:
     recipe, cfg, m = r["recipe"], r["config"], r["metrics"]
     sources = recipe["data"].get("sources") or [recipe["data"].get("dataset", recipe["data"].get("folder"))]
     minutes = r["train_seconds"] / 60
+    held = r.get("held_out_split_images", r["held_out_images"])
     lines = [
         f"# Model card: `{recipe['name']}`",
         "",
@@ -38,7 +39,7 @@ def card(run: Path) -> str:
         "",
         "## Training data",
         *[f"- {DATA_NOTES.get(s, s)}" for s in sources],
-        f"- {r['train_images']} training images; {r['held_out_images']} held out by a hash of the file path "
+        f"- {r['train_images']} training images; {held} held out by a hash of the file path "
         f"(fraction {recipe['data'].get('holdout')}), never trained on.",
         "- Self-supervised: two augmented views of one image are a positive; other images in the batch are negatives "
         "(hardest in-batch negative + a random one for the head; InfoNCE over the batch for the embedding).",
@@ -56,7 +57,7 @@ def card(run: Path) -> str:
         f"- Gallery: {m.get('gallery')} held-out originals; queries: {m.get('queries')} augmented copies.",
         *(
             [
-                f"- The gallery holds distinct images only: of the {r['held_out_images']} held-out images, near-identical "
+                f"- The gallery holds distinct images only: of the {held} held-out images, near-identical "
                 f"ones (grey 16x16 thumbnails correlating above {recipe['eval']['distinct']}, model-free: "
                 "`training.sources.distinct_subset`) are kept once. Open Clip Art ships many drawings in several "
                 "colourways; colour jitter and greyscale make those copies of each other, so as distractors they make the "
@@ -76,7 +77,7 @@ def card(run: Path) -> str:
         "",
         *_robustness(run),
         "## Limitations",
-        "- Trained on drawings, stamps and a few photos at 96x96 pixels: fine detail is lost; very small crops (<30% area) "
+        f"- Trained on drawings, stamps and a few photos at {cfg['input_size']}x{cfg['input_size']} pixels: fine detail is lost; very small crops (<30% area) "
         "and heavy rotations are outside what it saw.",
         "- Negative pairs in the AUC are random held-out images; visually near-identical *different* images "
         "(e.g. two frames of one video) are harder than these figures suggest.",

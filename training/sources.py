@@ -80,12 +80,17 @@ def _load_one(path: Path, max_side: int, trim: bool) -> Image.Image | None:
     return img
 
 
-def load_paths(paths: list[Path], labels: list[int], max_side: int, trim: bool = False, workers: int = 4) -> ImageSet:
-    """Decode many files in threads (Pillow releases the GIL while decoding)."""
+def load_paths(paths: list[Path], labels: list[int], max_side: int, root: Path, trim: bool = False, workers: int = 4) -> ImageSet:
+    """Decode many files in threads (Pillow releases the GIL while decoding).
+
+    Each image is named by its path inside ``root``: the holdout split hashes
+    names, so the same data must split the same wherever it lives (another
+    machine, another checkout, a venv elsewhere, a temporary directory)."""
     with ThreadPoolExecutor(workers) as ex:
         imgs = list(ex.map(lambda p: _load_one(p, max_side, trim), paths))
     keep = [i for i, im in enumerate(imgs) if im is not None]
-    return ImageSet([imgs[i] for i in keep], np.asarray([labels[i] for i in keep], dtype=np.int64), [str(paths[i]) for i in keep])
+    names = [paths[i].relative_to(root).as_posix() for i in keep]
+    return ImageSet([imgs[i] for i in keep], np.asarray([labels[i] for i in keep], dtype=np.int64), names)
 
 
 def image_folder(root: str | os.PathLike, max_side: int = 192, trim: bool = False) -> ImageSet:
@@ -97,7 +102,7 @@ def image_folder(root: str | os.PathLike, max_side: int = 192, trim: bool = Fals
         raise ValueError(f"{root}: expected class sub-folders (ImageFolder layout), found none")
     index = {c: i for i, c in enumerate(classes)}
     paths = [p for p in paths if len(p.relative_to(root).parts) > 1]
-    s = load_paths(paths, [index[p.relative_to(root).parts[0]] for p in paths], max_side, trim)
+    s = load_paths(paths, [index[p.relative_to(root).parts[0]] for p in paths], max_side, root, trim)
     s.classes = classes
     return s
 
@@ -105,7 +110,7 @@ def image_folder(root: str | os.PathLike, max_side: int = 192, trim: bool = Fals
 def instance_folder(root: str | os.PathLike, max_side: int = 192, trim: bool = False) -> ImageSet:
     """Every image in a folder tree as its own instance (label = index): copy-pair data."""
     paths = list_images(root)
-    s = load_paths(paths, list(range(len(paths))), max_side, trim)
+    s = load_paths(paths, list(range(len(paths))), max_side, Path(root), trim)
     s.labels = np.arange(len(s), dtype=np.int64)
     return s
 
@@ -126,7 +131,7 @@ def skimage_photos(max_side: int = 192) -> ImageSet:
 
     root = Path(skimage.data.__file__).parent
     keep = [p for p in sorted(root.glob("*")) if p.suffix.lower() in {".png", ".jpg"}]
-    return load_paths(keep, list(range(len(keep))), max_side)
+    return load_paths(keep, list(range(len(keep))), max_side, root)
 
 
 def fashion_mnist(split: str = "train") -> ImageSet:
@@ -194,15 +199,19 @@ SOURCES = {
 
 
 def load_sources(names: list[str], max_side: int) -> ImageSet:
-    """Several named sources as one instance set (every image its own label)."""
+    """Several named sources as one instance set (every image its own label).
+
+    Names become ``source/path-inside-it`` (a folder source by its last
+    component), so the split is the same on every machine."""
     out: ImageSet | None = None
     for n in names:
         if n in SOURCES:
-            s = SOURCES[n](max_side)
+            s, prefix = SOURCES[n](max_side), n
         elif Path(n).is_dir():
-            s = instance_folder(n, max_side)
+            s, prefix = instance_folder(n, max_side), Path(n).resolve().name
         else:
             raise ValueError(f"unknown source {n!r}; known: {sorted(SOURCES)}, or a folder path")
+        s.names = [f"{prefix}/{name}" for name in s.names]
         out = s if out is None else out + s
     assert out is not None
     out.labels = np.arange(len(out), dtype=np.int64)

@@ -87,6 +87,7 @@ class Data:
     held_out: sources.ImageSet
     mode: str
     augment: Any
+    held_out_split: int = 0  # images the split held out, before the distinct-gallery filter
 
 
 def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
@@ -97,10 +98,7 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
         return Data(sources.fashion_mnist("train"), sources.fashion_mnist("test"), mode, augment)
     if "folder" in d:
         loader = sources.image_folder if mode == "class" else sources.instance_folder
-        everything = loader(d["folder"], d.get("max_side", 192))
-        # Split a user's folder by the path inside it, so the same data gives the same split
-        # wherever it lives (another machine, another checkout, a temporary directory).
-        everything.names = [Path(n).relative_to(d["folder"]).as_posix() for n in everything.names]
+        everything = loader(d["folder"], d.get("max_side", 192))  # named by the path inside the folder
     else:
         everything = sources.load_sources(d["sources"], d.get("max_side", 192))
     tr, ho = sources.holdout_split(everything.names, d.get("holdout", 0.15))
@@ -110,7 +108,7 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
     if mode == "copy":  # every image its own identity
         train_set.labels = np.arange(len(train_set), dtype=np.int64)
         held.labels = np.arange(len(held), dtype=np.int64)
-    return Data(train_set, held, mode, augment)
+    return Data(train_set, held, mode, augment, held_out_split=len(ho))
 
 
 def evaluate(model: SiameseNet, data: Data, recipe: Recipe, quick: bool = False) -> dict[str, float]:
@@ -248,6 +246,7 @@ def train(
             machine=f"{platform.machine()} {os.cpu_count()} cpus",
             train_images=len(data.train),
             held_out_images=len(data.held_out),
+            held_out_split_images=data.held_out_split or len(data.held_out),
         )
         save_checkpoint(out / "model.pt", model, metrics=json.dumps(metrics), recipe=json.dumps(recipe.to_dict()))
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
