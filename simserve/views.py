@@ -6,9 +6,9 @@ embedding of a 30%-area crop of it. Indexing the normalised weighted mean of
 six embeddings (the whole image and five crops of 75% of each side: four
 corners and the centre) moves the stored vector towards what crops look like, for
 six engine passes per *added* item and nothing extra per query. On the
-default model's held-out copies (crops down to 30% area) among 1,087
-originals, recall@1 goes from 0.768 to 0.834, crop-only queries 0.833 ->
-0.911, uncropped ones 0.959 -> 0.943 (``python -m training.robustness
+default model's held-out copies (crops down to 30% area) among 1,028
+originals, recall@1 goes from 0.832 to 0.880, crop-only queries 0.862 ->
+0.930, uncropped ones 0.968 -> 0.959 (``python -m training.robustness
 runs/default``). It is a per-collection choice fixed at creation, so every
 vector in a collection is made the same way.
 """
@@ -23,7 +23,8 @@ from simserve.preprocess import to_pixels
 CROP_SIDE = 0.75  # each crop keeps 75% of the width and of the height (56% of the area)
 N_VIEWS = 6
 # The whole image counts as three views: with equal weights an uncropped copy is found less
-# often (recall@1 0.959 -> 0.927); at 3 it keeps 0.943 and crops lose little (0.922 -> 0.911).
+# often (recall@1 0.959 -> 0.927); at 3 it keeps 0.943 and crops lose little (0.922 -> 0.911)
+# (measured on the earlier 96 px default model).
 WHOLE_WEIGHT = 3.0
 
 

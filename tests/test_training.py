@@ -119,6 +119,40 @@ def test_cross_batch_memory_holds_the_last_embeddings_and_counts_their_labels():
     assert za.grad is not None and not other.z.requires_grad
 
 
+def test_koleo_spreads_other_items_apart_and_ignores_an_items_own_views():
+    """KoLeo: a step down its gradient raises the nearest-other distance; two views of one item
+    are not each other's neighbour (pulling those together is InfoNCE's job)."""
+    import torch.nn.functional as F
+
+    from training.losses import koleo
+
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(4, 8), dim=1)
+    z = F.normalize(torch.cat([base, base + 0.01 * torch.randn(4, 8)]), dim=1)
+    labels = torch.arange(4).repeat(2)
+    assert koleo(z, labels) < 2.0  # views of one item 0.01 apart do not count as neighbours
+    assert koleo(z, torch.arange(8)) > 3.0  # as different items they do: -log(~0.01)
+
+    def nearest_other(v):
+        d = torch.cdist(v, v) + torch.eye(len(v)) * 9
+        return d.min(1).values.mean()
+
+    crowd = F.normalize(torch.randn(16, 8) * 0.1 + torch.ones(8), dim=1).requires_grad_()
+    koleo(crowd, torch.arange(16)).backward()
+    moved = F.normalize(crowd.detach() - 0.05 * crowd.grad, dim=1)
+    assert nearest_other(moved) > nearest_other(crowd.detach())
+
+    from simserve.model import build_model
+    from training.trainer import TrainStep
+
+    recipe = Recipe.from_dict(tiny_recipe_dict(Path("."), koleo=30.0))
+    step = TrainStep(build_model(ModelConfig.from_dict(recipe.model)), recipe.train)
+    x = torch.randn(8, 1, 32, 32)
+    loss, stats = step(x, x + 0.1 * torch.randn_like(x), torch.arange(8), torch.Generator().manual_seed(0))
+    assert stats["koleo"] > 0 and abs(loss.item() - stats["loss"]) < 1e-5
+    assert abs(stats["loss"] - (stats["bce"] + stats["metric"] + 30.0 * stats["koleo"])) < 1e-3
+
+
 def test_a_folders_holdout_split_does_not_depend_on_where_the_folder_lives(fmnist_folder, tmp_path):
     """Reproducible from the recipe and seed on any machine: the split hashes the path inside
     the folder, not the folder's own location."""

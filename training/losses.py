@@ -67,6 +67,18 @@ def contrastive(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, margin
 METRIC_LOSSES = {"infonce": info_nce, "contrastive": contrastive}
 
 
+def koleo(z: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy regulariser (Sablayrolles et al., ICLR 2019; used by SSCD,
+    Pizzi et al., CVPR 2022): minus the mean log distance from each embedding to its nearest
+    neighbour of *another* label. InfoNCE only asks a copy to be nearer its source than the batch
+    is; spreading the embeddings uniformly over the sphere leaves more room between unrelated
+    images, which is what nearest-neighbour search among thousands of distractors needs."""
+    with torch.no_grad():
+        sim = (z @ z.t()).masked_fill(labels[:, None] == labels[None, :], float("-inf"))
+        nearest = sim.argmax(dim=1)
+    return -torch.log((z - z[nearest]).norm(dim=1) + eps).mean()
+
+
 @torch.no_grad()
 def hardest_negatives(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """For each i, the j whose view-b embedding is most similar to za[i] among other labels."""

@@ -26,6 +26,8 @@ class TrainSettings:
     # embeddings, used from this fraction of training on (early embeddings move too fast).
     memory: int = 0
     memory_start: float = 0.3
+    # Weight of the KoLeo entropy regulariser on the embeddings (training.losses.koleo); 0 = off.
+    koleo: float = 0.0
     # Dynamic-head temperature: exponential anneal from start to end over this
     # fraction of training, then held (DY-Conv: 30 -> 1).
     temperature_start: float = 30.0

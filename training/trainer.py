@@ -33,7 +33,7 @@ from simserve.model.heads import set_temperature
 from training import sources
 from training.augment import CopyAugment, LightAugment
 from training.evaluate import evaluate_class, evaluate_copy
-from training.losses import METRIC_LOSSES, EmbeddingMemory, hardest_negatives, pair_bce, random_negatives
+from training.losses import METRIC_LOSSES, EmbeddingMemory, hardest_negatives, koleo, pair_bce, random_negatives
 from training.pairs import EpochBatchSampler, PairDataset
 from training.recipe import Recipe, TrainSettings
 
@@ -50,6 +50,7 @@ class TrainStep(nn.Module):
         self.model = model
         self.metric = METRIC_LOSSES[settings.metric_loss]
         self.metric_weight = settings.metric_weight
+        self.koleo_weight = settings.koleo
         self.metric_kw = {"tau": settings.tau} if settings.metric_loss == "infonce" else {}
         if settings.memory and settings.metric_loss != "infonce":
             raise ValueError(f"train.memory works with metric_loss 'infonce', not {settings.metric_loss!r}")
@@ -76,9 +77,14 @@ class TrainStep(nn.Module):
         pos_logits, neg_logits = logits[: fa.shape[0]], logits[fa.shape[0] :]
         bce = pair_bce(pos_logits, neg_logits)
         loss = bce + self.metric_weight * metric
+        stats = {"bce": bce.item(), "metric": metric.item()}
+        if self.koleo_weight:
+            spread = koleo(emb, torch.cat([labels, labels]))
+            loss = loss + self.koleo_weight * spread
+            stats["koleo"] = spread.item()
         with torch.no_grad():
             acc = 0.5 * ((pos_logits > 0).float().mean() + (neg_logits < 0).float().mean())
-        return loss, {"loss": loss.item(), "bce": bce.item(), "metric": metric.item(), "pair_acc": acc.item()}
+        return loss, {"loss": loss.item(), **stats, "pair_acc": acc.item()}
 
 
 @dataclass
