@@ -39,7 +39,7 @@ def card(run: Path) -> str:
         "",
         "## Training data",
         *[f"- {DATA_NOTES.get(s, s)}" for s in sources],
-        f"- {r['train_images']} training images; {held} held out by a hash of the file path "
+        f"- {r['train_images']} training images; {held} held out by a hash of each file's path inside its source "
         f"(fraction {recipe['data'].get('holdout')}), never trained on.",
         "- Self-supervised: two augmented views of one image are a positive; other images in the batch are negatives "
         "(hardest in-batch negative + a random one for the head; InfoNCE over the batch for the embedding).",
