@@ -72,7 +72,11 @@ def koleo(z: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Ten
     Pizzi et al., CVPR 2022): minus the mean log distance from each embedding to its nearest
     neighbour of *another* label. InfoNCE only asks a copy to be nearer its source than the batch
     is; spreading the embeddings uniformly over the sphere leaves more room between unrelated
-    images, which is what nearest-neighbour search among thousands of distractors needs."""
+    images, which is what nearest-neighbour search among thousands of distractors needs.
+
+    Measured on the default recipe (128 px, 6-epoch pilots, seed 0, same split): recall@1 0.664
+    without it, 0.628 at weight 1, 0.535 at 5, 0.165 at SSCD's 30. With 128-image batches and a
+    small tower it fights InfoNCE instead of helping, so it stays off in the shipped recipe."""
     with torch.no_grad():
         sim = (z @ z.t()).masked_fill(labels[:, None] == labels[None, :], float("-inf"))
         nearest = sim.argmax(dim=1)
