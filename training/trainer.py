@@ -93,7 +93,7 @@ class Data:
     held_out: sources.ImageSet
     mode: str
     augment: Any
-    held_out_split: int = 0  # images the split held out, before the distinct-gallery filter
+    held_out_split: int  # images the split held out, before the distinct-gallery filter
 
 
 def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
@@ -101,7 +101,8 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
     mode = d.get("mode", "copy")
     augment = CopyAugment(cfg.input_size) if d.get("augment", "copy") == "copy" else LightAugment(cfg.input_size)
     if d.get("dataset") == "fashion-mnist":
-        return Data(sources.fashion_mnist("train"), sources.fashion_mnist("test"), mode, augment)
+        test = sources.fashion_mnist("test")
+        return Data(sources.fashion_mnist("train"), test, mode, augment, held_out_split=len(test))
     if "folder" in d:
         loader = sources.image_folder if mode == "class" else sources.instance_folder
         everything = loader(d["folder"], d.get("max_side", 192))  # named by the path inside the folder
@@ -252,7 +253,7 @@ def train(
             machine=f"{platform.machine()} {os.cpu_count()} cpus",
             train_images=len(data.train),
             held_out_images=len(data.held_out),
-            held_out_split_images=data.held_out_split or len(data.held_out),
+            held_out_split_images=data.held_out_split,
         )
         save_checkpoint(out / "model.pt", model, metrics=json.dumps(metrics), recipe=json.dumps(recipe.to_dict()))
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
