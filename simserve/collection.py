@@ -29,6 +29,7 @@ import numpy as np
 from simserve.rwlock import RWLock
 from simserve.store import ItemStore, NewItem, StoreError, StoredItem
 from simserve.tiered_index import TieredIndex
+from simserve.views import RESCORE_DEPTH, view_scores
 from simserve.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
 
 log = logging.getLogger("simserve.collection")
@@ -53,7 +54,9 @@ class CollectionNotFound(KeyError):
 @dataclass
 class Hit:
     key: str
-    score: float  # cosine similarity of the embeddings
+    # Cosine similarity of the embeddings; in a crop-views collection, the mean of that and
+    # the best crop view's cosine (simserve/views.py: view_scores).
+    score: float
     id: int
     metadata: dict[str, Any] | None = None
     head_score: float | None = None  # set when re-ranked by the fusion head
@@ -170,12 +173,15 @@ class Collection:
         return self.store.get(keys)
 
     def search(self, vectors: np.ndarray, k: int, where: dict[str, Any] | None = None, exclude_ids: Sequence[int] = ()) -> list[list[Hit]]:
+        """Top k per query vector. A crop-views collection fetches the top RESCORE_DEPTH by
+        the pooled vector and re-orders them by their view embeddings (simserve/views.py)."""
         allow = self.store.ids_matching(where) if where else None
         if allow is not None and not len(allow):
             return [[] for _ in range(len(vectors))]
+        depth = max(k, RESCORE_DEPTH) if self.config.crop_views else k
         extra = len(exclude_ids)
         with self.lock.read():
-            scores, ids = self.index.search(vectors, k + extra, allow)
+            scores, ids = self.index.search(vectors, depth + extra, allow)
         wanted = {int(i) for row in ids for i in row if i >= 0}
         items = self.store.get_ids(sorted(wanted))  # removed meanwhile -> absent -> skipped
         skip = set(int(i) for i in exclude_ids)
@@ -187,10 +193,24 @@ class Collection:
                 if i < 0 or it is None or int(i) in skip:
                     continue
                 hits.append(Hit(it.key, float(s), int(i), it.metadata))
-                if len(hits) == k:
+                if len(hits) == depth:
                     break
             out.append(hits)
+        if depth > k:
+            out = [self._rescore(v, hits)[:k] for v, hits in zip(vectors, out)]
         return out
+
+    def _rescore(self, query: np.ndarray, hits: list[Hit]) -> list[Hit]:
+        """Hits re-scored by their stored views, best first (items added before views were
+        stored keep the pooled cosine: their score if no view matched better than the pool)."""
+        views = self.store.views([h.id for h in hits])
+        have = [h for h in hits if h.id in views]
+        if have:
+            q = np.asarray(query, np.float32).reshape(-1)
+            new = view_scores(q, np.array([h.score for h in have], np.float32), np.stack([views[h.id] for h in have]))
+            for h, s in zip(have, new):
+                h.score = float(s)
+        return sorted(hits, key=lambda h: -h.score)
 
     def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         shape = tuple(self.config.feature_shape)

@@ -12,8 +12,6 @@ import io
 import os
 from pathlib import Path
 
-from PIL import Image
-
 from simserve.decode import DecodeError, decode_image
 
 

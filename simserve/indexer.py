@@ -87,9 +87,12 @@ def index_folder(
                 if isinstance(a, DecodeError):
                     report.failed[keys[i]] = str(a)
             if out is not None:
-                feats, emb = collapse_views(*out) if views else out  # views: six rows an image
+                feats, emb, view_embs = collapse_views(*out) if views else (*out, None)  # views: six rows an image
                 collection.add(
-                    [NewItem(keys[i], emb[j], {"path": keys[i]}, h, feats[j].astype(np.float16) if store_features else None) for j, (i, h) in enumerate(good)]
+                    [
+                        NewItem(keys[i], emb[j], {"path": keys[i]}, h, feats[j].astype(np.float16) if store_features else None, None if view_embs is None else view_embs[j])
+                        for j, (i, h) in enumerate(good)
+                    ]
                 )
                 report.added += len(good)
             bar.update(len(part))

@@ -244,9 +244,11 @@ class Runtime:
         results = (yield flat) if flat else []
         if views:
             results = list(zip(*collapse_views(np.stack([f for f, _ in results]), np.stack([e for _, e in results]))))
+        else:
+            results = [(f, e, None) for f, e in results]
         new = [
-            NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None)
-            for (key, _, meta), (f, e) in zip(items, results)
+            NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None, v)
+            for (key, _, meta), (f, e, v) in zip(items, results)
         ]
         col.add(new)
         return [it.key for it in new]

@@ -1,7 +1,7 @@
 """The item store: an embedded SQLite database, the source of truth for a collection.
 
-Every item (key, vector, metadata, content hash, optional head features) is
-a row; every add and remove is also a row in ``changes`` with a rising
+Every item (key, vector, metadata, content hash, optional head features and
+crop-view embeddings) is a row; every add and remove is also a row in ``changes`` with a rising
 sequence number, so a FAISS snapshot taken at sequence S is brought up to
 date by replaying the changes after S. One transaction per batch: an add
 that returned has been committed (WAL, synchronous=FULL by default), so it
@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS items (
     metadata TEXT,
     content_hash TEXT,
     features BLOB,
-    added REAL NOT NULL
+    added REAL NOT NULL,
+    views BLOB
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,6 +50,7 @@ class NewItem:
     metadata: dict[str, Any] | None = None
     content_hash: str | None = None
     features: np.ndarray | None = None  # float16 head features, for re-ranking
+    views: np.ndarray | None = None  # [V, dim] crop-view embeddings (simserve/views.py), for re-scoring
 
 
 @dataclass
@@ -94,6 +96,8 @@ class ItemStore:
         with self._write_lock:
             if not self.read_only:
                 conn.executescript(SCHEMA)
+                _add_missing_columns(conn)
+            self._has_views = "views" in _columns(conn, "items")  # a read-only store from before views: none
             stored = conn.execute("SELECT v FROM meta WHERE k='dim'").fetchone()
             if stored is None:
                 conn.execute("INSERT INTO meta VALUES ('dim', ?)", (str(dim),))
@@ -131,8 +135,9 @@ class ItemStore:
             if v.shape[0] != self.dim:
                 raise ValueError(f"item {it.key!r}: vector has {v.shape[0]} dims, collection needs {self.dim}")
             feats = None if it.features is None else np.ascontiguousarray(it.features, np.float16).tobytes()
+            views = None if it.views is None else _views_blob(it.key, it.views, self.dim)
             meta = None if it.metadata is None else json.dumps(it.metadata, separators=(",", ":"))
-            rows.append((it.key, v.tobytes(), meta, it.content_hash, feats, now))
+            rows.append((it.key, v.tobytes(), meta, it.content_hash, feats, now, views))
         ids: list[int] = []
         replaced: list[int] = []
         with self._transaction() as c:
@@ -141,7 +146,7 @@ class ItemStore:
                 c.executemany("DELETE FROM items WHERE id=?", [(i,) for i in replaced])
                 c.executemany("INSERT INTO changes(op, id) VALUES (0, ?)", [(i,) for i in replaced])
             for r in rows:
-                cur = c.execute("INSERT INTO items(key, vector, metadata, content_hash, features, added) VALUES (?,?,?,?,?,?)", r)
+                cur = c.execute("INSERT INTO items(key, vector, metadata, content_hash, features, added, views) VALUES (?,?,?,?,?,?,?)", r)
                 ids.append(int(cur.lastrowid))
             c.executemany("INSERT INTO changes(op, id) VALUES (1, ?)", [(i,) for i in ids])
         return ids, replaced
@@ -218,6 +223,13 @@ class ItemStore:
         rows = _rows_in(self._conn(), "SELECT id, features FROM items", "id", [int(i) for i in ids])
         return {int(i): np.frombuffer(blob, dtype=np.float16) for i, blob in rows if blob is not None}
 
+    def views(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """{id: [V, dim] float32} for the items stored with view embeddings."""
+        if not self._has_views:
+            return {}
+        rows = _rows_in(self._conn(), "SELECT id, views FROM items", "id", [int(i) for i in ids])
+        return {int(i): np.frombuffer(blob, dtype=np.float16).reshape(-1, self.dim).astype(np.float32) for i, blob in rows if blob is not None}
+
     def hashes(self, keys: Sequence[str]) -> dict[str, str | None]:
         return dict(_rows_in(self._conn(), "SELECT key, content_hash FROM items", "key", keys))
 
@@ -285,6 +297,27 @@ def valid_filter_field(name: object) -> bool:
 
 
 ITEM_SELECT = "SELECT id, key, vector, metadata, content_hash, added FROM items"
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Stores written before a column existed gain it (empty for their old rows)."""
+    if "views" not in _columns(conn, "items"):
+        try:
+            conn.execute("ALTER TABLE items ADD COLUMN views BLOB")
+        except sqlite3.OperationalError as e:  # another process opening the same store got there first
+            if "duplicate column" not in str(e):
+                raise
+
+
+def _views_blob(key: str, views: np.ndarray, dim: int) -> bytes:
+    v = np.ascontiguousarray(views, np.float16)
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise ValueError(f"item {key!r}: view embeddings must be [views, {dim}], not {list(v.shape)}")
+    return v.tobytes()
 
 
 def _rows_in(conn: sqlite3.Connection, select: str, column: str, values: Sequence) -> Iterator[tuple]:

@@ -1,6 +1,5 @@
 """A real server on a loopback port: every RPC, every error code, auth, TLS, health, reflection."""
 
-import io
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from simserve.client import Client, Key
 from simserve.server import ServerConfig, start
@@ -76,15 +74,16 @@ def test_score_embed_search_add_get_remove_stats_list(client, stamp_folder):
     assert set(client.collections()) >= {"default", "streamed"}
 
 
-def test_crop_views_server_stores_pooled_vectors_and_says_so(tiny_bundle, stamp_folder, tmp_path):
+def test_crop_views_server_stores_pooled_vectors_and_says_so(stamp_folder, tmp_path):
     import numpy as np
 
     from simserve.engine import load_engine
     from simserve.views import crop_view_pixels, pool_views
 
+    # The default model: its search re-scores by the views, which only a trained model orders well.
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:6]
-    engine = load_engine(str(tiny_bundle))
-    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle), crop_views=True))
+    engine = load_engine()
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), crop_views=True))
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=20) as c:
             assert c.add([(f.name, f, None) for f in files]) == 6

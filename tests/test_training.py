@@ -172,3 +172,27 @@ def test_a_folders_holdout_split_does_not_depend_on_where_the_folder_lives(fmnis
     assert sources.load_sources([str(copies[0])], 32).names == sources.load_sources([str(copies[1])], 32).names
     photos = sources.load_sources(["skimage"], 32).names
     assert photos and all(n.startswith("skimage/") and "/" not in n[len("skimage/") :] for n in photos)
+
+
+def test_clean_anchor_pairs_the_untouched_original_with_a_copy(photos):
+    import numpy as np
+    import pytest
+
+    from simserve.preprocess import to_array
+    from training.augment import CopyAugment
+    from training.pairs import PairDataset
+
+    cfg = ModelConfig(input_size=64)
+    images = sources.ImageSet(list(photos.values()), np.arange(len(photos)), list(photos), [])
+    augment = CopyAugment(64)
+    always = PairDataset(images, "copy", augment, cfg, seed=5, clean_anchor=1.0)
+    never = PairDataset(images, "copy", augment, cfg, seed=5)
+    for i, img in enumerate(images.images):
+        a, b, label = always[i]
+        assert label == i
+        assert torch.equal(a, torch.from_numpy(to_array(img, 64, cfg.mean, cfg.std)))  # the original, only resized
+        assert not torch.equal(b, a)  # the other view is still a copy
+        a2, _, _ = never[i]
+        assert not torch.equal(a2, a)  # without the option both views are augmented
+    with pytest.raises(ValueError, match="probability"):
+        PairDataset(images, "copy", augment, cfg, seed=5, clean_anchor=1.5)

@@ -59,6 +59,7 @@ def test_server_adds_and_folder_builds_store_the_same_pooled_vectors(tiny_bundle
     assert np.allclose(item.vector, expected, atol=1e-5)
     fmap = rt.collection("c").features([item.id])[item.id]
     assert np.allclose(fmap, feats[0], atol=2e-2)  # whole-image features (stored as float16) for re-ranking
+    assert np.allclose(rt.collection("c").store.views([item.id])[item.id], embs, atol=2e-3)  # and the six views
     assert rt.collection("c").stats()["crop_views"] is True
     rt.close()
 
@@ -71,7 +72,76 @@ def test_server_adds_and_folder_builds_store_the_same_pooled_vectors(tiny_bundle
     assert report.added == len(list(stamp_folder.rglob("*.png"))) - 1  # all but the broken file
     key = path.relative_to(stamp_folder).as_posix()
     assert np.allclose(built.get([key])[key].vector, expected, atol=1e-5)
+    stored = built.get([key])[key].id
+    assert np.allclose(built.store.views([stored])[stored], embs, atol=2e-3)
     # and a plain collection stores the plain embedding of the whole image
     plain = Collections(tmp_path / "plain").create("p", engine.bundle.embedding_dim)
     index_folder(engine, plain, stamp_folder, progress=False)
     assert np.allclose(plain.get([key])[key].vector, plain_vector, atol=1e-5)
+
+
+def test_a_crop_views_search_rescores_its_candidates_by_the_stored_views(stamp_folder, tmp_path):
+    """The default model, real stamps: a search for a crop of a stored stamp finds it, and every
+    hit's score is the mean of its pooled cosine and its best view's cosine, best first."""
+    from PIL import Image
+
+    from simserve.views import view_scores
+
+    engine = load_engine()
+    cfg = engine.config
+    col = Collections(tmp_path / "v").create("v", engine.bundle.embedding_dim, crop_views=True)
+    index_folder(engine, col, stamp_folder, progress=False)
+    path = sorted(stamp_folder.rglob("*.png"))[3]
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    buf = io.BytesIO()
+    img.crop((0, 0, int(w * 0.65), int(h * 0.65))).save(buf, "PNG")  # the top-left 42% of it
+    q = engine.embed(pixels(buf.getvalue(), cfg.input_size, cfg.in_channels)[None])[1][0]
+
+    hits = col.search(q[None], k=5)[0]
+    assert hits[0].key == path.relative_to(stamp_folder).as_posix()
+    ids = [h.id for h in hits]
+    views = col.store.views(ids)
+    assert all(views[i].shape == (N_VIEWS, engine.bundle.embedding_dim) for i in ids)
+    pooled = np.array([col.store.get_ids([i])[i].vector @ q for i in ids], np.float32)
+    expected = view_scores(q, pooled, np.stack([views[i] for i in ids]))
+    assert np.allclose([h.score for h in hits], expected, atol=2e-3)  # views are stored as float16
+    assert np.abs(expected - pooled).max() > 1e-3  # so the check above can tell re-scored from pooled
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+    plain = Collections(tmp_path / "p").create("p", engine.bundle.embedding_dim)
+    index_folder(engine, plain, stamp_folder, progress=False)
+    hit = plain.search(q[None], k=1)[0][0]
+    assert plain.store.views([hit.id]) == {}  # plain collections store no views and score by cosine
+    assert hit.score == pytest.approx(float(plain.store.get_ids([hit.id])[hit.id].vector @ q), abs=1e-5)
+
+
+def test_a_store_from_before_view_embeddings_opens_and_keeps_its_items(tmp_path):
+    import sqlite3
+
+    from simserve.store import ItemStore, NewItem
+
+    path = tmp_path / "items.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+        CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, vector BLOB NOT NULL,
+                            metadata TEXT, content_hash TEXT, features BLOB, added REAL NOT NULL);
+        CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, id INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('dim', '4');
+        """
+    )
+    old.execute("INSERT INTO items(key, vector, added) VALUES ('old', ?, 0)", (np.ones(4, np.float32).tobytes(),))
+    old.commit()
+    old.close()
+
+    store = ItemStore(path, 4)
+    [new_id], _ = store.add([NewItem("new", np.zeros(4), views=np.eye(4)[:3])])
+    old_id = store.get(["old"])["old"].id
+    got = store.views([old_id, new_id])
+    assert list(got) == [new_id] and np.array_equal(got[new_id], np.eye(4)[:3])
+    with pytest.raises(ValueError, match="view embeddings"):
+        store.add([NewItem("bad", np.zeros(4), views=np.zeros((3, 5)))])
+    store.close()
+    assert ItemStore(path, 4).views([new_id])[new_id].shape == (3, 4)  # reopened: the column is there once

@@ -10,7 +10,6 @@ Metrics (all on data never used in training):
 from __future__ import annotations
 
 import random
-from typing import Callable
 
 import numpy as np
 import torch

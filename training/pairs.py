@@ -8,6 +8,10 @@ ways to make the second view:
   copy detection; every image is its own label).
 - ``class``: another image of the same class, augmented (class data such as
   Fashion-MNIST, or a user's ImageFolder).
+
+``clean_anchor`` is the probability that the first view is the image itself,
+only resized: the pair is then (original, copy), which is what a collection
+stores and what a query brings.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ Augment = Callable[[Image.Image, random.Random], Image.Image]
 
 
 class PairDataset(Dataset):
-    def __init__(self, images: ImageSet, mode: str, augment: Augment, cfg: ModelConfig, seed: int) -> None:
+    def __init__(self, images: ImageSet, mode: str, augment: Augment, cfg: ModelConfig, seed: int, clean_anchor: float = 0.0) -> None:
         if mode not in ("copy", "class"):
             raise ValueError(f"pair mode must be 'copy' or 'class', not {mode!r}")
+        if not 0.0 <= clean_anchor <= 1.0:
+            raise ValueError(f"clean_anchor is a probability in [0, 1], not {clean_anchor!r}")
         self.images, self.mode, self.augment, self.cfg, self.seed = images, mode, augment, cfg, seed
+        self.clean_anchor = clean_anchor
         self.epoch = 0
         self.by_label: dict[int, np.ndarray] = {}
         if mode == "class":
@@ -54,7 +61,9 @@ class PairDataset(Dataset):
         if self.mode == "class":
             same = self.by_label[int(self.images.labels[i])]
             j = int(same[rng.randrange(len(same))]) if len(same) > 1 else i
-        a = self.augment(self.images.images[i], rng)
+        # Drawn only when enabled, so recipes without it keep their exact random stream.
+        clean = self.clean_anchor > 0 and rng.random() < self.clean_anchor
+        a = self.images.images[i] if clean else self.augment(self.images.images[i], rng)
         b = self.augment(self.images.images[j], rng)
         return self._tensor(a), self._tensor(b), int(self.images.labels[i])
 

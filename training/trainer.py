@@ -186,7 +186,7 @@ def train(
     model = build_model(cfg).to(memory_format=torch.channels_last)
     step_module: nn.Module = TrainStep(model, s)
     data = data or load_data(recipe, cfg)
-    dataset = PairDataset(data.train, data.mode, data.augment, cfg, recipe.seed)
+    dataset = PairDataset(data.train, data.mode, data.augment, cfg, recipe.seed, recipe.data.get("clean_anchor", 0.0))
     sampler = EpochBatchSampler(len(dataset), s.batch_size, s.steps_per_epoch, recipe.seed, rank, world)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers, persistent_workers=False)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)

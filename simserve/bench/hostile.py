@@ -25,7 +25,7 @@ from typing import Callable
 
 import grpc
 import numpy as np
-from PIL import Image, ImageSequence
+from PIL import Image
 
 from simserve.bench.common import photo_sources, rss_mb, start_server
 from simserve.v1 import simserve_pb2 as pb
