@@ -1,9 +1,9 @@
 """The item store: an embedded SQLite database, the source of truth for a collection.
 
 Every item (key, vector, metadata, content hash, optional head features and
-crop-view embeddings) is a row; every add and remove is also a row in ``changes`` with a rising
-sequence number, so a FAISS snapshot taken at sequence S is brought up to
-date by replaying the changes after S. One transaction per batch: an add
+crop-view embeddings) is a row; every add and remove is also a row in
+``changes`` with a rising sequence number, so a FAISS snapshot taken at
+sequence S is brought up to date by replaying the changes after S. One transaction per batch: an add
 that returned has been committed (WAL, synchronous=FULL by default), so it
 survives kill -9 and nothing half-written is ever visible.
 """
