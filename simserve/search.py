@@ -2,7 +2,9 @@
 
 The head compares feature maps, so it cannot be pre-indexed; it re-scores
 only the top ``rerank`` candidates that the embedding search found, using
-the features stored with each item.
+the features stored with each item. The two scores see different things (the
+embedding a pooled summary, the head aligned feature maps), so the re-ranked
+order uses both (``fused_scores``) rather than the head alone.
 """
 
 from __future__ import annotations
@@ -13,6 +15,21 @@ import numpy as np
 
 from simserve.collection import Collection, Hit
 from simserve.engine import Engine
+
+# Weight of the head's logit beside the cosine in a re-ranked order. On the default model's
+# held-out copies (1,000 queries among 1,028 originals, top 10), recall@1 on two query draws:
+# cosine alone 0.839 / 0.827, head alone 0.815 / 0.801, cosine + 0.03 x logit 0.866 / 0.862
+# (0.02: 0.861 / 0.855, 0.05: 0.863 / 0.865); over crop-views scores 0.901 / 0.902 -> 0.902 / 0.916.
+HEAD_WEIGHT = 0.03
+
+
+def fused_scores(cosine: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Embedding scores and head probabilities (sigmoid outputs) -> the re-ranking score.
+
+    The head's log-odds, not its probability: a probability saturates near 1 exactly where
+    near-duplicates need telling apart. Clipped so a saturated float32 sigmoid stays finite."""
+    p = np.clip(np.asarray(head, np.float64), 1e-6, 1 - 1e-6)
+    return np.asarray(cosine, np.float64) + HEAD_WEIGHT * (np.log(p) - np.log1p(-p))
 
 
 def search(
@@ -27,7 +44,8 @@ def search(
     exclude_ids: list[list[int]] | None = None,
 ) -> list[list[Hit]]:
     """Top-k per query. With ``rerank`` > 0 (and query ``features``), the top
-    max(k, rerank) by cosine are re-ordered by head score, and each hit carries both."""
+    max(k, rerank) by cosine are re-ordered by ``fused_scores``, and each hit carries both
+    the embedding score and the head's."""
     depth = max(k, rerank) if rerank else k
     out: list[list[Hit]] = []
     for qi in range(len(embeddings)):
@@ -39,9 +57,11 @@ def search(
             if scored:
                 cand = np.stack([feats[h.id] for h in scored])
                 q = np.repeat(features[qi : qi + 1], len(scored), axis=0)
-                for h, s in zip(scored, engine.fuse(q, cand)):
+                head = engine.fuse(q, cand)
+                for h, s in zip(scored, head):
                     h.head_score = float(s)
+                order = np.argsort(-fused_scores(np.array([h.score for h in scored]), head), kind="stable")
                 unscored = [h for h in hits if h.id not in feats]  # added without features
-                hits = sorted(scored, key=lambda h: -h.head_score) + unscored
+                hits = [scored[i] for i in order] + unscored
         out.append(hits[:k])
     return out

@@ -11,12 +11,12 @@ from simserve.collection import Collections
 from simserve.decode import decode_file
 from simserve.engine import load_engine
 from simserve.indexer import index_folder
-from simserve.search import search
+from simserve.search import HEAD_WEIGHT, fused_scores, search
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_index_folder_then_rerank_orders_by_head_score(tiny_bundle, stamp_folder, tmp_path):
+def test_index_folder_then_rerank_orders_by_cosine_and_head(tiny_bundle, stamp_folder, tmp_path):
     engine = load_engine(tiny_bundle)
     cols = Collections(tmp_path)
     col = cols.create("s", engine.bundle.embedding_dim, "Flat", engine.bundle.manifest["feature_shape"])
@@ -34,7 +34,8 @@ def test_index_folder_then_rerank_orders_by_head_score(tiny_bundle, stamp_folder
     for qi, (p_hits, r_hits) in enumerate(zip(plain, ranked)):
         assert p_hits[0].score > 0.999  # the image itself, by embedding
         scores = [h.head_score for h in r_hits]
-        assert scores == sorted(scores, reverse=True)
+        fused = fused_scores(np.array([h.score for h in r_hits]), np.array(scores)).tolist()
+        assert fused == sorted(fused, reverse=True)  # ordered by cosine and head together
         stored = col.features([h.id for h in r_hits])
         redo = engine.fuse(np.repeat(feats[qi : qi + 1], len(r_hits), 0), np.stack([stored[h.id] for h in r_hits]))
         assert np.allclose(redo, scores, atol=1e-5)  # the head's own verdict, not a re-sort of cosine
@@ -73,3 +74,14 @@ def test_index_cli_build_search_remove_stats(tiny_bundle, stamp_folder, tmp_path
     assert stats[0]["name"] == "stamps" and stats[0]["items"] == 39 and stats[0]["indexed"] == 39
     r = _cli("index", "stats", "--collection", "nope", env_dir=tmp_path)
     assert r.returncode != 0 and "collection 'nope' not found" in r.stderr
+
+
+def test_fused_scores_weigh_the_heads_log_odds_beside_the_cosine():
+    cos = np.array([0.90, 0.88, 0.80, 0.80])
+    head = np.array([0.5, 0.99, 1.0, 0.0])  # a float32 sigmoid saturates to exactly 0 and 1
+    fused = fused_scores(cos, head)
+    assert np.isfinite(fused).all()
+    assert fused[0] == cos[0]  # an undecided head (p = 0.5, logit 0) leaves the cosine
+    assert fused[1] > fused[0]  # a confident head outweighs a 0.02 cosine gap
+    assert np.isclose(fused[1] - cos[1], HEAD_WEIGHT * np.log(99))
+    assert fused[2] > fused[1] > fused[3]

@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from simserve.client import Client, Key
+from simserve.search import fused_scores
 from simserve.server import ServerConfig, start
 from simserve.v1 import simserve_pb2 as pb
 from simserve.bench.hostile import png_claiming as _png_header_claiming
@@ -59,7 +60,8 @@ def test_score_embed_search_add_get_remove_stats_list(client, stamp_folder):
     assert hits[0]["key"] == files[3].name and hits[0]["metadata"]["n"] == 3
     hits = client.search(Key(files[3].name), k=3, rerank=8)
     assert files[3].name not in [h["key"] for h in hits] and all(h["head_score"] is not None for h in hits)
-    assert [h["head_score"] for h in hits] == sorted((h["head_score"] for h in hits), reverse=True)
+    fused = fused_scores(np.array([h["score"] for h in hits]), np.array([h["head_score"] for h in hits])).tolist()
+    assert fused == sorted(fused, reverse=True)  # re-ranked by cosine and head together
     odd = client.search(files[3], k=10, where={"kind": "odd"})
     assert odd and all(h["metadata"]["kind"] == "odd" for h in odd)
     got = client.get([files[4].name, "nope"], include_vectors=True)

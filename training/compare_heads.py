@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             "pair_auc": m["pair_auc"],
             "pair_accuracy": m["pair_accuracy"],
             "recall@1": m["recall@1"],
-            "rerank_recall@1": m["rerank_recall@1"],
+            "rerank_recall@1": m["head_rerank_recall@1"],  # the head alone: this table compares heads
             "train_seconds": results[head]["train_seconds"],
         })
         print(json.dumps(rows[-1]), flush=True)

@@ -4,7 +4,10 @@ Metrics (all on data never used in training):
 - ``pair_auc`` / ``pair_accuracy`` / ``threshold``: the head's score on
   balanced positive / negative pairs; accuracy at the best threshold.
 - ``recall@1`` / ``recall@10``: nearest neighbour by embedding (the FAISS path).
-- ``rerank_recall@1``: top 10 by embedding re-ordered by the head (two-stage path).
+- ``rerank_recall@1``: top 10 by embedding re-ordered by cosine and head together
+  (``simserve.search.fused_scores``: what a re-ranked Search returns).
+- ``head_rerank_recall@1``: the same top 10 re-ordered by the head alone (how good the
+  head is by itself: the head comparison's column).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from PIL import Image
 from simserve.calibration import threshold_at_precision  # noqa: F401  (shared with the benchmarks)
 from simserve.model import SiameseNet
 from simserve.preprocess import to_array
+from simserve.search import fused_scores
 from training.sources import ImageSet
 
 
@@ -137,15 +141,15 @@ def _retrieval_loo(model: SiameseNet, f: torch.Tensor, e: torch.Tensor, qidx: np
 
 
 def _retrieval_from_sim(model, q_f, g_f, sim, correct, rerank: int = 10) -> dict[str, float]:
-    """recall@1/@10 from a query x gallery similarity matrix, and recall@1 after the
-    head re-ranks each query's top ``rerank`` candidates."""
-    top = sim.topk(rerank, dim=1).indices.numpy()
+    """recall@1/@10 from a query x gallery similarity matrix, and recall@1 once each query's
+    top ``rerank`` candidates are re-ordered, by cosine and head together and by the head alone."""
+    cos, top = (t.numpy() for t in sim.topk(rerank, dim=1))
     qi = np.arange(len(top))
     hits = correct(np.repeat(qi, rerank).reshape(top.shape), top)
     rs = head_scores(model, q_f.repeat_interleave(rerank, 0), g_f[torch.from_numpy(top.reshape(-1))]).reshape(top.shape)
-    best = top[qi, rs.argmax(1)]
     return {
         "recall@1": float(hits[:, 0].mean()),
         "recall@10": float(hits.any(1).mean()),
-        "rerank_recall@1": float(correct(qi, best).mean()),
+        "rerank_recall@1": float(correct(qi, top[qi, fused_scores(cos, rs).argmax(1)]).mean()),
+        "head_rerank_recall@1": float(correct(qi, top[qi, rs.argmax(1)]).mean()),
     }
