@@ -14,7 +14,7 @@ DATA_NOTES = {
     "public domain dedication (see /usr/share/doc/openclipart-png/copyright).",
     "tuxpaint": "Tux Paint stamps, Debian package `tuxpaint-stamps-default` (/usr/share/tuxpaint/stamps), **GPL-2**: "
     "this model was trained on GPL-2 images; the weights may be a derivative work of them.",
-    "skimage": "scikit-image's bundled sample photos (skimage/data; public domain / CC0 / BSD, see that folder's README.txt).",
+    "skimage": "scikit-image's bundled sample photos (skimage/data of the version pinned in pyproject.toml, 0.26.0: 26 photos; public domain / CC0 / BSD, see that folder's README.txt).",
     "fashion-mnist": "Fashion-MNIST, Debian package `dataset-fashion-mnist`, MIT licence.",
 }
 
