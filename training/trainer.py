@@ -141,11 +141,13 @@ def temperature_at(step: int, total: int, s: TrainSettings) -> float:
     return s.temperature_start * (s.temperature_end / s.temperature_start) ** p
 
 
-def _dist_setup() -> tuple[int, int]:
+def _dist_setup() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group and so must end it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    started = world > 1 and not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return (dist.get_rank(), world, started) if world > 1 else (0, 1, False)
 
 
 def _average_buffers(model: nn.Module) -> None:
@@ -178,7 +180,7 @@ def train(
 ) -> dict[str, Any]:
     """Train per ``recipe`` into ``out_dir`` (last.pt, model.pt, metrics.json, log.jsonl)."""
     out = Path(out_dir)
-    rank, world = _dist_setup()
+    rank, world, started_group = _dist_setup()
     s = recipe.train
     threads = s.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(max(1, threads))
@@ -260,4 +262,8 @@ def train(
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     if world > 1:
         dist.barrier()
+    if started_group:
+        # Left to interpreter shutdown, gloo's worker threads can die with SIGABRT ("terminate
+        # called without an active exception"): it failed a fresh-clone CI run of the torchrun test.
+        dist.destroy_process_group()
     return result
