@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from simserve.search import HEAD_WEIGHT
+
 DATA_NOTES = {
     "openclipart": "Open Clip Art Library drawings, Debian package `openclipart-png` (/usr/share/openclipart/png), "
     "public domain dedication (see /usr/share/doc/openclipart-png/copyright).",
@@ -112,7 +114,7 @@ def _robustness(run: Path) -> list[str]:
         " (simserve/views.py: the whole image and five 75%-side crops, pooled): crops are found more often, uncropped"
         " copies slightly less. Their search re-scores its top candidates by the stored view embeddings (the"
         " view re-scored column): what a crop-views collection's Search returns. The re-ranked columns order each"
-        " query's top 10 (crop views: top 20) by cosine + 0.03 x the head's logit (simserve/search.py), what a"
+        f" query's top 10 (crop views: top 20) by cosine + {HEAD_WEIGHT} x the head's logit (simserve/search.py), what a"
         " Search with `rerank` returns; \"head alone\" orders them by the head only. All columns are recall@1 but"
         " recall@10 and the AUC.",
     ]
