@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(isr)
     _add_bundle_arg(isr)
     isr.add_argument("-k", type=int, default=10)
-    isr.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank the top N by cosine and fusion head together (score + 0.03 x head logit)")
+    isr.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank the top N by cosine and fusion head together (simserve/search.py: fused_scores)")
     isr.add_argument("--where", action="append", metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
     isr.add_argument("--json", action="store_true")
     ix.set_defaults(func=_cmd_index)
