@@ -47,13 +47,23 @@ def card(run: Path) -> str:
         "(hardest in-batch negative + a random one for the head; InfoNCE over the batch for the embedding).",
         "- Augmentations: random resized crop (30-100% area), aspect change, padding, flip, rotation (+-20 deg), "
         "colour jitter, greyscale, blur, text / shape overlays, JPEG quality 30-90.",
+        *(
+            [
+                f"- After training, learned whitening (training/whiten.py) fitted on {r['whitening']['pairs']} (copy, original) "
+                f"pairs of training images (eigenvalue floor {r['whitening']['eps']}) and folded into the embedding projection: "
+                "the directions augmentations move embeddings along count less in the cosine."
+            ]
+            if r.get("whitening")
+            else []
+        ),
         "",
         "## Reproduce",
         "```",
         command,
         "```",
         f"Seed {r['seed']}, {r['world_size']} process(es), torch {r['torch_version']}, {r['machine']}. "
-        f"Training took {minutes:.1f} minutes of wall time.",
+        f"Training took {minutes:.1f} minutes of wall time"
+        + (f", whitening {r['whitening']['seconds'] / 60:.1f} more." if "seconds" in r.get("whitening", {}) else "."),
         "",
         "## Evaluation (held-out images, each query transformed with the training augmentations)",
         f"- Gallery: {m.get('gallery')} held-out originals; queries: {m.get('queries')} augmented copies.",

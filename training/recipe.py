@@ -38,6 +38,11 @@ class TrainSettings:
     # worker process contending with the two compute threads.
     workers: int = 1
     threads: int = 0  # torch intra-op threads; 0 = every core (divided among torchrun's processes)
+    # Learned whitening after training (training/whiten.py), fitted on this many rounds of
+    # augmented copies of the training images (0 = off), eigenvalues floored at eps x the largest.
+    # Copy-mode recipes only: the pairs are (copy, original).
+    whiten_rounds: int = 0
+    whiten_eps: float = 0.01
 
 
 @dataclass

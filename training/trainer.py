@@ -36,6 +36,7 @@ from training.evaluate import evaluate_class, evaluate_copy
 from training.losses import METRIC_LOSSES, EmbeddingMemory, hardest_negatives, koleo, pair_bce, random_negatives
 from training.pairs import EpochBatchSampler, PairDataset
 from training.recipe import Recipe, TrainSettings
+from training.whiten import whiten
 
 
 class TrainStep(nn.Module):
@@ -189,6 +190,8 @@ def train(
     model = build_model(cfg).to(memory_format=torch.channels_last)
     step_module: nn.Module = TrainStep(model, s)
     data = data or load_data(recipe, cfg)
+    if s.whiten_rounds and data.mode != "copy":  # fail now, not after the training
+        raise ValueError(f"train.whiten_rounds needs a copy-mode recipe (pairs of a copy and its original), not {data.mode!r}")
     dataset = PairDataset(data.train, data.mode, data.augment, cfg, recipe.seed, recipe.data.get("clean_anchor", 0.0))
     sampler = EpochBatchSampler(len(dataset), s.batch_size, s.steps_per_epoch, recipe.seed, rank, world)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers, persistent_workers=False)
@@ -243,6 +246,8 @@ def train(
     if world > 1:
         _average_buffers(model)
         result["ddp_max_weight_diff"] = _max_weight_diff_across_ranks(model)
+    if rank == 0 and s.whiten_rounds:
+        result["whitening"] = whiten(model, data.train, data.augment, s.whiten_rounds, s.whiten_eps, recipe.seed)
     if rank == 0:
         metrics = evaluate(model, data, recipe) if final_eval else {}
         result.update(

@@ -34,7 +34,10 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.blocks(self.stem(x))
+        return fmap, F.normalize(self.project(fmap), dim=1)
+
+    def project(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Feature map -> the embedding before L2 normalisation (GeM pool, then the linear
+        projection): the space where learned whitening (training/whiten.py) is fitted and folded."""
         p = self.gem_p.clamp(1.0, 8.0)
-        pooled = fmap.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
-        emb = F.normalize(self.proj(pooled), dim=1)
-        return fmap, emb
+        return self.proj(fmap.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p))
