@@ -23,6 +23,11 @@ from simserve.engine import Engine
 # Re-measured once the model's embedding was whitened (training/whiten.py): cosine alone
 # 0.843 / 0.844; + 0.03 x logit 0.855 / 0.869 (0.02: 0.854 / 0.870, 0.05: 0.859 / 0.868); over
 # crop-views scores 0.916 / 0.918 -> 0.915 / 0.922 (0.01: 0.919 / 0.922): flat near 0.03, so it stays.
+# Other re-rankers measured and left out (session 10): the head fine-tuned as a listwise
+# re-ranker on the embedding's own shortlists of training images (tower frozen): alone 0.815 ->
+# 0.818, fused 0.866 -> 0.864; the head against the best crop view's feature map instead of the
+# whole image's: crop-views + head 0.92-0.93 vs 0.92, for 36 KB more stored per item; hubness
+# correction (CSLS-style, each item's mean cosine to its nearest copies of other images): +0.005.
 HEAD_WEIGHT = 0.03
 
 

@@ -20,6 +20,12 @@ recall@1 0.880 -> 0.900 on the same queries, crop-only queries 0.930 -> 0.943,
 uncropped ones 0.959 -> 0.964, for one SQLite read and 20 x 6 dot products a
 query and no extra engine work (``python -m training.robustness runs/default``;
 the search cost: ``simserve bench index --parts views``).
+
+Tried and left out (session 10, default model, ``runs/s10/*.py`` then): 24 views instead of 6
+(adding 3x3 grids of 55% and 65% side crops) re-scored 0.916 vs 0.901 (whitened: 0.929 vs
+0.916) for four times the engine passes and storage; regional embeddings pooled from one pass
+at 2x size (R-MAC style, 819 windows) 0.903; scoring flipped / rotated versions of the query
+too, no gain (0.902).
 """
 
 from __future__ import annotations
