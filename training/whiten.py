@@ -102,9 +102,12 @@ def whiten(model: SiameseNet, images: ImageSet, augment: Any, rounds: int, eps: 
 
 def main(argv: list[str] | None = None) -> int:
     from training.recipe import Recipe, load_recipe
-    from training.trainer import evaluate, load_data
+    from training.trainer import evaluate, load_data  # here: the trainer imports this module
 
-    args = argv or sys.argv[1:]
+    args = argv if argv is not None else sys.argv[1:]
+    if not 1 <= len(args) <= 2 or args[0] in ("-h", "--help"):
+        print(__doc__, file=sys.stderr)
+        return 2
     run = Path(args[0])
     model, payload = load_checkpoint(run / "model.pt")
     recipe = Recipe.from_dict(json.loads(payload["recipe"]))
