@@ -25,12 +25,17 @@ from simserve.search import fused_scores
 from training.sources import ImageSet
 
 
+def input_batches(model: SiameseNet, images: list[Image.Image], batch: int = 256):
+    """PIL images -> model input tensors, ``batch`` at a time (preprocessed as served)."""
+    cfg = model.cfg
+    for s in range(0, len(images), batch):
+        yield torch.from_numpy(np.stack([to_array(im, cfg.input_size, cfg.mean, cfg.std) for im in images[s : s + batch]]))
+
+
 @torch.no_grad()
 def embed_images(model: SiameseNet, images: list[Image.Image], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = model.cfg
     fmaps, embs = [], []
-    for s in range(0, len(images), batch):
-        x = torch.from_numpy(np.stack([to_array(im, cfg.input_size, cfg.mean, cfg.std) for im in images[s : s + batch]]))
+    for x in input_batches(model, images, batch):
         f, e = model.embed(x)
         fmaps.append(f)
         embs.append(e)

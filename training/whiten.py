@@ -46,19 +46,13 @@ from PIL import Image
 from torch import nn
 
 from simserve.model import SiameseNet, load_checkpoint, save_checkpoint
-from simserve.preprocess import to_array
+from training.evaluate import input_batches
 from training.sources import ImageSet
 
 
 @torch.no_grad()
 def unnormalised_embeddings(model: SiameseNet, images: list[Image.Image], batch: int = 256) -> np.ndarray:
-    cfg = model.cfg
-    out = []
-    for s in range(0, len(images), batch):
-        x = torch.from_numpy(np.stack([to_array(im, cfg.input_size, cfg.mean, cfg.std) for im in images[s : s + batch]]))
-        fmap, _ = model.tower(x)
-        out.append(model.tower.project(fmap).double().numpy())
-    return np.concatenate(out)
+    return np.concatenate([model.tower.project(model.tower(x)[0]).double().numpy() for x in input_batches(model, images, batch)])
 
 
 def fit_whitening(originals: np.ndarray, copies: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
