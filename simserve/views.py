@@ -26,6 +26,12 @@ Tried and left out (session 10, default model, ``runs/s10/*.py`` then): 24 views
 0.916) for four times the engine passes and storage; regional embeddings pooled from one pass
 at 2x size (R-MAC style, 819 windows) 0.903; scoring flipped / rotated versions of the query
 too, no gain (0.902).
+Session 11 (whitened default, ``runs/s11/chamfer.py`` and ``stack.py``): cell-level MaxSim
+("chamfer": each of the query's 64 feature-map cells, projected and normalised, against its best
+cell among a candidate's stored maps, averaged) added to the view score lifts 0.916 to 0.923-0.925
+with the six views' maps (98 KB an item at float16), to 0.913 with the whole image's map alone;
+on top of 24 views 0.928 -> 0.931. Stacked with the head, no better. Product-side re-scoring tops
+out near 0.93 here: the rest is the model's.
 """
 
 from __future__ import annotations
