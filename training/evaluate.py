@@ -13,6 +13,7 @@ Metrics (all on data never used in training):
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from simserve.search import fused_scores
 from training.sources import ImageSet
 
 
-def input_batches(model: SiameseNet, images: list[Image.Image], batch: int = 256):
+def input_batches(model: SiameseNet, images: list[Image.Image], batch: int = 256) -> Iterator[torch.Tensor]:
     """PIL images -> model input tensors, ``batch`` at a time (preprocessed as served)."""
     cfg = model.cfg
     for s in range(0, len(images), batch):

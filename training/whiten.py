@@ -52,7 +52,7 @@ from training.sources import ImageSet
 
 @torch.no_grad()
 def unnormalised_embeddings(model: SiameseNet, images: list[Image.Image], batch: int = 256) -> np.ndarray:
-    return np.concatenate([model.tower.project(model.tower(x)[0]).double().numpy() for x in input_batches(model, images, batch)])
+    return np.concatenate([model.tower.project(model.tower.feature_map(x)).double().numpy() for x in input_batches(model, images, batch)])
 
 
 def fit_whitening(originals: np.ndarray, copies: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:

@@ -33,8 +33,12 @@ class Tower(nn.Module):
         self.proj = nn.Linear(cin, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.blocks(self.stem(x))
+        fmap = self.feature_map(x)
         return fmap, F.normalize(self.project(fmap), dim=1)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the last feature map alone, for callers that pool it themselves (whitening)."""
+        return self.blocks(self.stem(x))
 
     def project(self, fmap: torch.Tensor) -> torch.Tensor:
         """Feature map -> the embedding before L2 normalisation (GeM pool, then the linear
