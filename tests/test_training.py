@@ -64,8 +64,10 @@ def test_recipes_shipped_with_the_package_load():
 
 
 def test_cli_train_under_torchrun_ddp_keeps_ranks_identical(fmnist_folder, tmp_path):
+    recipe = tiny_recipe_dict(fmnist_folder, epochs=1, steps_per_epoch=3)
+    recipe["data"]["pairs_per_image"] = 2  # each rank takes whole images: 8 images x 2 pairs
     recipe_file = tmp_path / "tiny.json"
-    recipe_file.write_text(json.dumps(tiny_recipe_dict(fmnist_folder, epochs=1, steps_per_epoch=3)))
+    recipe_file.write_text(json.dumps(recipe))
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -196,3 +198,63 @@ def test_clean_anchor_pairs_the_untouched_original_with_a_copy(photos):
         assert not torch.equal(a2, a)  # without the option both views are augmented
     with pytest.raises(ValueError, match="probability"):
         PairDataset(images, "copy", augment, cfg, seed=5, clean_anchor=1.5)
+
+
+def test_pairs_per_image_puts_k_pairs_of_each_image_in_a_batch_as_positives(photos):
+    """data.pairs_per_image: a batch holds batch_size / k images, each as k distinct pairs with
+    one label, so InfoNCE counts an image's other pairs as positives; draw 0 is k = 1's stream."""
+    import numpy as np
+    import pytest
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from training.augment import CopyAugment
+    from training.losses import info_nce
+    from training.pairs import EpochBatchSampler, PairDataset
+
+    cfg = ModelConfig(input_size=48)
+    images = sources.ImageSet(list(photos.values()), np.arange(len(photos)), list(photos), [])
+    n, k = len(images), 3
+    dataset = PairDataset(images, "copy", CopyAugment(48), cfg, seed=2, pairs_per_image=k)
+    single = PairDataset(images, "copy", CopyAugment(48), cfg, seed=2)
+    sampler = EpochBatchSampler(n, batch_size=6, steps=3, seed=2, pairs_per_image=k)
+    assert len(dataset) == n * k
+    seen = set()
+    for a, b, labels in DataLoader(dataset, batch_sampler=sampler):
+        assert sorted(torch.bincount(labels).tolist())[-2:] == [k, k] and len(labels) == 6  # 2 images x 3 pairs
+        for lab in labels.unique():
+            views = a[labels == lab]
+            assert all(not torch.equal(views[x], views[y]) for x in range(k) for y in range(x))  # k different pairs
+        seen.update(labels.tolist())
+    assert seen == set(range(n))  # 3 steps x 2 images cover the permutation
+    for i in range(n):  # draw 0 keeps the k = 1 stream, so existing recipes train exactly as before
+        assert torch.equal(dataset[i][0], single[i][0]) and torch.equal(dataset[i][1], single[i][1])
+        assert not torch.equal(dataset[n + i][0], single[i][0]) and dataset[n + i][2] == i
+
+    # The loss sees the other draws as positives: if each a-view matches the b-view of its
+    # image's *other* pair and nothing else, the batch's labels count that match (SupCon averages
+    # over an anchor's positives: about half the loss of labels that see only the own pair).
+    _, _, labels = next(iter(DataLoader(dataset, batch_sampler=EpochBatchSampler(n, 6, 1, seed=2, pairs_per_image=2))))
+    zb = F.normalize(torch.randn(len(labels), 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    partner = torch.tensor([x ^ 1 for x in range(len(labels))])  # an image's two items sit side by side
+    assert torch.equal(labels[partner], labels)
+    za = zb[partner]
+    assert info_nce(za, zb, labels) < 0.6 * info_nce(za, zb, torch.arange(len(labels)))
+
+    with pytest.raises(ValueError, match="whole images"):
+        EpochBatchSampler(n, batch_size=8, steps=1, seed=0, world=2, pairs_per_image=3)
+    with pytest.raises(ValueError, match="at least 1"):
+        PairDataset(images, "copy", CopyAugment(48), cfg, seed=2, pairs_per_image=0)
+
+
+def test_under_ddp_each_rank_trains_whole_images_and_together_one_process_batch():
+    from training.pairs import EpochBatchSampler
+
+    n, k = 50, 4
+    whole = list(EpochBatchSampler(n, 16, 5, seed=7, pairs_per_image=k))
+    ranks = [list(EpochBatchSampler(n, 16, 5, seed=7, rank=r, world=2, pairs_per_image=k)) for r in range(2)]
+    for step, batch in enumerate(whole):
+        assert ranks[0][step] + ranks[1][step] == batch
+        for part in (ranks[0][step], ranks[1][step]):
+            images = [i % n for i in part]
+            assert all(images.count(i) == k for i in images)  # all k pairs of an image on one rank
