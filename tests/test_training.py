@@ -243,8 +243,9 @@ def test_pairs_per_image_puts_k_pairs_of_each_image_in_a_batch_as_positives(phot
 
     with pytest.raises(ValueError, match="whole images"):
         EpochBatchSampler(n, batch_size=8, steps=1, seed=0, world=2, pairs_per_image=3)
-    with pytest.raises(ValueError, match="at least 1"):
-        PairDataset(images, "copy", CopyAugment(48), cfg, seed=2, pairs_per_image=0)
+    for bad in (0, 2.5, "2"):
+        with pytest.raises(ValueError, match="whole number at least 1"):
+            PairDataset(images, "copy", CopyAugment(48), cfg, seed=2, pairs_per_image=bad)
 
 
 def test_under_ddp_each_rank_trains_whole_images_and_together_one_process_batch():

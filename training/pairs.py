@@ -51,8 +51,8 @@ class PairDataset(Dataset):
     def __init__(
         self, images: ImageSet, mode: str, augment: Augment, cfg: ModelConfig, seed: int, clean_anchor: float = 0.0, pairs_per_image: int = 1
     ) -> None:
-        if pairs_per_image < 1:
-            raise ValueError(f"pairs_per_image must be at least 1, not {pairs_per_image!r}")
+        if isinstance(pairs_per_image, bool) or not isinstance(pairs_per_image, int) or pairs_per_image < 1:
+            raise ValueError(f"pairs_per_image must be a whole number at least 1, not {pairs_per_image!r}")
         if mode not in ("copy", "class"):
             raise ValueError(f"pair mode must be 'copy' or 'class', not {mode!r}")
         if not 0.0 <= clean_anchor <= 1.0:

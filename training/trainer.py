@@ -196,7 +196,7 @@ def train(
     data = data or load_data(recipe, cfg)
     if s.whiten_rounds and data.mode != "copy":  # fail now, not after the training
         raise ValueError(f"train.whiten_rounds needs a copy-mode recipe (pairs of a copy and its original), not {data.mode!r}")
-    k = int(recipe.data.get("pairs_per_image", 1))
+    k = recipe.data.get("pairs_per_image", 1)
     dataset = PairDataset(data.train, data.mode, data.augment, cfg, recipe.seed, recipe.data.get("clean_anchor", 0.0), k)
     sampler = EpochBatchSampler(len(data.train), s.batch_size, s.steps_per_epoch, recipe.seed, rank, world, k)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers, persistent_workers=False)
