@@ -97,6 +97,11 @@ class EpochBatchSampler(Sampler[list[int]]):
     draws the same global batch and keeps its own slice, whole images only (each rank's
     loss sees all of an image's pairs), so the union over ranks is exactly what one
     process would train on.
+
+    Batches are random on purpose. Batches of visual neighbours (16 random images, each with its 7
+    nearest by the current model's embedding, colourway twins excluded, re-mined every epoch) give
+    InfoNCE harder negatives, and lowered a 6-epoch pilot of the default recipe to recall@1 0.579
+    (head alone 0.485, pair ROC-AUC 0.979) from 0.656 (0.612, 0.988): session 12, a hack then.
     """
 
     def __init__(self, n: int, batch_size: int, steps: int, seed: int, rank: int = 0, world: int = 1, pairs_per_image: int = 1) -> None:
