@@ -110,7 +110,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         if (batch_size // world) % pairs_per_image:
             raise ValueError(f"each process's batch of {batch_size // world} must hold whole images of {pairs_per_image} pairs each")
         self.n, self.batch_size, self.steps, self.seed, self.rank, self.world = n, batch_size, steps, seed, rank, world
-        self.k = pairs_per_image
+        self.pairs_per_image = pairs_per_image
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -121,10 +121,10 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __iter__(self):
         g = np.random.default_rng([self.seed, self.epoch])
-        per_batch = self.batch_size // self.k
+        per_batch = self.batch_size // self.pairs_per_image
         need = self.steps * per_batch
         order = np.concatenate([g.permutation(self.n) for _ in range(-(-need // self.n))])[:need]
-        draws = np.arange(self.k) * self.n
+        draws = np.arange(self.pairs_per_image) * self.n
         per_rank = self.batch_size // self.world
         for s in range(self.steps):
             images = order[s * per_batch : (s + 1) * per_batch]
