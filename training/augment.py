@@ -2,7 +2,7 @@
 
 Two strongly augmented views of one image are a positive pair. Each call
 takes its own ``random.Random``, so a sample's views depend only on
-(seed, epoch, index): training is reproducible whatever the worker count,
+(seed, epoch, image, draw): training is reproducible whatever the worker count,
 and evaluation draws its transformed queries from a fixed seed.
 """
 

@@ -1,7 +1,7 @@
 """The training loop: one function, ``train``, driven by a recipe.
 
 Reproducible: a run is fixed by (recipe, seed). Data order and every
-augmentation are seeded by (seed, epoch, index), the model by the seed, and
+augmentation are seeded by (seed, epoch, image, draw), the model by the seed, and
 checkpoints (written atomically at every epoch end) carry the optimiser and
 the epoch, so ``--resume`` continues exactly where the run stopped. Under
 ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPU).
