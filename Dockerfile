@@ -6,13 +6,16 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
+# verify: OpenCV for collections created with --verify (simserve/verify.py), ~150 MB;
+# --build-arg EXTRAS= builds the image without it.
+ARG EXTRAS=verify
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY simserve ./simserve
 COPY training ./training
 RUN python3 -m venv /opt/simserve \
- && /opt/simserve/bin/pip install --no-compile . \
+ && /opt/simserve/bin/pip install --no-compile ".[${EXTRAS}]" \
  && find /opt/simserve -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${BASE_IMAGE} AS serve

@@ -124,7 +124,7 @@ def _collection(args: argparse.Namespace, engine=None, create: bool = False):
 
     cols = Collections(args.data_dir or default_data_dir())
     if create and engine is not None:
-        return cols, cols.get_or_create(args.collection, engine.bundle.embedding_dim, args.factory, engine.bundle.manifest["feature_shape"], args.crop_views)
+        return cols, cols.get_or_create(args.collection, engine.bundle.embedding_dim, args.factory, engine.bundle.manifest["feature_shape"], args.crop_views, verify=args.verify)
     return cols, cols.get(args.collection)
 
 
@@ -170,10 +170,12 @@ def _index_search(args: argparse.Namespace) -> int:
     from simserve.decode import DecodeError, decode_file
     from simserve.engine import load_engine
     from simserve.search import search
+    from simserve.verify import VerifyUnavailable, query_features
 
     engine = load_engine(args.bundle)
     cols, col = _collection(args)
     exclude: list[list[int]] | None = None
+    keypoints = None
     if args.key:
         item = col.get([args.key]).get(args.key)
         if item is None:
@@ -182,24 +184,33 @@ def _index_search(args: argparse.Namespace) -> int:
         feats = col.features([item.id])
         features = feats[item.id][None] if item.id in feats else None
         exclude = [[item.id]]
+        keypoints = col.query_keypoints(item.id) if col.config.verify else None
     elif args.image:
         try:
-            features, emb = engine.embed_images([decode_file(args.image)])
-        except (DecodeError, OSError) as e:
+            img = decode_file(args.image)
+            features, emb = engine.embed_images([img])
+            keypoints = query_features(img) if col.config.verify else None
+        except (DecodeError, OSError, VerifyUnavailable) as e:
             raise SystemExit(f"simserve index search: {e}")
     else:
         raise SystemExit("simserve index search: give an IMAGE or --key")
     where = dict(w.split("=", 1) for w in args.where or [])
-    hits = search(engine, col, emb, args.k, features=features, rerank=args.rerank, where=where or None, exclude_ids=exclude)[0]
-    rows = [{"key": h.key, "score": round(h.score, 5), "head_score": None if h.head_score is None else round(h.head_score, 5), "metadata": h.metadata} for h in hits]
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        for r in rows:
-            head = "" if r["head_score"] is None else f"  head {r['head_score']:.4f}"
-            print(f"{r['score']:.4f}{head}  {r['key']}")
+    hits = search(engine, col, emb, args.k, features=features, rerank=args.rerank, where=where or None, exclude_ids=exclude, keypoints=[keypoints])[0]
+    rows = [{"key": h.key, "score": round(h.score, 5), "head_score": None if h.head_score is None else round(h.head_score, 5), "inliers": h.inliers, "metadata": h.metadata} for h in hits]
+    print(json.dumps(rows) if args.json else _hit_lines(rows))
     cols.close(snapshot=False)
     return 0
+
+
+def _hit_lines(hits: list[dict[str, Any]]) -> str:
+    """One line per hit: score, the head's score and the inlier count when there are, key."""
+    return "\n".join(
+        f"{h['score']:.4f}"
+        + (f"  head {h['head_score']:.4f}" if h.get("head_score") is not None else "")
+        + (f"  inliers {h['inliers']}" if h.get("inliers") is not None else "")
+        + f"  {h['key']}"
+        for h in hits
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -230,7 +241,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             text = f"score {s.score:.4f} ({'match' if s.match else 'different'}), cosine {s.cosine:.4f}"
         elif args.action == "search":
             out = c.search(image(args.image), k=args.k, rerank=args.rerank, collection=args.collection, where=dict(w.split("=", 1) for w in args.where or []))
-            text = "\n".join(f"{h['score']:.4f}" + (f"  head {h['head_score']:.4f}" if h["head_score"] is not None else "") + f"  {h['key']}" for h in out)
+            text = _hit_lines(out)
         elif args.action == "add":
             root = Path(args.folder)
             rows = [(p.relative_to(root).as_posix(), p, {"path": p.relative_to(root).as_posix()}) for p in find_images(root)]
@@ -238,7 +249,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             text = f"added {out['added']} images to {args.collection or 'the default collection'}"
         elif args.action == "stats":
             s = c.stats(args.collection)
-            out = {"collection": s.collection, "items": s.items, "indexed": s.indexed, "dim": s.dim, "factory": s.factory, "index_type": s.index_type, "index_bytes": s.index_bytes, "crop_views": s.crop_views}
+            out = {"collection": s.collection, "items": s.items, "indexed": s.indexed, "dim": s.dim, "factory": s.factory, "index_type": s.index_type, "index_bytes": s.index_bytes, "crop_views": s.crop_views, "verify": s.verify}
             text = "\n".join(f"{k:>11}: {v}" for k, v in out.items())
         else:  # health
             out = {"status": c.health_status()}
@@ -330,8 +341,14 @@ def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) 
 
 CROP_VIEWS_HELP = (
     "new collections index each item as the pooled embedding of the whole image and 5 crops of 75%% of each side: "
-    "crops of stored images are found more often (default model, crops down to 30%% area: recall@1 0.832 -> 0.900 "
+    "crops of stored images are found more often (default model, copies cropped down to 30%% area: recall@1 0.843 -> 0.916 "
     "with the search re-scoring its top 20 by the stored views), at 6x the embedding work per added item"
+)
+VERIFY_HELP = (
+    "new collections keep each item's keypoints (SIFT, ~15 KB an item) and re-order a search's top 20 by the keypoints "
+    "one affine map carries from the query onto each hit (simserve/verify.py): with --crop-views, recall@1 0.916 -> 0.94 "
+    "on the default model's held-out copies, for ~7 ms of OpenCV per added image and ~25 ms per query; "
+    "needs pip install 'simserve[verify]'"
 )
 
 
@@ -404,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bundle_arg(ib)
     ib.add_argument("--factory", default="Flat", help="FAISS factory string for a new collection: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
     ib.add_argument("--crop-views", action="store_true", help=CROP_VIEWS_HELP)
+    ib.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     ib.add_argument("--batch", type=int, default=64)
     ib.add_argument("--workers", type=int, help="lanes: pipelines that each decode and embed a whole batch, one engine session each (default: one per core)")
     ib.add_argument("--quiet", action="store_true")
@@ -497,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--collection", help="default collection name (default 'default')")
     sv.add_argument("--factory", help="FAISS factory for new collections (default Flat)")
     sv.add_argument("--crop-views", dest="crop_views", action="store_true", default=None, help=CROP_VIEWS_HELP)
+    sv.add_argument("--verify", action="store_true", default=None, help=VERIFY_HELP)
     sv.add_argument("--token", help="require 'authorization: Bearer TOKEN' (health and reflection stay open)")
     sv.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain (enables TLS)")
     sv.add_argument("--tls-key", dest="tls_key", help="PEM private key")
@@ -560,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--parts",
         default="types,adds,snapshot,views",
         help="index: which parts to run (types = search figures per index type and size; adds = durable adds/s; snapshot = start from a snapshot; "
-        "views = a crop-views collection's search re-scoring vs a plain search)",
+        "views = a crop-views collection's search re-scoring vs a plain search; verify = geometric verification's cost per add and per search)",
     )
     b.add_argument("--cases", type=int, default=1000, help="fuzz: random mutations of valid images, on top of the named corpus")
     b.add_argument("--seed", type=int, default=0, help="fuzz: seed of the mutations")

@@ -110,7 +110,13 @@ class Client:
         req = pb.SearchRequest(collection=collection, query=to_image(query), k=k, rerank=rerank, filter=dict(where or {}))
         resp = self._call(self.similarity.Search, req)
         return [
-            {"key": n.key, "score": n.score, "head_score": n.head_score if n.HasField("head_score") else None, "metadata": json.loads(n.metadata_json) if n.metadata_json else None}
+            {
+                "key": n.key,
+                "score": n.score,
+                "head_score": n.head_score if n.HasField("head_score") else None,
+                "inliers": n.inliers if n.HasField("inliers") else None,
+                "metadata": json.loads(n.metadata_json) if n.metadata_json else None,
+            }
             for n in resp.neighbors
         ]
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from simserve.rwlock import RWLock
 from simserve.store import ItemStore, NewItem, StoreError, StoredItem
+from simserve import verify
 from simserve.tiered_index import TieredIndex
 from simserve.views import RESCORE_DEPTH, view_scores
 from simserve.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
@@ -60,6 +61,12 @@ class Hit:
     id: int
     metadata: dict[str, Any] | None = None
     head_score: float | None = None  # set when re-ranked by the fusion head
+    inliers: int | None = None  # set by a verifying collection (simserve/verify.py)
+
+    @property
+    def rank(self) -> float:
+        """What orders hits before any head re-ranking: the score, plus the inliers' worth when verified."""
+        return verify.verified_score(self.score, self.inliers)
 
 
 @dataclass
@@ -71,6 +78,7 @@ class CollectionConfig:
     feature_shape: list[int] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     crop_views: bool = False  # vectors are the mean of whole-image and crop embeddings (simserve/views.py)
+    verify: bool = False  # items keep keypoints; searches re-order their top hits by them (simserve/verify.py)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -172,13 +180,23 @@ class Collection:
     def get(self, keys: Sequence[str]) -> dict[str, StoredItem]:
         return self.store.get(keys)
 
-    def search(self, vectors: np.ndarray, k: int, where: dict[str, Any] | None = None, exclude_ids: Sequence[int] = ()) -> list[list[Hit]]:
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        where: dict[str, Any] | None = None,
+        exclude_ids: Sequence[int] = (),
+        keypoints: Sequence[Sequence[verify.LocalFeatures] | None] | None = None,
+    ) -> list[list[Hit]]:
         """Top k per query vector. A crop-views collection fetches the top RESCORE_DEPTH by
-        the pooled vector and re-orders them by their view embeddings (simserve/views.py)."""
+        the pooled vector and re-orders them by their view embeddings (simserve/views.py); a
+        verifying one then re-orders them by the inliers each shares with its query's
+        ``keypoints`` (``verify.query_features``; None for a query without them)."""
         allow = self.store.ids_matching(where) if where else None
         if allow is not None and not len(allow):
             return [[] for _ in range(len(vectors))]
-        depth = max(k, RESCORE_DEPTH) if self.config.crop_views else k
+        deep = self.config.crop_views or (self.config.verify and keypoints is not None)
+        depth = max(k, RESCORE_DEPTH) if deep else k
         extra = len(exclude_ids)
         with self.lock.read():
             scores, ids = self.index.search(vectors, depth + extra, allow)
@@ -196,9 +214,21 @@ class Collection:
                 if len(hits) == depth:
                     break
             out.append(hits)
-        if depth > k:
-            out = [self._rescore(v, hits)[:k] for v, hits in zip(vectors, out)]
-        return out
+        if self.config.crop_views:
+            out = [self._rescore(v, hits) for v, hits in zip(vectors, out)]
+        if self.config.verify and keypoints is not None:
+            # Only the top RESCORE_DEPTH: the rest score below all of them even before their inliers count.
+            out = [self._verify(q, hits[:RESCORE_DEPTH]) + hits[RESCORE_DEPTH:] if q is not None else hits for q, hits in zip(keypoints, out)]
+        return [hits[:k] for hits in out]
+
+    def _verify(self, query: Sequence[verify.LocalFeatures], hits: list[Hit]) -> list[Hit]:
+        """Hits with their inlier counts, re-ordered by ``verify.verified_score`` (items added
+        without keypoints keep no count and their plain score)."""
+        stored = self.store.keypoints([h.id for h in hits])
+        for h in hits:
+            if h.id in stored:
+                h.inliers = verify.inliers(query, verify.from_bytes(stored[h.id]))
+        return sorted(hits, key=lambda h: -h.rank)
 
     def _rescore(self, query: np.ndarray, hits: list[Hit]) -> list[Hit]:
         """Hits re-scored by their stored views, best first (items added before views were
@@ -211,6 +241,11 @@ class Collection:
             for h, s in zip(have, new):
                 h.score = float(s)
         return sorted(hits, key=lambda h: -h.score)
+
+    def query_keypoints(self, id: int) -> list[verify.LocalFeatures] | None:
+        """A stored item's keypoints as a query's (not mirrored: its image is not kept), or None."""
+        blob = self.store.keypoints([id]).get(id)
+        return None if blob is None else [verify.from_bytes(blob)]
 
     def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         shape = tuple(self.config.feature_shape)
@@ -225,6 +260,7 @@ class Collection:
                 "dim": self.dim,
                 "factory": self.config.factory,
                 "crop_views": self.config.crop_views,
+                "verify": self.config.verify,
                 "index_type": type(self.index.index).__name__,
                 "pending_training": self.index.pending_training,
                 "deleted_pending": len(self.index.deleted),
@@ -348,7 +384,14 @@ class Collections:
             return c
 
     def create(
-        self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = (), store_features: bool = True, crop_views: bool = False
+        self,
+        name: str,
+        dim: int,
+        factory: str = "Flat",
+        feature_shape: Sequence[int] = (),
+        store_features: bool = True,
+        crop_views: bool = False,
+        verify: bool = False,
     ) -> Collection:
         if not NAME_RE.match(name):
             raise ValueError(f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit")
@@ -358,19 +401,21 @@ class Collections:
             if (path / CONFIG_FILE).exists():
                 raise ValueError(f"collection {name!r} already exists")
             path.mkdir(parents=True, exist_ok=True)
-            cfg = CollectionConfig(name, dim, factory, store_features, list(feature_shape), crop_views=crop_views)
+            cfg = CollectionConfig(name, dim, factory, store_features, list(feature_shape), crop_views=crop_views, verify=verify)
             tmp = path / (CONFIG_FILE + ".tmp")
             tmp.write_text(cfg.to_json())
             tmp.replace(path / CONFIG_FILE)
         return self.get(name)
 
-    def get_or_create(self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = (), crop_views: bool = False) -> Collection:
+    def get_or_create(
+        self, name: str, dim: int, factory: str = "Flat", feature_shape: Sequence[int] = (), crop_views: bool = False, verify: bool = False
+    ) -> Collection:
         """The named collection; created with these settings if it does not exist (an existing one keeps its own)."""
         try:
             return self.get(name)
         except CollectionNotFound:
             try:
-                return self.create(name, dim, factory, feature_shape, crop_views=crop_views)
+                return self.create(name, dim, factory, feature_shape, crop_views=crop_views, verify=verify)
             except ValueError:
                 return self.get(name)  # created concurrently
 

@@ -1,4 +1,5 @@
-"""Bulk indexing of a folder: read -> hash -> decode and embed (a batch per lane) -> add.
+"""Bulk indexing of a folder: read -> hash -> decode and embed (a batch per lane) -> keypoints
+(verifying collections only) -> add.
 
 Resumable: each batch is committed as it goes, and a key (the file's path
 relative to the folder) already stored with the same content hash is
@@ -18,8 +19,9 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from simserve import verify
 from simserve.collection import Collection
-from simserve.decode import DecodeError
+from simserve.decode import DecodeError, decode_image
 from simserve.decode_pool import load_bytes
 from simserve.engine import Engine
 from simserve.lanes import decode_each, embed_decoded, map_lanes
@@ -48,6 +50,10 @@ def _read(path: Path) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
+def _keypoints(data: bytes) -> bytes:
+    return verify.to_bytes(verify.extract(decode_image(data, min_side=verify.SIDE)))
+
+
 def index_folder(
     engine: Engine,
     collection: Collection,
@@ -63,7 +69,9 @@ def index_folder(
     keys = [p.relative_to(root).as_posix() for p in paths]
     report = IndexReport()
     cfg = engine.config
-    views = collection.config.crop_views
+    views, verifying = collection.config.crop_views, collection.config.verify
+    if verifying:
+        verify.require()
     load = partial(load_bytes, size=cfg.input_size, channels=cfg.in_channels, crop_views=views)
     reader = ThreadPoolExecutor(4, thread_name_prefix="read")
     bar = tqdm(total=len(paths), unit="img", desc=f"indexing into {collection.name}", disable=not progress)
@@ -83,6 +91,8 @@ def index_folder(
         decode = partial(decode_each, load=lambda item: load(item[1]))
         for part, arrays, out in map_lanes(engine, changed(), decode, embed_decoded, lanes=workers):
             good = [(i, h) for (i, _, h), a in zip(part, arrays) if not isinstance(a, DecodeError)]
+            blobs = [data for (_, data, _), a in zip(part, arrays) if not isinstance(a, DecodeError)]
+            kps = list(reader.map(_keypoints, blobs)) if verifying else [None] * len(good)
             for (i, _, _), a in zip(part, arrays):
                 if isinstance(a, DecodeError):
                     report.failed[keys[i]] = str(a)
@@ -90,7 +100,12 @@ def index_folder(
                 feats, emb, view_embs = collapse_views(*out) if views else (*out, None)  # views: six rows an image
                 collection.add(
                     [
-                        NewItem(keys[i], emb[j], {"path": keys[i]}, h, feats[j].astype(np.float16) if store_features else None, None if view_embs is None else view_embs[j])
+                        NewItem(
+                            keys[i], emb[j], {"path": keys[i]}, h,
+                            feats[j].astype(np.float16) if store_features else None,
+                            None if view_embs is None else view_embs[j],
+                            kps[j],
+                        )
                         for j, (i, h) in enumerate(good)
                     ]
                 )

@@ -16,9 +16,10 @@ from typing import Any, Callable, Generator, Sequence, TypeVar
 import numpy as np
 
 from simserve.batcher import MicroBatcher
+from simserve import verify
 from simserve.bundle import Bundle
 from simserve.collection import Collection, Collections
-from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError
+from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from simserve.decode_pool import pixels
 from simserve.engine import Engine
 from simserve.search import search as two_stage_search
@@ -68,6 +69,7 @@ class Runtime:
         default_collection: str = "default",
         factory: str = "Flat",
         crop_views: bool = False,
+        verify: bool = False,
         max_batch: int = 32,
         max_delay_ms: float = 2.0,
         max_queue: int = 1024,
@@ -76,12 +78,12 @@ class Runtime:
     ) -> None:
         self.engine, self.collections = engine, collections
         self.bundle: Bundle = engine.bundle
-        self.default_collection, self.factory, self.crop_views = default_collection, factory, crop_views
+        self.default_collection, self.factory, self.crop_views, self.verify = default_collection, factory, crop_views, verify
         self.limits = limits or Limits()
         self.batcher: MicroBatcher[np.ndarray, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
             self._embed_batch, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, name="engine-batcher", on_batch=on_batch
         )
-        self.collections.get_or_create(default_collection, self.bundle.embedding_dim, factory, self.bundle.manifest["feature_shape"], crop_views)
+        self._get_or_create(default_collection)
 
     @property
     def model_name(self) -> str:
@@ -98,8 +100,15 @@ class Runtime:
         try:
             return pixels(data, c.input_size, c.in_channels, self.limits.max_pixels, crop_views)
         except DecodeError as e:
-            kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
-            raise RequestError(kind, f"{where}: {e}") from None
+            raise _request_error(e, where) from None
+
+    def verify_image(self, data: bytes, where: str) -> "Image.Image":
+        """Bytes -> the image geometric verification reads (simserve/verify.py). Extracting its
+        keypoints costs milliseconds of OpenCV: callers run it on worker threads, never the event loop."""
+        try:
+            return decode_image(data, max_pixels=self.limits.max_pixels, min_side=verify.SIDE)
+        except DecodeError as e:
+            raise _request_error(e, where) from None
 
     def _embed_refs(self, refs: Sequence[ImageRef], where: Sequence[str], collection: str | None) -> Steps[tuple[np.ndarray, np.ndarray, list[int | None]]]:
         """(features, embeddings, stored ids) for each ref. Keys resolve to stored items."""
@@ -218,17 +227,25 @@ class Runtime:
         feats, embs, ids = yield from self._embed_refs([query], ["query"], col.name)
         use_feats = None if (rerank == 0 or np.isnan(feats).any()) else feats
         exclude = [[ids[0]]] if ids[0] is not None else None
-        return col, embs, k, use_feats, rerank, where or None, exclude
+        return col, embs, k, use_feats, rerank, where or None, exclude, query
 
-    def _scan(self, col: Collection, embs: np.ndarray, k: int, feats: np.ndarray | None, rerank: int, where: dict | None, exclude: list | None) -> list:
-        return two_stage_search(self.engine, col, embs, k, features=feats, rerank=rerank, where=where, exclude_ids=exclude)[0]
+    def _scan(self, col: Collection, embs: np.ndarray, k: int, feats: np.ndarray | None, rerank: int, where: dict | None, exclude: list | None, query: ImageRef) -> list:
+        keypoints = [self._query_keypoints(col, query, exclude[0][0] if exclude else None)] if col.config.verify else None
+        return two_stage_search(self.engine, col, embs, k, features=feats, rerank=rerank, where=where, exclude_ids=exclude, keypoints=keypoints)[0]
+
+    def _query_keypoints(self, col: Collection, query: ImageRef, stored_id: int | None) -> list[verify.LocalFeatures] | None:
+        """A verifying collection's query keypoints: from the image bytes, or a stored query's own
+        (as stored: not mirrored). None when a stored query has none: it is searched unverified."""
+        if query.data is not None:
+            return verify.query_features(self.verify_image(query.data, "query"))
+        return col.query_keypoints(stored_id) if stored_id is not None else None
 
     def _add(self, collection: str | None, items: Sequence[tuple[str, bytes, dict | None]]) -> Steps[list[str]]:
         self._check_count(len(items), "items")
         name = collection or self.default_collection
         if not _valid_name(name):
             raise RequestError("invalid", f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-'")
-        col = self.collections.get_or_create(name, self.bundle.embedding_dim, self.factory, self.bundle.manifest["feature_shape"], self.crop_views)
+        col = self._get_or_create(name)
         if col.dim != self.bundle.embedding_dim:
             raise RequestError("precondition", f"collection {name!r} holds {col.dim}-d vectors; the served model makes {self.bundle.embedding_dim}-d")
         seen: set[str] = set()
@@ -246,12 +263,19 @@ class Runtime:
             results = list(zip(*collapse_views(np.stack([f for f, _ in results]), np.stack([e for _, e in results]))))
         else:
             results = [(f, e, None) for f, e in results]
+        kps = [verify.to_bytes(verify.extract(self.verify_image(data, f"items[{i}].image"))) if col.config.verify else None for i, (_, data, _) in enumerate(items)]
         new = [
-            NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None, v)
-            for (key, _, meta), (f, e, v) in zip(items, results)
+            NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None, v, kp)
+            for (key, _, meta), (f, e, v), kp in zip(items, results, kps)
         ]
         col.add(new)
         return [it.key for it in new]
+
+    def _get_or_create(self, name: str) -> Collection:
+        """The named collection; a new one gets this server's factory, crop-views and verify settings."""
+        return self.collections.get_or_create(
+            name, self.bundle.embedding_dim, self.factory, self.bundle.manifest["feature_shape"], self.crop_views, verify=self.verify
+        )
 
     def collection(self, name: str | None) -> Collection:
         from simserve.collection import CollectionNotFound
@@ -277,6 +301,11 @@ def _advance(steps: Steps[T], value: list | None = None) -> tuple[bool, Any]:
         return False, steps.send(value)
     except StopIteration as finished:
         return True, finished.value
+
+
+def _request_error(e: DecodeError, where: str) -> RequestError:
+    kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
+    return RequestError(kind, f"{where}: {e}")
 
 
 def _heavy(refs: Sequence[ImageRef]) -> bool:

@@ -9,12 +9,13 @@ order uses both (``fused_scores``) rather than the head alone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from simserve.collection import Collection, Hit
 from simserve.engine import Engine
+from simserve.verify import LocalFeatures
 
 # Weight of the head's logit beside the cosine in a re-ranked order. On the default model's
 # held-out copies (1,000 queries among 1,028 originals, top 10), recall@1 on two query draws:
@@ -50,15 +51,18 @@ def search(
     rerank: int = 0,
     where: dict[str, Any] | None = None,
     exclude_ids: list[list[int]] | None = None,
+    keypoints: Sequence[Sequence[LocalFeatures] | None] | None = None,
 ) -> list[list[Hit]]:
     """Top-k per query. With ``rerank`` > 0 (and query ``features``), the top
     max(k, rerank) by cosine are re-ordered by ``fused_scores``, and each hit carries both
-    the embedding score and the head's."""
+    the embedding score and the head's. ``keypoints`` (per query) let a verifying collection
+    count inliers (simserve/verify.py); the head then fuses with the verified score."""
     depth = max(k, rerank) if rerank else k
     out: list[list[Hit]] = []
     for qi in range(len(embeddings)):
         excl = exclude_ids[qi] if exclude_ids else ()
-        hits = collection.search(embeddings[qi : qi + 1], depth, where=where, exclude_ids=excl)[0]
+        kp = [keypoints[qi]] if keypoints is not None else None
+        hits = collection.search(embeddings[qi : qi + 1], depth, where=where, exclude_ids=excl, keypoints=kp)[0]
         if rerank and hits and features is not None and engine is not None:
             feats = collection.features([h.id for h in hits])
             scored = [h for h in hits if h.id in feats]
@@ -68,7 +72,7 @@ def search(
                 head = engine.fuse(q, cand)
                 for h, s in zip(scored, head):
                     h.head_score = float(s)
-                order = np.argsort(-fused_scores(np.array([h.score for h in scored]), head), kind="stable")
+                order = np.argsort(-fused_scores(np.array([h.rank for h in scored]), head), kind="stable")
                 unscored = [h for h in hits if h.id not in feats]  # added without features
                 hits = [scored[i] for i in order] + unscored
         out.append(hits[:k])

@@ -34,6 +34,7 @@ from simserve.metrics import Metrics
 from simserve.runtime import ImageRef, Limits, RequestError, Runtime
 from simserve.store import StoreError
 from simserve.vector_index import IndexTuning
+from simserve.verify import VerifyUnavailable, require as require_opencv
 from simserve.v1 import simserve_pb2 as pb
 from simserve.v1 import simserve_pb2_grpc as pb_grpc
 
@@ -63,6 +64,7 @@ class ServerConfig:
     collection: str = "default"
     factory: str = "Flat"
     crop_views: bool = False  # new collections index whole image + 5 crops (simserve/views.py)
+    verify: bool = False  # new collections keep keypoints and verify their searches (simserve/verify.py)
     token: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -97,7 +99,7 @@ _STORE_CODES = {
 }
 
 
-_OURS = (CancelledError, RequestError, QueueFull, DeadlineExceeded, TimeoutError, BatcherClosed, StoreError, OSError)
+_OURS = (CancelledError, RequestError, QueueFull, DeadlineExceeded, TimeoutError, BatcherClosed, StoreError, VerifyUnavailable, OSError)
 
 
 def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -114,6 +116,8 @@ def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, StoreError):
         return _STORE_CODES[e.reason], str(e)
+    if isinstance(e, VerifyUnavailable):  # a verifying collection on a server without OpenCV
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     assert isinstance(e, OSError), e  # e.g. creating a collection's folder on a full or read-only disk
     err = StoreError(e.filename or "the data directory", e)
     return _STORE_CODES[err.reason], str(err)
@@ -214,7 +218,7 @@ class SimilarityService(pb_grpc.SimilarityServicer):
         hits = await self.rt.search_async(_ref(request.query), request.collection or None, request.k, request.rerank, dict(request.filter), _timeout(context))
         return pb.SearchResponse(
             neighbors=[
-                pb.Neighbor(key=h.key, score=h.score, metadata_json=json.dumps(h.metadata) if h.metadata else "", **({"head_score": h.head_score} if h.head_score is not None else {}))
+                pb.Neighbor(key=h.key, score=h.score, metadata_json=json.dumps(h.metadata) if h.metadata else "", head_score=h.head_score, inliers=h.inliers)
                 for h in hits
             ]
         )
@@ -267,7 +271,7 @@ class IndexService(pb_grpc.IndexServicer):
         return pb.StatsResponse(
             collection=s["name"], items=s["items"], indexed=s["indexed"], dim=s["dim"], factory=s["factory"],
             index_type=s["index_type"], index_bytes=s["index_bytes"], pending_training=s["pending_training"],
-            buffered=s["buffered"], crop_views=s["crop_views"],
+            buffered=s["buffered"], crop_views=s["crop_views"], verify=s["verify"],
         )
 
     @_guard
@@ -482,13 +486,16 @@ def _read(path: str) -> bytes:
 def start(cfg: ServerConfig) -> RunningServer:
     """Load the model and the index, then open the port; health says SERVING only after both."""
     t0 = time.perf_counter()
+    if cfg.verify:
+        require_opencv()
     metrics = Metrics()
     engine = load_engine(cfg.bundle or None, cfg.backend, threads=cfg.threads or default_threads(), max_batch=max(cfg.max_batch, 64))
     # OpenMP's thread count is per thread, so it is set in each handler thread as it searches
     # (the main thread's setting does not reach them): single queries are ~3x faster on 1 thread.
     collections = Collections(cfg.data_dir or default_data_dir(), tuning=IndexTuning(search_threads=cfg.faiss_threads or default_threads()))
     runtime = Runtime(
-        engine, collections, default_collection=cfg.collection, factory=cfg.factory, crop_views=cfg.crop_views, max_batch=cfg.max_batch,
+        engine, collections, default_collection=cfg.collection, factory=cfg.factory, crop_views=cfg.crop_views, verify=cfg.verify,
+        max_batch=cfg.max_batch,
         max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue, limits=Limits(max_pixels=cfg.max_pixels, max_items=cfg.max_items),
         on_batch=metrics.on_batch,
     )

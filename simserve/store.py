@@ -1,7 +1,7 @@
 """The item store: an embedded SQLite database, the source of truth for a collection.
 
-Every item (key, vector, metadata, content hash, optional head features and
-crop-view embeddings) is a row; every add and remove is also a row in
+Every item (key, vector, metadata, content hash, optional head features,
+crop-view embeddings and keypoints) is a row; every add and remove is also a row in
 ``changes`` with a rising sequence number, so a FAISS snapshot taken at
 sequence S is brought up to date by replaying the changes after S. One transaction per batch: an add
 that returned has been committed (WAL, synchronous=FULL by default), so it
@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS items (
     content_hash TEXT,
     features BLOB,
     added REAL NOT NULL,
-    views BLOB
+    views BLOB,
+    keypoints BLOB
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -51,6 +52,7 @@ class NewItem:
     content_hash: str | None = None
     features: np.ndarray | None = None  # float16 head features, for re-ranking
     views: np.ndarray | None = None  # [V, dim] crop-view embeddings (simserve/views.py), for re-scoring
+    keypoints: bytes | None = None  # local features for geometric verification (simserve/verify.py)
 
 
 @dataclass
@@ -97,7 +99,8 @@ class ItemStore:
             if not self.read_only:
                 conn.executescript(SCHEMA)
                 _add_missing_columns(conn)
-            self._has_views = "views" in _columns(conn, "items")  # a read-only store from before views: none
+            columns = _columns(conn, "items")  # a read-only store from before a column has none of it
+            self._has_views, self._has_keypoints = "views" in columns, "keypoints" in columns
             stored = conn.execute("SELECT v FROM meta WHERE k='dim'").fetchone()
             if stored is None:
                 conn.execute("INSERT INTO meta VALUES ('dim', ?)", (str(dim),))
@@ -137,7 +140,7 @@ class ItemStore:
             feats = None if it.features is None else np.ascontiguousarray(it.features, np.float16).tobytes()
             views = None if it.views is None else _views_blob(it.key, it.views, self.dim)
             meta = None if it.metadata is None else json.dumps(it.metadata, separators=(",", ":"))
-            rows.append((it.key, v.tobytes(), meta, it.content_hash, feats, now, views))
+            rows.append((it.key, v.tobytes(), meta, it.content_hash, feats, now, views, it.keypoints))
         ids: list[int] = []
         replaced: list[int] = []
         with self._transaction() as c:
@@ -146,7 +149,7 @@ class ItemStore:
                 c.executemany("DELETE FROM items WHERE id=?", [(i,) for i in replaced])
                 c.executemany("INSERT INTO changes(op, id) VALUES (0, ?)", [(i,) for i in replaced])
             for r in rows:
-                cur = c.execute("INSERT INTO items(key, vector, metadata, content_hash, features, added, views) VALUES (?,?,?,?,?,?,?)", r)
+                cur = c.execute("INSERT INTO items(key, vector, metadata, content_hash, features, added, views, keypoints) VALUES (?,?,?,?,?,?,?,?)", r)
                 ids.append(int(cur.lastrowid))
             c.executemany("INSERT INTO changes(op, id) VALUES (1, ?)", [(i,) for i in ids])
         return ids, replaced
@@ -230,6 +233,13 @@ class ItemStore:
         rows = _rows_in(self._conn(), "SELECT id, views FROM items", "id", [int(i) for i in ids])
         return {int(i): np.frombuffer(blob, dtype=np.float16).reshape(-1, self.dim).astype(np.float32) for i, blob in rows if blob is not None}
 
+    def keypoints(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """{id: keypoint blob} for the items stored with keypoints (simserve/verify.py)."""
+        if not self._has_keypoints:
+            return {}
+        rows = _rows_in(self._conn(), "SELECT id, keypoints FROM items", "id", [int(i) for i in ids])
+        return {int(i): blob for i, blob in rows if blob is not None}
+
     def hashes(self, keys: Sequence[str]) -> dict[str, str | None]:
         return dict(_rows_in(self._conn(), "SELECT key, content_hash FROM items", "key", keys))
 
@@ -305,12 +315,13 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Stores written before a column existed gain it (empty for their old rows)."""
-    if "views" not in _columns(conn, "items"):
-        try:
-            conn.execute("ALTER TABLE items ADD COLUMN views BLOB")
-        except sqlite3.OperationalError as e:  # another process opening the same store got there first
-            if "duplicate column" not in str(e):
-                raise
+    for column in ("views", "keypoints"):
+        if column not in _columns(conn, "items"):
+            try:
+                conn.execute(f"ALTER TABLE items ADD COLUMN {column} BLOB")
+            except sqlite3.OperationalError as e:  # another process opening the same store got there first
+                if "duplicate column" not in str(e):
+                    raise
 
 
 def _views_blob(key: str, views: np.ndarray, dim: int) -> bytes:

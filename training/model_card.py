@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from simserve.search import HEAD_WEIGHT
+from simserve.verify import INLIER_WEIGHT
 
 DATA_NOTES = {
     "openclipart": "Open Clip Art Library drawings, Debian package `openclipart-png` (/usr/share/openclipart/png), "
@@ -106,15 +107,22 @@ def _robustness(run: Path) -> list[str]:
         "## Where it fails (`python -m training.robustness RUN`)",
         "Same held-out gallery and queries, each query transformed by only part of the augmentations:",
         "",
-        "| query transformations | recall@1 | recall@10 | re-ranked: cosine + head | head alone | view re-scored | view re-scored + head | pair ROC-AUC |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| query transformations | recall@1 | recall@10 | re-ranked: cosine + head | head alone | view re-scored | view re-scored + head"
+        " | verified | plain, verified | pair ROC-AUC |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     def cell(v: dict, key: str, digits: int) -> str:
         return f"{v[key]:.{digits}f}" if key in v else "-"
 
     out += [
         f"| {k} | "
-        + " | ".join(cell(v, key, 3) for key in ("recall@1", "recall@10", "rerank_recall@1", "head_rerank_recall@1", "view_rescored_recall@1", "view_rescored_rerank_recall@1"))
+        + " | ".join(
+            cell(v, key, 3)
+            for key in (
+                "recall@1", "recall@10", "rerank_recall@1", "head_rerank_recall@1", "view_rescored_recall@1",
+                "view_rescored_rerank_recall@1", "verified_recall@1", "plain_verified_recall@1",
+            )
+        )
         + f" | {cell(v, 'pair_auc', 4)} |"
         for k, v in rows.items()
     ]
@@ -125,8 +133,11 @@ def _robustness(run: Path) -> list[str]:
         " copies slightly less. Their search re-scores its top candidates by the stored view embeddings (the"
         " view re-scored column): what a crop-views collection's Search returns. The re-ranked columns order each"
         f" query's top 10 (crop views: top 20) by cosine + {HEAD_WEIGHT} x the head's logit (simserve/search.py), what a"
-        " Search with `rerank` returns; \"head alone\" orders them by the head only. All columns are recall@1 but"
-        " recall@10 and the AUC.",
+        " Search with `rerank` returns; \"head alone\" orders them by the head only. \"verified\" is what a collection"
+        " created with `--crop-views --verify` returns: the view re-scored top 20 re-ordered by score +"
+        f" {INLIER_WEIGHT} x the keypoints one affine map carries from the query onto each candidate (simserve/verify.py);"
+        " \"plain, verified\" the same over a plain collection's top 20 by cosine (`--verify` alone). All columns are"
+        " recall@1 but recall@10 and the AUC.",
     ]
     return out + [""]
 

@@ -8,7 +8,8 @@ bytes per vector, recall@10 against exact, batched queries/s (all threads),
 single-query p50/p99 (one thread, as a server would run many at once); for
 IVF-PQ also recall@10 after exact re-ranking of its top 100. Then durable
 adds/s through SQLite + FAISS, start-up time from a snapshot, and what a
-crop-views collection's re-scoring adds to a search.
+crop-views collection's re-scoring and a verifying collection's geometric verification add to
+a search.
 """
 
 from __future__ import annotations
@@ -198,6 +199,53 @@ def view_rescoring(base: np.ndarray, queries: np.ndarray, n: int = 100_000, view
             "plain_p99_ms": p99["plain"], "views_p99_ms": p99["views"], "views_over_plain_p50": p50["views"] / p50["plain"]}
 
 
+def verification_cost(base: np.ndarray, queries: np.ndarray, n: int = 100_000, n_images: int = 400) -> dict:
+    """What geometric verification costs (simserve/verify.py): keypoints per added image, the
+    query's two keypoint sets, and single-query Collection.search (k=10) on a plain and a
+    verifying Flat collection of the same n vectors, side by side. Items carry the keypoints of
+    real images (256 px JPEG crops of photos and drawings, reused round-robin: the cost of
+    matching depends on their number, not on which image they came from)."""
+    from simserve import verify
+    from simserve.bench.common import jpeg_crops, photo_sources
+    from simserve.collection import Collections
+    from simserve.decode import decode_image
+    from simserve.store import NewItem
+
+    images = [decode_image(j) for j in jpeg_crops(n_images + len(queries), sources=photo_sources(drawings=True))]
+    t = time.perf_counter()
+    blobs = [verify.to_bytes(verify.extract(im)) for im in images[:n_images]]
+    extract_ms = (time.perf_counter() - t) * 1000 / n_images
+    n = min(n, len(base))
+    with tempfile.TemporaryDirectory() as d:
+        cols = Collections(d, synchronous="OFF")
+        plain = cols.create("plain", base.shape[1], "Flat", store_features=False)
+        verifying = cols.create("verify", base.shape[1], "Flat", store_features=False, verify=True)
+        for s in range(0, n, 20_000):
+            part = base[s : min(n, s + 20_000)]
+            plain.add([NewItem(f"k{s + i}", v) for i, v in enumerate(part)])
+            verifying.add([NewItem(f"k{s + i}", v, keypoints=blobs[(s + i) % n_images]) for i, v in enumerate(part)])
+        times: dict[str, list[float]] = {"plain": [], "verify": [], "query_keypoints": []}
+        for q, im in zip(queries, images[n_images:]):
+            t = time.perf_counter()
+            kp = verify.query_features(im)
+            times["query_keypoints"].append((time.perf_counter() - t) * 1000)
+            for name, col, extra in (("plain", plain, {}), ("verify", verifying, {"keypoints": [kp]})):  # interleaved
+                t = time.perf_counter()
+                col.search(q[None], 10, **extra)
+                times[name].append((time.perf_counter() - t) * 1000)
+        cols.close(snapshot=False)
+    p50 = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "vectors": n, "queries": len(queries), "keypoint_images": n_images,
+        "points_per_image": statistics.mean(len(b) // verify.POINT.itemsize for b in blobs),
+        "bytes_per_item": statistics.mean(len(b) for b in blobs),
+        "extract_ms_per_added_image": extract_ms,
+        "query_keypoints_p50_ms": p50["query_keypoints"],
+        "plain_search_p50_ms": p50["plain"], "verified_search_p50_ms": p50["verify"],
+        "plain_search_p99_ms": float(np.percentile(times["plain"], 99)), "verified_search_p99_ms": float(np.percentile(times["verify"], 99)),
+    }
+
+
 def run(bundle: str | None = None, n: int = 1_000_000, sizes: tuple[int, ...] = (10_000, 100_000), types: tuple[str, ...] = DEFAULT_TYPES,
         queries: int = 1000, cache: str | None = "runs/bench/embeddings.npy", threads: int | None = None, snapshot_type: str = "HNSW32",
         parts: tuple[str, ...] = ("types", "adds", "snapshot")) -> dict:
@@ -226,6 +274,9 @@ def run(bundle: str | None = None, n: int = 1_000_000, sizes: tuple[int, ...] = 
     if "views" in parts:
         result["view_rescoring"] = view_rescoring(base, q)
         print(result["view_rescoring"], flush=True)
+    if "verify" in parts:
+        result["verification"] = verification_cost(base, q[:200])
+        print(result["verification"], flush=True)
     return result
 
 

@@ -98,16 +98,18 @@ class SearchRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., query: _Optional[_Union[Image, _Mapping]] = ..., k: _Optional[int] = ..., rerank: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Neighbor(_message.Message):
-    __slots__ = ("key", "score", "head_score", "metadata_json")
+    __slots__ = ("key", "score", "head_score", "metadata_json", "inliers")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     HEAD_SCORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
     key: str
     score: float
     head_score: float
     metadata_json: str
-    def __init__(self, key: _Optional[str] = ..., score: _Optional[float] = ..., head_score: _Optional[float] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    inliers: int
+    def __init__(self, key: _Optional[str] = ..., score: _Optional[float] = ..., head_score: _Optional[float] = ..., metadata_json: _Optional[str] = ..., inliers: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("neighbors",)
@@ -194,7 +196,7 @@ class StatsRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("collection", "items", "indexed", "dim", "factory", "index_type", "index_bytes", "pending_training", "buffered", "crop_views")
+    __slots__ = ("collection", "items", "indexed", "dim", "factory", "index_type", "index_bytes", "pending_training", "buffered", "crop_views", "verify")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +207,7 @@ class StatsResponse(_message.Message):
     PENDING_TRAINING_FIELD_NUMBER: _ClassVar[int]
     BUFFERED_FIELD_NUMBER: _ClassVar[int]
     CROP_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     collection: str
     items: int
     indexed: int
@@ -215,7 +218,8 @@ class StatsResponse(_message.Message):
     pending_training: bool
     buffered: int
     crop_views: bool
-    def __init__(self, collection: _Optional[str] = ..., items: _Optional[int] = ..., indexed: _Optional[int] = ..., dim: _Optional[int] = ..., factory: _Optional[str] = ..., index_type: _Optional[str] = ..., index_bytes: _Optional[int] = ..., pending_training: _Optional[bool] = ..., buffered: _Optional[int] = ..., crop_views: _Optional[bool] = ...) -> None: ...
+    verify: bool
+    def __init__(self, collection: _Optional[str] = ..., items: _Optional[int] = ..., indexed: _Optional[int] = ..., dim: _Optional[int] = ..., factory: _Optional[str] = ..., index_type: _Optional[str] = ..., index_bytes: _Optional[int] = ..., pending_training: _Optional[bool] = ..., buffered: _Optional[int] = ..., crop_views: _Optional[bool] = ..., verify: _Optional[bool] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
     __slots__ = ()

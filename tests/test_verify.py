@@ -1,0 +1,192 @@
+"""Geometric verification: real photos and stamps, a real SQLite store, a real server."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from simserve import verify
+from simserve.client import Client
+from simserve.collection import Collections
+from simserve.decode import decode_image
+from simserve.engine import load_engine
+from simserve.indexer import index_folder
+from simserve.runtime import Runtime
+from simserve.server import ServerConfig, start
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_of(img: Image.Image, mirror: bool = False) -> Image.Image:
+    """What a re-poster does: crop to about 45% of the area, rotate, maybe mirror, shrink, JPEG."""
+    w, h = img.size
+    out = img.crop((int(0.2 * w), int(0.15 * h), int(0.85 * w), int(0.85 * h))).rotate(12, Image.Resampling.BILINEAR, expand=True, fillcolor=(255, 255, 255))
+    out = ImageOps.mirror(out) if mirror else out
+    out = out.resize((200, round(200 * out.height / out.width)), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=60)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def stored(img: Image.Image) -> verify.LocalFeatures:
+    return verify.from_bytes(verify.to_bytes(verify.extract(img)))
+
+
+def test_a_copy_shares_many_inliers_with_its_original_and_few_with_another_photo(photos):
+    originals = {n: stored(im) for n, im in photos.items()}
+    for name in ("astronaut", "chelsea", "coffee"):
+        q = verify.query_features(copy_of(photos[name]))
+        counts = {n: verify.inliers(q, kp) for n, kp in originals.items()}
+        assert counts[name] >= 25, counts
+        assert max(c for n, c in counts.items() if n != name) <= 6, counts
+
+
+def test_a_mirrored_copy_is_verified_through_the_mirrored_query_features(photos):
+    q = verify.query_features(copy_of(photos["astronaut"], mirror=True))
+    original = stored(photos["astronaut"])
+    as_given, mirrored = (verify.inliers([f], original) for f in q)
+    assert mirrored >= 25 and as_given <= 6
+    assert verify.inliers(q, original) == mirrored
+
+
+def test_keypoints_round_trip_through_bytes_and_a_bad_blob_is_refused(photos):
+    points = verify.extract(photos["coffee"])
+    assert 50 <= len(points) <= verify.MAX_POINTS
+    assert points["xy"].min() >= 0 and points["xy"].max() <= 1  # in units of the longer side
+    blob = verify.to_bytes(points)
+    assert len(blob) == len(points) * verify.POINT.itemsize
+    back = verify.from_bytes(blob)
+    assert np.allclose(back.points, points["xy"].astype(np.float32))
+    assert np.allclose(np.linalg.norm(back.descriptors, axis=1), 1, atol=1e-5)  # RootSIFT: unit length
+    with pytest.raises(ValueError, match="whole number"):
+        verify.from_bytes(blob[:-1])
+    blank = verify.extract(Image.new("RGB", (64, 64), "white"))  # nothing to find: no points, no inliers
+    assert len(blank) == 0 and verify.inliers(verify.query_features(Image.new("RGB", (64, 64))), verify.load(blank)) == 0
+
+
+def test_missing_opencv_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
+    monkeypatch.setattr(verify, "_sift", None)
+    with pytest.raises(verify.VerifyUnavailable, match=r"pip install 'simserve\[verify\]'"):
+        verify.require()
+    with pytest.raises(verify.VerifyUnavailable):
+        start(ServerConfig(port=0, verify=True))
+
+
+def _crop_query(path: Path) -> bytes:
+    img = decode_image(path.read_bytes())
+    buf = io.BytesIO()
+    copy_of(img, mirror=True).save(buf, "JPEG", quality=70)
+    return buf.getvalue()
+
+
+def test_a_verifying_collection_orders_its_hits_by_score_plus_inliers(stamp_folder, tmp_path):
+    """The default model, real stamps added through the runtime: a mirrored, rotated crop of one
+    is found first with many inliers; every hit carries its count and the order is the verified score."""
+    engine = load_engine()
+    rt = Runtime(engine, Collections(tmp_path / "rt"), default_collection="v", verify=True)
+    files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")
+    rt.add("v", [(f.name, f.read_bytes(), None) for f in files], timeout=60)
+    col = rt.collection("v")
+    assert col.stats()["verify"] is True
+    blobs = col.store.keypoints([it.id for it in col.get([f.name for f in files]).values()])
+    assert len(blobs) == len(files)
+    assert verify.from_bytes(blobs[col.get([files[0].name])[files[0].name].id]).points.shape[1] == 2
+
+    from simserve.runtime import ImageRef
+
+    target = files[7]
+    hits = rt.search(ImageRef(data=_crop_query(target)), "v", k=5, rerank=0, where={}, timeout=30)
+    assert hits[0].key == target.name and hits[0].inliers >= 8, [(h.key, h.score, h.inliers) for h in hits]
+    assert all(h.inliers is not None for h in hits)
+    ranks = [h.score + verify.INLIER_WEIGHT * h.inliers for h in hits]
+    assert ranks == sorted(ranks, reverse=True)
+    # with the head as well, the head fuses with the verified score, not the bare cosine
+    fused = rt.search(ImageRef(data=_crop_query(target)), "v", k=5, rerank=20, where={}, timeout=30)
+    assert fused[0].key == target.name and fused[0].head_score is not None and fused[0].inliers == hits[0].inliers
+    # a stored query verifies with its own stored keypoints (and never finds itself)
+    by_key = rt.search(ImageRef(key=target.name), "v", k=3, rerank=0, where={}, timeout=30)
+    assert target.name not in [h.key for h in by_key] and all(h.inliers is not None for h in by_key)
+    rt.close()
+
+    plain = Runtime(engine, Collections(tmp_path / "plain"), default_collection="p")
+    plain.add("p", [(f.name, f.read_bytes(), None) for f in files[:10]], timeout=60)
+    assert plain.collection("p").store.keypoints([1, 2]) == {}  # plain collections keep no keypoints
+    assert all(h.inliers is None for h in plain.search(ImageRef(data=_crop_query(target)), "p", k=3, rerank=0, where={}, timeout=30))
+    plain.close()
+
+
+def test_folder_builds_store_the_same_keypoints_as_server_adds(stamp_folder, tmp_path):
+    engine = load_engine()
+    col = Collections(tmp_path / "ix").create("b", engine.bundle.embedding_dim, verify=True)
+    report = index_folder(engine, col, stamp_folder, progress=False)
+    assert report.added == len(list(stamp_folder.rglob("*.png"))) - 1  # all but the broken file
+    path = sorted(stamp_folder.rglob("*.png"))[4]
+    key = path.relative_to(stamp_folder).as_posix()
+    blob = col.store.keypoints([col.get([key])[key].id])
+    rt = Runtime(engine, Collections(tmp_path / "rt"), default_collection="r", verify=True)
+    rt.add("r", [(key, path.read_bytes(), None)], timeout=30)
+    item = rt.collection("r").get([key])[key]
+    assert list(blob.values())[0] == rt.collection("r").store.keypoints([item.id])[item.id]
+    rt.close()
+    reopened = Collections(tmp_path / "ix").get("b")  # the choice is part of the collection
+    assert reopened.config.verify is True
+    reopened.close()
+
+
+def test_a_store_from_before_keypoints_gains_the_column_and_its_old_items_stay_unverified(tmp_path):
+    import sqlite3
+
+    from simserve.store import ItemStore, NewItem
+
+    path = tmp_path / "items.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+        CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, vector BLOB NOT NULL,
+                            metadata TEXT, content_hash TEXT, features BLOB, added REAL NOT NULL, views BLOB);
+        CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, id INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('dim', '4');
+        """
+    )
+    old.execute("INSERT INTO items(key, vector, added) VALUES ('old', ?, 0)", (np.ones(4, np.float32).tobytes(),))
+    old.commit()
+    old.close()
+    store = ItemStore(path, 4)
+    [new_id], _ = store.add([NewItem("new", np.zeros(4), keypoints=b"\x01" * verify.POINT.itemsize)])
+    old_id = store.get(["old"])["old"].id
+    assert store.keypoints([old_id, new_id]) == {new_id: b"\x01" * verify.POINT.itemsize}
+    store.close()
+
+
+def test_a_verifying_server_reports_inliers_and_says_so(stamp_folder, tmp_path):
+    files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:12]
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), verify=True))
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            assert c.add([(f.name, f, None) for f in files]) == 12
+            assert c.stats().verify is True
+            # the stamp with the most keypoints (silhouettes have a handful: verification needs detail)
+            target = max(files, key=lambda f: len(verify.extract(decode_image(f.read_bytes()))))
+            hits = c.search(_crop_query(target), k=3)
+            assert hits[0]["key"] == target.name and hits[0]["inliers"] >= 8
+            r = subprocess.run(
+                [sys.executable, "-m", "simserve.cli", "client", "--target", f"127.0.0.1:{srv.port}", "search", str(target), "-k", "2"],
+                cwd=ROOT, capture_output=True, text=True, timeout=60,
+            )
+            assert r.returncode == 0 and "inliers" in r.stdout.splitlines()[0] and target.name in r.stdout.splitlines()[0]
+            r = subprocess.run(
+                [sys.executable, "-m", "simserve.cli", "client", "--target", f"127.0.0.1:{srv.port}", "--json", "stats"],
+                cwd=ROOT, capture_output=True, text=True, timeout=60,
+            )
+            assert json.loads(r.stdout)["verify"] is True
+    finally:
+        srv.stop(2)
