@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs the built serving image the way a container runtime would, and checks it
 from outside: health SERVING, Add + Search + ScorePairs answer correctly, SIGTERM
-drains and exits 0, and the data directory survives a restart.
+drains and exits 0, the data directory survives a restart, and (restarted with
+SIMSERVE_VERIFY=1) a new collection's search is verified geometrically.
 
     scripts/build-image.sh                        # builds localhost/simserve:latest
     .venv/bin/python scripts/image_check.py [--image simserve:latest] [--out docs/bench/image.json]
@@ -67,11 +68,12 @@ def descendants(pid: int) -> list[int]:
 class Container:
     """One run of the image: started with its ENTRYPOINT, stopped like `docker stop`."""
 
-    def __init__(self, ctr: str, entrypoint: list[str], data: Path, port: int, log: Path) -> None:
+    def __init__(self, ctr: str, entrypoint: list[str], data: Path, port: int, log: Path, env: tuple[str, ...] = ()) -> None:
         self.port, self.log = port, log
+        extra = [a for e in env for a in ("-e", e)]
         cmd = ["buildah", "run", "--isolation", "chroot", "-v", f"{data}:{DATA_IN_CONTAINER}",
                "-e", f"SIMSERVE_DATA_DIR={DATA_IN_CONTAINER}", "-e", f"SIMSERVE_PORT={port}",
-               "-e", f"SIMSERVE_METRICS_PORT={free_port()}", ctr, "--", *entrypoint]  # fmt: skip
+               "-e", f"SIMSERVE_METRICS_PORT={free_port()}", *extra, ctr, "--", *entrypoint]  # fmt: skip
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=ENV, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
@@ -127,15 +129,21 @@ def check(image: str, workdir: Path) -> dict:
         result["search_top"] = hits[0]["key"]
         result["scores"] = {"copy": round(same.score, 4), "different": round(diff.score, 4)}
         result["sigterm_exit_code"] = run.stop()
-        run = Container(ctr, entrypoint, data, port, log)
+        # Restarted with geometric verification on (the image ships OpenCV, the `verify` extra):
+        # the old collection keeps its settings, a new one verifies.
+        run = Container(ctr, entrypoint, data, port, log, env=("SIMSERVE_VERIFY=1",))
         result["restart_s"] = round(run.wait_serving(), 2)
         with Client(f"127.0.0.1:{port}", timeout=30) as c:
             result["items_after_restart"] = int(c.stats().items)
             result["search_top_after_restart"] = c.search(examples / "seagull-copy.jpg", k=1)[0]["key"]
+            c.add({p.stem: p for p in sorted(examples.glob("*.png"))}, collection="verified")
+            top = c.search(examples / "seagull-copy.jpg", k=1, collection="verified")[0]
+            result["verified_search_top"] = (top["key"], top["inliers"])
         result["sigterm_exit_code_2"] = run.stop()
         result["ok"] = (
             not result["torch_installed"] and result["healthcheck_output"] == ("SERVING", 0) and result["search_top"] == "seagull" and same.score > diff.score and result["sigterm_exit_code"] == 0
             and result["items_after_restart"] == added and result["search_top_after_restart"] == "seagull"
+            and result["verified_search_top"][0] == "seagull" and result["verified_search_top"][1] is not None
             and result["sigterm_exit_code_2"] == 0
         )  # fmt: skip
     finally:
