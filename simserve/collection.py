@@ -227,7 +227,7 @@ class Collection:
         stored = self.store.keypoints([h.id for h in hits])
         for h in hits:
             if h.id in stored:
-                h.inliers = verify.inliers(query, verify.from_bytes(stored[h.id]))
+                h.inliers = verify.inliers(query, verify.unpack(stored[h.id]))
         return sorted(hits, key=lambda h: -h.rank)
 
     def _rescore(self, query: np.ndarray, hits: list[Hit]) -> list[Hit]:
@@ -245,7 +245,7 @@ class Collection:
     def query_keypoints(self, id: int) -> list[verify.LocalFeatures] | None:
         """A stored item's keypoints as a query's (not mirrored: its image is not kept), or None."""
         blob = self.store.keypoints([id]).get(id)
-        return None if blob is None else [verify.from_bytes(blob)]
+        return None if blob is None else [verify.unpack(blob)]
 
     def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         shape = tuple(self.config.feature_shape)

@@ -51,7 +51,7 @@ def _read(path: Path) -> tuple[bytes, str]:
 
 
 def _keypoints(data: bytes) -> bytes:
-    return verify.to_bytes(verify.extract(decode_image(data, min_side=verify.SIDE)))
+    return verify.keypoints(decode_image(data, min_side=verify.SIDE))
 
 
 def index_folder(

@@ -263,7 +263,7 @@ class Runtime:
             results = list(zip(*collapse_views(np.stack([f for f, _ in results]), np.stack([e for _, e in results]))))
         else:
             results = [(f, e, None) for f, e in results]
-        kps = [verify.to_bytes(verify.extract(self.verify_image(data, f"items[{i}].image"))) if col.config.verify else None for i, (_, data, _) in enumerate(items)]
+        kps = [verify.keypoints(self.verify_image(data, f"items[{i}].image")) if col.config.verify else None for i, (_, data, _) in enumerate(items)]
         new = [
             NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None, v, kp)
             for (key, _, meta), (f, e, v), kp in zip(items, results, kps)

@@ -2,41 +2,50 @@
 consistent layout are a copy and its original, whatever their embeddings say.
 
 Why: the embedding summarises a whole image, so a 30%-area crop of a stored drawing lands
-nearer to other drawings of the same style than to its own original. Local features (SIFT,
-RootSIFT-normalised) are found at every scale, so the crop's corners and line ends match the
-original's, and one affine map (RANSAC) that carries many of them onto the original is strong
-evidence that chance rarely gives: on the default model's held-out copies among 1,028
-originals, the true original shows a median of 11 such inliers, the best wrong candidate 5.
-A verifying collection stores each item's features (about 132 bytes a point, at most
-``MAX_POINTS`` points) and re-orders a search's top ``RESCORE_DEPTH`` by
-``score + INLIER_WEIGHT x inliers``. Measured on three query draws of the shipped model
-(crop-views collection): recall@1 0.916 / 0.918 / 0.913 -> 0.947 / 0.937 / 0.943
-(``python -m training.robustness``; the search cost: ``simserve bench index --parts verify``).
+nearer to other drawings of the same style than to its own original. Local features are found
+at every scale, so the crop's corners, line ends and textures match the original's, and one
+affine map (RANSAC) that carries many of them onto the original is evidence that chance
+rarely gives. Two detectors, because each sees what the other misses: SIFT (blobs, described
+by RootSIFT) and ORB (FAST corners, binary descriptors; flat-colour drawings are mostly
+corners). Their correspondences go into *one* RANSAC, so a candidate must explain both with
+the same map. A verifying collection stores each item's keypoints and re-orders a search's top
+``RESCORE_DEPTH`` by ``score + INLIER_WEIGHT x inliers``.
 
-Mirrored copies are common and SIFT is not mirror-invariant, so a query image is described
-twice (as given and mirrored) and the better of the two counts.
+Measured on the shipped model's held-out copies among 1,028 originals, crop-views collection,
+query draws 1234 / 99 / 7 (``python -m training.robustness``): recall@1 0.916 / 0.918 / 0.913
+without verification; SIFT alone 0.947 / 0.937 / 0.943; ORB alone 0.948 / 0.947 / 0.951; both
+in one RANSAC 0.956 / 0.951 / 0.952. Tried and left out: SIFT at 192 or 384 px, a lower SIFT
+contrast threshold, a higher edge threshold, 2,000 ORB points, the best of two separate
+RANSACs (0.946-0.951), capping the inlier count (session 13, ``runs/s13``).
 
-OpenCV (the ``verify`` extra) is imported only here and only when a verifying collection is used.
+Mirrored copies are common and neither detector is mirror-invariant, so a query image is
+described twice (as given and mirrored) and the better of the two counts.
+
+OpenCV (the ``verify`` extra) is imported only here, and only when a verifying collection is used.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
-SIDE = 256  # features are found on the image scaled to this longer side (192 and 384: fewer right)
-MAX_POINTS = 400  # the strongest keypoints kept per image: bounds storage and matching time
-RATIO = 0.8  # Lowe's ratio test (0.7 / 0.75 / 0.85 matched fewer copies on the held-out draws)
+SIDE = 256  # keypoints are found on the image scaled to this longer side (192 / 384: fewer right)
+MAX_SIFT = 400  # the strongest SIFT keypoints kept per image
+MAX_ORB = 1000  # ORB keypoints kept per image (2,000 found no more copies)
+ORB_FAST_THRESHOLD = 5  # OpenCV's default 20 finds too few corners on soft, small drawings
+RATIO = 0.8  # Lowe's ratio test, both detectors (0.7 / 0.75 / 0.85 matched fewer copies)
 RANSAC_PX = 0.02  # reprojection error an inlier may have, as a fraction of the longer side
 MIN_MATCHES = 4  # below this RANSAC fits noise: an affine map passes through any three points
-# Each inlier is worth this much cosine. Flat between 0.015 and 0.03 on three query draws; the
-# inlier count is not capped (caps of 10-30 lost a little).
+# Each inlier is worth this much cosine: flat between 0.01 and 0.025 on three query draws.
 INLIER_WEIGHT = 0.02
 
-POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (128,))])  # one stored keypoint: 132 bytes
+SIFT_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (128,))])  # 132 bytes
+ORB_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (32,))])  # 36 bytes
+_HEADER = np.dtype("<u4")  # the blob: SIFT point count, the SIFT points, then the ORB points
 
 
 class VerifyUnavailable(RuntimeError):
@@ -56,27 +65,30 @@ def require() -> None:
     _cv2()
 
 
-_sift = None
+_local = threading.local()  # OpenCV detectors and matchers are not documented thread-safe: one set per thread
 
 
-def _detector():
-    global _sift
-    if _sift is None:
+def _tools():
+    t = getattr(_local, "tools", None)
+    if t is None:
         cv2 = _cv2()
         cv2.setNumThreads(1)  # callers run one image per thread; OpenCV's own pool would oversubscribe
-        _sift = cv2.SIFT_create(nfeatures=MAX_POINTS)
-    return _sift
+        t = _local.tools = (
+            cv2.SIFT_create(nfeatures=MAX_SIFT),
+            cv2.ORB_create(nfeatures=MAX_ORB, fastThreshold=ORB_FAST_THRESHOLD, edgeThreshold=15),
+            cv2.BFMatcher(cv2.NORM_HAMMING),
+        )
+    return t
 
 
 @dataclass(frozen=True)
 class LocalFeatures:
-    """Keypoints of one image: positions in units of its longer side, RootSIFT descriptors."""
+    """Keypoints of one image, positions in units of its longer side."""
 
-    points: np.ndarray  # [n, 2] float32
-    descriptors: np.ndarray  # [n, 128] float32, each of unit length
-
-    def __len__(self) -> int:
-        return len(self.points)
+    sift_xy: np.ndarray  # [n, 2] float32
+    sift: np.ndarray  # [n, 128] float32 RootSIFT, each of unit length
+    orb_xy: np.ndarray  # [m, 2] float32
+    orb: np.ndarray  # [m, 32] uint8, binary
 
 
 def _grey(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -86,70 +98,84 @@ def _grey(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BICUBIC))
 
 
-def extract(image: Image.Image | np.ndarray) -> np.ndarray:
-    """An RGB or grey image -> its keypoints as a ``POINT`` array (what the store keeps).
-
-    SIFT descriptors are whole numbers below 256, so uint8 keeps them exactly."""
-    grey = _grey(image)
-    keypoints, desc = _detector().detectAndCompute(grey, None)
-    out = np.zeros(len(keypoints), POINT)
+def _points(dtype: np.dtype, keypoints, desc) -> np.ndarray:
+    out = np.zeros(len(keypoints), dtype)
     if len(keypoints):
         out["xy"] = np.float32([k.pt for k in keypoints]) / SIDE
-        out["desc"] = np.clip(np.rint(desc), 0, 255)
+        out["desc"] = np.clip(np.rint(desc), 0, 255)  # SIFT's are whole numbers below 256, ORB's bytes
     return out
+
+
+def keypoints(image: Image.Image | np.ndarray) -> bytes:
+    """An RGB or grey image -> its keypoints, as the bytes a verifying collection stores
+    (up to 400 x 132 + 1,000 x 36 bytes; a drawing at 256 px has far fewer)."""
+    sift, orb, _ = _tools()
+    grey = _grey(image)
+    s = _points(SIFT_POINT, *sift.detectAndCompute(grey, None))
+    o = _points(ORB_POINT, *orb.detectAndCompute(grey, None))
+    return np.array([len(s)], _HEADER).tobytes() + s.tobytes() + o.tobytes()
+
+
+def unpack(blob: bytes) -> LocalFeatures:
+    """Stored bytes -> features ready to match. SIFT descriptors become RootSIFT (Arandjelovic &
+    Zisserman, 2012: L1-normalise, square-root), whose Euclidean distance is the Hellinger kernel."""
+    n = int(np.frombuffer(blob[: _HEADER.itemsize], _HEADER)[0]) if len(blob) >= _HEADER.itemsize else -1
+    rest = len(blob) - _HEADER.itemsize - n * SIFT_POINT.itemsize
+    if n < 0 or rest < 0 or rest % ORB_POINT.itemsize:
+        raise ValueError(f"a keypoints blob of {len(blob)} bytes is not a count, SIFT points and ORB points")
+    s = np.frombuffer(blob, SIFT_POINT, count=n, offset=_HEADER.itemsize)
+    o = np.frombuffer(blob, ORB_POINT, offset=_HEADER.itemsize + n * SIFT_POINT.itemsize)
+    d = s["desc"].astype(np.float32)
+    d = np.sqrt(d / np.maximum(d.sum(axis=1, keepdims=True), 1e-7))
+    return LocalFeatures(s["xy"].astype(np.float32).reshape(-1, 2), d, o["xy"].astype(np.float32).reshape(-1, 2), np.ascontiguousarray(o["desc"]).reshape(-1, 32))
 
 
 def query_features(image: Image.Image | np.ndarray) -> list[LocalFeatures]:
     """A query image -> its features as given and mirrored (copies are often flipped)."""
     img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    return [load(extract(img)), load(extract(ImageOps.mirror(img)))]
-
-
-def to_bytes(points: np.ndarray) -> bytes:
-    return np.ascontiguousarray(points, POINT).tobytes()
-
-
-def from_bytes(blob: bytes) -> LocalFeatures:
-    if len(blob) % POINT.itemsize:
-        raise ValueError(f"local features blob of {len(blob)} bytes is not a whole number of {POINT.itemsize}-byte points")
-    return load(np.frombuffer(blob, POINT))
-
-
-def load(points: np.ndarray) -> LocalFeatures:
-    """Stored points -> RootSIFT (Arandjelovic & Zisserman, 2012): L1-normalise, square-root.
-    Euclidean distance between RootSIFT vectors is the Hellinger kernel, which matches copies better."""
-    d = points["desc"].astype(np.float32)
-    d = np.sqrt(d / np.maximum(d.sum(axis=1, keepdims=True), 1e-7))
-    return LocalFeatures(points["xy"].astype(np.float32).reshape(-1, 2), d)
+    return [unpack(keypoints(img)), unpack(keypoints(ImageOps.mirror(img)))]
 
 
 def inliers(query: Sequence[LocalFeatures], stored: LocalFeatures) -> int:
-    """Distinct stored keypoints that one affine map carries a query's matches onto (RANSAC),
-    the best over the query's orientations."""
+    """Distinct places in the stored image that one affine map carries the query's SIFT and ORB
+    matches onto (RANSAC), the best over the query's orientations."""
     return max((_inliers(q, stored) for q in query), default=0)
 
 
-def _inliers(q: LocalFeatures, s: LocalFeatures) -> int:
-    if len(q) < 2 or len(s) < 2:
-        return 0
-    # Unit vectors: squared distance = 2 - 2 cos. The ratio test compares distances.
-    sim = q.descriptors @ s.descriptors.T
+def _sift_pairs(q: LocalFeatures, s: LocalFeatures) -> np.ndarray:
+    if len(q.sift) < 2 or len(s.sift) < 2:
+        return np.zeros((0, 4), np.float32)
+    sim = q.sift @ s.sift.T  # unit vectors: squared distance = 2 - 2 cos
     top2 = np.argpartition(-sim, 1, axis=1)[:, :2]
-    rows = np.arange(len(q))
+    rows = np.arange(len(q.sift))
     a, b = sim[rows, top2[:, 0]], sim[rows, top2[:, 1]]
     first = np.where(a >= b, top2[:, 0], top2[:, 1])
     d1 = np.sqrt(np.maximum(2 - 2 * np.maximum(a, b), 0))
     d2 = np.sqrt(np.maximum(2 - 2 * np.minimum(a, b), 0))
     keep = d1 < RATIO * d2
-    if keep.sum() < MIN_MATCHES:
+    return np.concatenate([q.sift_xy[keep], s.sift_xy[first[keep]]], axis=1)
+
+
+def _orb_pairs(q: LocalFeatures, s: LocalFeatures) -> np.ndarray:
+    if len(q.orb) < 2 or len(s.orb) < 2:
+        return np.zeros((0, 4), np.float32)
+    matches = _tools()[2].knnMatch(q.orb, s.orb, k=2)
+    good = [(m[0].queryIdx, m[0].trainIdx) for m in matches if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+    if not good:
+        return np.zeros((0, 4), np.float32)
+    qi, si = np.array(good).T
+    return np.concatenate([q.orb_xy[qi], s.orb_xy[si]], axis=1)
+
+
+def _inliers(q: LocalFeatures, s: LocalFeatures) -> int:
+    pairs = np.concatenate([_sift_pairs(q, s), _orb_pairs(q, s)]).astype(np.float32)
+    if len(pairs) < MIN_MATCHES:
         return 0
-    src = np.ascontiguousarray(q.points[keep])
-    dst_idx = first[keep]
-    dst = np.ascontiguousarray(s.points[dst_idx])
+    src, dst = np.ascontiguousarray(pairs[:, :2]), np.ascontiguousarray(pairs[:, 2:])
     _, mask = _cv2().estimateAffine2D(src, dst, ransacReprojThreshold=RANSAC_PX, maxIters=1000, confidence=0.995)
     if mask is None:
         return 0
-    # Distinct places, not keypoints: SIFT puts several keypoints (orientations) at one spot.
+    # Distinct places, not keypoints: SIFT puts several (orientations) at one spot, ORB may too.
     return len(np.unique(np.rint(dst[mask.ravel().astype(bool)] * 1000), axis=0))
 
 

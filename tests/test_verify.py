@@ -36,7 +36,7 @@ def copy_of(img: Image.Image, mirror: bool = False) -> Image.Image:
 
 
 def stored(img: Image.Image) -> verify.LocalFeatures:
-    return verify.from_bytes(verify.to_bytes(verify.extract(img)))
+    return verify.unpack(verify.keypoints(img))
 
 
 def test_a_copy_shares_many_inliers_with_its_original_and_few_with_another_photo(photos):
@@ -45,35 +45,37 @@ def test_a_copy_shares_many_inliers_with_its_original_and_few_with_another_photo
         q = verify.query_features(copy_of(photos[name]))
         counts = {n: verify.inliers(q, kp) for n, kp in originals.items()}
         assert counts[name] >= 25, counts
-        assert max(c for n, c in counts.items() if n != name) <= 6, counts
+        assert counts[name] >= 5 * max(c for n, c in counts.items() if n != name), counts  # chance gives a few
 
 
 def test_a_mirrored_copy_is_verified_through_the_mirrored_query_features(photos):
     q = verify.query_features(copy_of(photos["astronaut"], mirror=True))
     original = stored(photos["astronaut"])
     as_given, mirrored = (verify.inliers([f], original) for f in q)
-    assert mirrored >= 25 and as_given <= 6
+    assert mirrored >= 25 and mirrored >= 5 * as_given
     assert verify.inliers(q, original) == mirrored
 
 
-def test_keypoints_round_trip_through_bytes_and_a_bad_blob_is_refused(photos):
-    points = verify.extract(photos["coffee"])
-    assert 50 <= len(points) <= verify.MAX_POINTS
-    assert points["xy"].min() >= 0 and points["xy"].max() <= 1  # in units of the longer side
-    blob = verify.to_bytes(points)
-    assert len(blob) == len(points) * verify.POINT.itemsize
-    back = verify.from_bytes(blob)
-    assert np.allclose(back.points, points["xy"].astype(np.float32))
-    assert np.allclose(np.linalg.norm(back.descriptors, axis=1), 1, atol=1e-5)  # RootSIFT: unit length
-    with pytest.raises(ValueError, match="whole number"):
-        verify.from_bytes(blob[:-1])
-    blank = verify.extract(Image.new("RGB", (64, 64), "white"))  # nothing to find: no points, no inliers
-    assert len(blank) == 0 and verify.inliers(verify.query_features(Image.new("RGB", (64, 64))), verify.load(blank)) == 0
+def test_keypoints_pack_both_detectors_and_a_bad_blob_is_refused(photos):
+    blob = verify.keypoints(photos["coffee"])
+    kp = verify.unpack(blob)
+    assert 50 <= len(kp.sift) <= verify.MAX_SIFT and 50 <= len(kp.orb) <= verify.MAX_ORB
+    assert len(blob) == 4 + len(kp.sift) * verify.SIFT_POINT.itemsize + len(kp.orb) * verify.ORB_POINT.itemsize
+    for xy in (kp.sift_xy, kp.orb_xy):
+        assert xy.shape[1] == 2 and xy.min() >= 0 and xy.max() <= 1  # in units of the longer side
+    assert np.allclose(np.linalg.norm(kp.sift, axis=1), 1, atol=1e-5)  # RootSIFT: unit length
+    assert kp.orb.dtype == np.uint8 and kp.orb.shape[1] == 32
+    for bad in (blob[:-1], blob[:3], b"\xff\xff\xff\x7f" + blob[4:]):
+        with pytest.raises(ValueError, match="keypoints blob"):
+            verify.unpack(bad)
+    blank = verify.unpack(verify.keypoints(Image.new("RGB", (64, 64), "white")))  # nothing to find: no points, no inliers
+    assert len(blank.sift) == len(blank.orb) == 0
+    assert verify.inliers(verify.query_features(Image.new("RGB", (64, 64))), blank) == 0
 
 
 def test_missing_opencv_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
-    monkeypatch.setattr(verify, "_sift", None)
+    monkeypatch.setattr(verify, "_local", __import__("threading").local())  # no detectors made yet
     with pytest.raises(verify.VerifyUnavailable, match=r"pip install 'simserve\[verify\]'"):
         verify.require()
     with pytest.raises(verify.VerifyUnavailable):
@@ -98,7 +100,7 @@ def test_a_verifying_collection_orders_its_hits_by_score_plus_inliers(stamp_fold
     assert col.stats()["verify"] is True
     blobs = col.store.keypoints([it.id for it in col.get([f.name for f in files]).values()])
     assert len(blobs) == len(files)
-    assert verify.from_bytes(blobs[col.get([files[0].name])[files[0].name].id]).points.shape[1] == 2
+    assert verify.unpack(blobs[col.get([files[0].name])[files[0].name].id]).sift_xy.shape[1] == 2
 
     from simserve.runtime import ImageRef
 
@@ -161,9 +163,9 @@ def test_a_store_from_before_keypoints_gains_the_column_and_its_old_items_stay_u
     old.commit()
     old.close()
     store = ItemStore(path, 4)
-    [new_id], _ = store.add([NewItem("new", np.zeros(4), keypoints=b"\x01" * verify.POINT.itemsize)])
+    [new_id], _ = store.add([NewItem("new", np.zeros(4), keypoints=b"\x01" * 40)])
     old_id = store.get(["old"])["old"].id
-    assert store.keypoints([old_id, new_id]) == {new_id: b"\x01" * verify.POINT.itemsize}
+    assert store.keypoints([old_id, new_id]) == {new_id: b"\x01" * 40}
     store.close()
 
 
@@ -175,7 +177,7 @@ def test_a_verifying_server_reports_inliers_and_says_so(stamp_folder, tmp_path):
             assert c.add([(f.name, f, None) for f in files]) == 12
             assert c.stats().verify is True
             # the stamp with the most keypoints (silhouettes have a handful: verification needs detail)
-            target = max(files, key=lambda f: len(verify.extract(decode_image(f.read_bytes()))))
+            target = max(files, key=lambda f: len(verify.unpack(verify.keypoints(decode_image(f.read_bytes()))).sift))
             hits = c.search(_crop_query(target), k=3)
             assert hits[0]["key"] == target.name and hits[0]["inliers"] >= 8
             r = subprocess.run(

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         m = evaluate_copy(model, data.held_out, aug, n_queries=n)
         rows[name] = {k: m[k] for k in ("recall@1", "recall@10", "rerank_recall@1", "head_rerank_recall@1", "pair_auc")}
         print(name, rows[name], flush=True)
-    keypoints = [verify.load(verify.extract(im)) for im in data.held_out.images]
+    keypoints = [verify.unpack(verify.keypoints(im)) for im in data.held_out.images]
     for name in ("all augmentations (training distribution)", "crop only (30-100% area)", "no crop"):
         rows[f"{name}, originals indexed with crop views"] = r = crop_view_recall(model, data.held_out, augments[name], n, keypoints=keypoints)
         print(f"{name}, crop views", r, flush=True)

@@ -213,7 +213,7 @@ def verification_cost(base: np.ndarray, queries: np.ndarray, n: int = 100_000, n
 
     images = [decode_image(j) for j in jpeg_crops(n_images + len(queries), sources=photo_sources(drawings=True))]
     t = time.perf_counter()
-    blobs = [verify.to_bytes(verify.extract(im)) for im in images[:n_images]]
+    blobs = [verify.keypoints(im) for im in images[:n_images]]
     extract_ms = (time.perf_counter() - t) * 1000 / n_images
     n = min(n, len(base))
     with tempfile.TemporaryDirectory() as d:
@@ -237,7 +237,8 @@ def verification_cost(base: np.ndarray, queries: np.ndarray, n: int = 100_000, n
     p50 = {k: statistics.median(v) for k, v in times.items()}
     return {
         "vectors": n, "queries": len(queries), "keypoint_images": n_images,
-        "points_per_image": statistics.mean(len(b) // verify.POINT.itemsize for b in blobs),
+        "sift_points_per_image": statistics.mean(len(verify.unpack(b).sift) for b in blobs),
+        "orb_points_per_image": statistics.mean(len(verify.unpack(b).orb) for b in blobs),
         "bytes_per_item": statistics.mean(len(b) for b in blobs),
         "extract_ms_per_added_image": extract_ms,
         "query_keypoints_p50_ms": p50["query_keypoints"],
