@@ -91,3 +91,23 @@ def stamp_folder(tmp_path_factory) -> Path:
         (sub / f"{i:02d}-{f.name}").write_bytes(f.read_bytes())
     (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     return root
+
+
+def old_store(path: Path, columns: str = "") -> None:
+    """A 4-d item store as an earlier version wrote it (``columns``: the optional BLOB columns
+    it had, e.g. ", views BLOB"), holding one item, key 'old'."""
+    import sqlite3
+
+    old = sqlite3.connect(path)
+    old.executescript(
+        f"""
+        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+        CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, vector BLOB NOT NULL,
+                            metadata TEXT, content_hash TEXT, features BLOB, added REAL NOT NULL{columns});
+        CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, id INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('dim', '4');
+        """
+    )
+    old.execute("INSERT INTO items(key, vector, added) VALUES ('old', ?, 0)", (np.ones(4, np.float32).tobytes(),))
+    old.commit()
+    old.close()

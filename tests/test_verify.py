@@ -19,6 +19,7 @@ from simserve.decode import decode_image
 from simserve.engine import load_engine
 from simserve.indexer import index_folder
 from simserve.runtime import Runtime
+from tests.conftest import old_store
 from simserve.server import ServerConfig, start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,24 +145,10 @@ def test_folder_builds_store_the_same_keypoints_as_server_adds(stamp_folder, tmp
 
 
 def test_a_store_from_before_keypoints_gains_the_column_and_its_old_items_stay_unverified(tmp_path):
-    import sqlite3
-
     from simserve.store import ItemStore, NewItem
 
     path = tmp_path / "items.sqlite"
-    old = sqlite3.connect(path)
-    old.executescript(
-        """
-        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-        CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, vector BLOB NOT NULL,
-                            metadata TEXT, content_hash TEXT, features BLOB, added REAL NOT NULL, views BLOB);
-        CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, id INTEGER NOT NULL);
-        INSERT INTO meta VALUES ('dim', '4');
-        """
-    )
-    old.execute("INSERT INTO items(key, vector, added) VALUES ('old', ?, 0)", (np.ones(4, np.float32).tobytes(),))
-    old.commit()
-    old.close()
+    old_store(path, ", views BLOB")
     store = ItemStore(path, 4)
     [new_id], _ = store.add([NewItem("new", np.zeros(4), keypoints=b"\x01" * 40)])
     old_id = store.get(["old"])["old"].id

@@ -14,6 +14,7 @@ from simserve.engine import load_engine
 from simserve.indexer import index_folder
 from simserve.preprocess import to_pixels
 from simserve.runtime import Runtime
+from tests.conftest import old_store
 from simserve.views import N_VIEWS, WHOLE_WEIGHT, crop_view_pixels, pool_views
 
 
@@ -117,24 +118,10 @@ def test_a_crop_views_search_rescores_its_candidates_by_the_stored_views(stamp_f
 
 
 def test_a_store_from_before_view_embeddings_opens_and_keeps_its_items(tmp_path):
-    import sqlite3
-
     from simserve.store import ItemStore, NewItem
 
     path = tmp_path / "items.sqlite"
-    old = sqlite3.connect(path)
-    old.executescript(
-        """
-        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-        CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, vector BLOB NOT NULL,
-                            metadata TEXT, content_hash TEXT, features BLOB, added REAL NOT NULL);
-        CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, id INTEGER NOT NULL);
-        INSERT INTO meta VALUES ('dim', '4');
-        """
-    )
-    old.execute("INSERT INTO items(key, vector, added) VALUES ('old', ?, 0)", (np.ones(4, np.float32).tobytes(),))
-    old.commit()
-    old.close()
+    old_store(path)
 
     store = ItemStore(path, 4)
     [new_id], _ = store.add([NewItem("new", np.zeros(4), views=np.eye(4)[:3])])
