@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from simserve import verify
 from simserve.rwlock import RWLock
 from simserve.store import ItemStore, NewItem, StoreError, StoredItem
-from simserve import verify
 from simserve.tiered_index import TieredIndex
 from simserve.views import RESCORE_DEPTH, view_scores
 from simserve.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory

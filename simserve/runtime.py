@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence, TypeVar
 
 import numpy as np
+from PIL import Image
 
-from simserve.batcher import MicroBatcher
 from simserve import verify
+from simserve.batcher import MicroBatcher
 from simserve.bundle import Bundle
 from simserve.collection import Collection, Collections
 from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
@@ -102,7 +103,7 @@ class Runtime:
         except DecodeError as e:
             raise _request_error(e, where) from None
 
-    def verify_image(self, data: bytes, where: str) -> "Image.Image":
+    def verify_image(self, data: bytes, where: str) -> Image.Image:
         """Bytes -> the image geometric verification reads (simserve/verify.py). Extracting its
         keypoints costs milliseconds of OpenCV: callers run it on worker threads, never the event loop."""
         try:
