@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from simserve import verify
 from simserve.collection import Collection
-from simserve.decode import DecodeError, decode_image
+from simserve.decode import DecodeError
 from simserve.decode_pool import load_bytes
 from simserve.engine import Engine
 from simserve.lanes import decode_each, embed_decoded, map_lanes
@@ -48,10 +48,6 @@ def find_images(root: str | os.PathLike) -> list[Path]:
 def _read(path: Path) -> tuple[bytes, str]:
     data = path.read_bytes()
     return data, hashlib.sha256(data).hexdigest()
-
-
-def _keypoints(data: bytes) -> bytes:
-    return verify.keypoints(decode_image(data, min_side=verify.SIDE))
 
 
 def index_folder(
@@ -90,9 +86,8 @@ def index_folder(
     try:
         decode = partial(decode_each, load=lambda item: load(item[1]))
         for part, arrays, out in map_lanes(engine, changed(), decode, embed_decoded, lanes=workers):
-            good = [(i, h) for (i, _, h), a in zip(part, arrays) if not isinstance(a, DecodeError)]
-            blobs = [data for (_, data, _), a in zip(part, arrays) if not isinstance(a, DecodeError)]
-            kps = list(reader.map(_keypoints, blobs)) if verifying else [None] * len(good)
+            good = [item for item, a in zip(part, arrays) if not isinstance(a, DecodeError)]  # (path index, bytes, hash)
+            kps = list(reader.map(lambda item: verify.keypoints(verify.decode(item[1])), good)) if verifying else [None] * len(good)
             for (i, _, _), a in zip(part, arrays):
                 if isinstance(a, DecodeError):
                     report.failed[keys[i]] = str(a)
@@ -106,7 +101,7 @@ def index_folder(
                             None if view_embs is None else view_embs[j],
                             kps[j],
                         )
-                        for j, (i, h) in enumerate(good)
+                        for j, (i, _, h) in enumerate(good)
                     ]
                 )
                 report.added += len(good)

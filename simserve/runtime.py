@@ -20,7 +20,7 @@ from simserve import verify
 from simserve.batcher import MicroBatcher
 from simserve.bundle import Bundle
 from simserve.collection import Collection, Collections
-from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError
 from simserve.decode_pool import pixels
 from simserve.engine import Engine
 from simserve.search import search as two_stage_search
@@ -107,7 +107,7 @@ class Runtime:
         """Bytes -> the image geometric verification reads (simserve/verify.py). Extracting its
         keypoints costs milliseconds of OpenCV: callers run it on worker threads, never the event loop."""
         try:
-            return decode_image(data, max_pixels=self.limits.max_pixels, min_side=verify.SIDE)
+            return verify.decode(data, self.limits.max_pixels)
         except DecodeError as e:
             raise _request_error(e, where) from None
 

@@ -35,6 +35,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from simserve.decode import DEFAULT_MAX_PIXELS, decode_image
+
 SIDE = 256  # keypoints are found on the image scaled to this longer side (192 / 384: fewer right)
 MAX_SIFT = 400  # the strongest SIFT keypoints kept per image
 MAX_ORB = 1000  # ORB keypoints kept per image (2,000 found no more copies)
@@ -106,6 +108,12 @@ def _points(dtype: np.dtype, keypoints, desc) -> np.ndarray:
         out["xy"] = np.float32([k.pt for k in keypoints]) / SIDE
         out["desc"] = np.clip(np.rint(desc), 0, 255)  # SIFT's are whole numbers below 256, ORB's bytes
     return out
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded bytes -> the image keypoints are found on (a JPEG decoded no smaller than SIDE);
+    raises DecodeError. Decoded apart from the model's pixels, which are 128 px: too small here."""
+    return decode_image(data, max_pixels=max_pixels, min_side=SIDE)
 
 
 def keypoints(image: Image.Image | np.ndarray) -> bytes:
@@ -181,6 +189,7 @@ def _inliers(q: LocalFeatures, s: LocalFeatures) -> int:
     return len(np.unique(np.rint(dst[mask.ravel().astype(bool)] * 1000), axis=0))
 
 
-def verified_score(score: float, count: int | None) -> float:
-    """The order a verifying search returns: the embedding (or view) score plus the inliers' worth."""
-    return score + INLIER_WEIGHT * (count or 0)
+def verified_score(score: float | np.ndarray, count: int | np.ndarray | None) -> float | np.ndarray:
+    """The order a verifying search returns: the embedding (or view) score plus the inliers' worth
+    (no count: the score alone). Scalars or arrays alike, so evaluation orders exactly as a search does."""
+    return score if count is None else score + INLIER_WEIGHT * count

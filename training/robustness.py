@@ -94,8 +94,8 @@ def crop_view_recall(
         q_kp = [verify.query_features(im) for im in queries]
         inl = np.array([[verify.inliers(k, keypoints[c]) for c in row] for k, row in zip(q_kp, cand)], np.float64)
         plain_inl = np.array([[verify.inliers(k, keypoints[c]) for c in row] for k, row in zip(q_kp, plain_cand)], np.float64)
-        out["verified_recall@1"] = float((cand[rows, (rescored + verify.INLIER_WEIGHT * inl).argmax(1)] == qidx).mean())
-        out["plain_verified_recall@1"] = float((plain_cand[rows, (plain_cos + verify.INLIER_WEIGHT * plain_inl).argmax(1)] == qidx).mean())
+        out["verified_recall@1"] = float((cand[rows, verify.verified_score(rescored, inl).argmax(1)] == qidx).mean())
+        out["plain_verified_recall@1"] = float((plain_cand[rows, verify.verified_score(plain_cos, plain_inl).argmax(1)] == qidx).mean())
     return out
 
 
