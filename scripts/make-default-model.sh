@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 SEED=${SEED:-0}
 "$BIN/simserve" train --recipe default --seed "$SEED" --out runs/default "$@"
-"$BIN/simserve" export runs/default/model.pt -o simserve/models/default
-cp runs/default/log.jsonl simserve/models/default/training-log.jsonl  # per-epoch losses, for the record
+"$BIN/simserve" export runs/default/model.pt -o simserve/bundles/default
+cp runs/default/log.jsonl simserve/bundles/default/training-log.jsonl  # per-epoch losses, for the record
 "$BIN/python" -m training.robustness runs/default  # the model card's "where it fails" table
-"$BIN/python" -m training.model_card runs/default simserve/models/default/MODEL_CARD.md
+"$BIN/python" -m training.model_card runs/default simserve/bundles/default/MODEL_CARD.md
 "$BIN/simserve" info

@@ -44,8 +44,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from simserve.bundle import load_bundle
-    from simserve.export import export_checkpoint
+    from simserve.inference.bundle import load_bundle
+    from simserve.model.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out)
     b = load_bundle(out)
@@ -54,7 +54,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from simserve.bundle import load_bundle
+    from simserve.inference.bundle import load_bundle
 
     b = load_bundle(args.bundle)
     m = dict(b.manifest)
@@ -65,8 +65,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from simserve.decode import DecodeError, decode_file
-    from simserve.engine import load_engine
+    from simserve.inference.decode import DecodeError, decode_file
+    from simserve.inference.engine import load_engine
 
     engine = load_engine(args.bundle, args.backend)
     try:
@@ -120,7 +120,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _collection(args: argparse.Namespace, engine=None, create: bool = False):
-    from simserve.collection import Collections, default_data_dir
+    from simserve.index.collection import Collections, default_data_dir
 
     cols = Collections(args.data_dir or default_data_dir())
     if create and engine is not None:
@@ -129,12 +129,12 @@ def _collection(args: argparse.Namespace, engine=None, create: bool = False):
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from simserve.collection import CollectionNotFound
+    from simserve.index.collection import CollectionNotFound
 
     try:
         if args.action == "build":
-            from simserve.engine import load_engine
-            from simserve.indexer import index_folder
+            from simserve.inference.engine import load_engine
+            from simserve.jobs.index_folder import index_folder
 
             engine = load_engine(args.bundle)
             cols, col = _collection(args, engine, create=True)
@@ -146,7 +146,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print(json.dumps({"added": report.added, "unchanged": report.skipped_unchanged, "failed": len(report.failed), **col.stats()}))
             cols.close()
         elif args.action == "stats":
-            from simserve.collection import Collections, default_data_dir
+            from simserve.index.collection import Collections, default_data_dir
 
             cols = Collections(args.data_dir or default_data_dir())
             names = [args.collection] if args.collection else cols.names()
@@ -167,35 +167,30 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _index_search(args: argparse.Namespace) -> int:
-    from simserve.decode import DecodeError, decode_file
-    from simserve.engine import load_engine
-    from simserve.search import search
-    from simserve.verify import VerifyUnavailable, query_features
+    from simserve.inference.decode import DecodeError, decode_file
+    from simserve.inference.engine import load_engine
+    from simserve.ranking.pipeline import Query, search, stored_keypoints
+    from simserve.ranking.verify import VerifyUnavailable, query_features
 
     engine = load_engine(args.bundle)
     cols, col = _collection(args)
-    exclude: list[list[int]] | None = None
-    keypoints = None
     if args.key:
         item = col.get([args.key]).get(args.key)
         if item is None:
             raise SystemExit(f"simserve index search: no item {args.key!r} in {col.name!r}")
-        emb = item.vector[None]
         feats = col.features([item.id])
-        features = feats[item.id][None] if item.id in feats else None
-        exclude = [[item.id]]
-        keypoints = col.query_keypoints(item.id) if col.config.verify else None
+        query = Query(item.vector, feats.get(item.id), stored_keypoints(col, item.id) if col.config.verify else None, item.id)
     elif args.image:
         try:
             img = decode_file(args.image)
             features, emb = engine.embed_images([img])
-            keypoints = query_features(img) if col.config.verify else None
+            query = Query(emb[0], features[0], query_features(img) if col.config.verify else None)
         except (DecodeError, OSError, VerifyUnavailable) as e:
             raise SystemExit(f"simserve index search: {e}")
     else:
         raise SystemExit("simserve index search: give an IMAGE or --key")
     where = dict(w.split("=", 1) for w in args.where or [])
-    hits = search(engine, col, emb, args.k, features=features, rerank=args.rerank, where=where or None, exclude_ids=exclude, keypoints=[keypoints])[0]
+    hits = search(col, query, args.k, rerank=args.rerank, where=where or None, engine=engine)
     rows = [{"key": h.key, "score": round(h.score, 5), "head_score": None if h.head_score is None else round(h.head_score, 5), "inliers": h.inliers, "metadata": h.metadata} for h in hits]
     print(json.dumps(rows) if args.json else _hit_lines(rows))
     cols.close(snapshot=False)
@@ -216,8 +211,8 @@ def _hit_lines(hits: list[dict[str, Any]]) -> str:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from simserve.logs import setup_logging
-    from simserve.server import ServerConfig, serve_forever
+    from simserve.serve.logs import setup_logging
+    from simserve.serve.app import ServerConfig, serve_forever
 
     cfg = ServerConfig.from_env(**{f.name: getattr(args, f.name, None) for f in fields(ServerConfig)})
     setup_logging(cfg.log_level, json_logs=not args.plain_logs)
@@ -228,7 +223,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     import grpc
 
     from simserve.client import Client, Key
-    from simserve.indexer import find_images
+    from simserve.jobs.files import find_images
 
     def image(arg: str):
         return Key(arg[4:]) if arg.startswith("key:") else arg
@@ -263,9 +258,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from simserve.engine import load_engine
-    from simserve.score_job import score_file
-    from simserve.shard import Shard
+    from simserve.inference.engine import load_engine
+    from simserve.jobs.score import score_file
+    from simserve.jobs.shard import Shard
 
     engine = load_engine(args.bundle)
     threshold = None if args.threshold is None else engine.bundle.threshold if args.threshold == "model" else float(args.threshold)
@@ -290,9 +285,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from simserve.embed_job import embed_folder
-    from simserve.engine import load_engine
-    from simserve.shard import Shard
+    from simserve.jobs.embed import embed_folder
+    from simserve.inference.engine import load_engine
+    from simserve.jobs.shard import Shard
 
     shard = Shard.from_env()
     r = embed_folder(
@@ -305,9 +300,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_dedupe(args: argparse.Namespace) -> int:
-    from simserve.collection import default_data_dir
-    from simserve.dedupe import find_duplicates, write_groups
-    from simserve.engine import load_engine
+    from simserve.index.collection import default_data_dir
+    from simserve.jobs.dedupe import find_duplicates, write_groups
+    from simserve.inference.engine import load_engine
 
     engine = load_engine(args.bundle)
     cache = args.cache or str(default_data_dir() / "cache")
@@ -315,7 +310,7 @@ def _cmd_dedupe(args: argparse.Namespace) -> int:
     groups, r = find_duplicates(engine, args.folder, cache, threshold=threshold, k=args.k, batch=args.batch, workers=args.workers, progress=not args.quiet)
     write_groups(groups, args.out)
     if args.html:
-        from simserve.contact_sheet import write_contact_sheet
+        from simserve.jobs.contact_sheet import write_contact_sheet
 
         write_contact_sheet(groups, args.folder, args.html)
     print(
@@ -346,7 +341,7 @@ CROP_VIEWS_HELP = (
 )
 VERIFY_HELP = (
     "new collections keep each item's keypoints (SIFT + ORB, ~31 KB an item) and re-order a search's top 20 by the "
-    "keypoints one affine map carries from the query onto each hit (simserve/verify.py): with --crop-views, recall@1 "
+    "keypoints one affine map carries from the query onto each hit (simserve/ranking/verify.py): with --crop-views, recall@1 "
     "0.916 -> 0.956 on the default model's held-out copies, for ~7 ms of OpenCV per added image and ~120 ms per query; "
     "needs pip install 'simserve[verify]'"
 )
@@ -436,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(isr)
     _add_bundle_arg(isr)
     isr.add_argument("-k", type=int, default=10)
-    isr.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank the top N by cosine and fusion head together (simserve/search.py: fused_scores)")
+    isr.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank the top N by cosine and fusion head together (simserve/ranking/pipeline.py: fused_scores)")
     isr.add_argument("--where", action="append", metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
     isr.add_argument("--json", action="store_true")
     ix.set_defaults(func=_cmd_index)

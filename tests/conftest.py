@@ -65,8 +65,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """A small, untrained-but-calibrated model exported as a real bundle (fast to run)."""
     import torch
 
-    from simserve.config import ModelConfig
-    from simserve.export import export_bundle
+    from simserve.inference.config import ModelConfig
+    from simserve.model.export import export_bundle
     from simserve.model import build_model
 
     torch.manual_seed(0)
@@ -111,3 +111,9 @@ def old_store(path: Path, columns: str = "") -> None:
     old.execute("INSERT INTO items(key, vector, added) VALUES ('old', ?, 0)", (np.ones(4, np.float32).tobytes(),))
     old.commit()
     old.close()
+
+
+def stored_views(store, ids) -> dict:
+    """{id: [V, d] view embeddings} of the items stored with views."""
+    got = store.candidates({int(i): 0.0 for i in ids}, views=True)
+    return {i: c.views for i, c in got.items() if c.views is not None}

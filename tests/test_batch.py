@@ -88,8 +88,8 @@ def test_killed_score_run_resumes_to_exactly_the_uninterrupted_output(pairs_file
 def test_resume_cuts_a_part_batch_back_to_whole_batches(pairs_file, stamp_folder, tmp_path):
     """An output whose complete rows end mid-batch (written with another --batch, or cut by
     hand) is cut back to whole batches and continued: same bytes as an uninterrupted run."""
-    from simserve.engine import load_engine
-    from simserve.score_job import score_file
+    from simserve.inference.engine import load_engine
+    from simserve.jobs.score import score_file
 
     engine = load_engine(None)
     kw = dict(root=stamp_folder, columns=("left", "right"), batch=8, progress=False)
@@ -103,9 +103,9 @@ def test_resume_cuts_a_part_batch_back_to_whole_batches(pairs_file, stamp_folder
 
 
 def test_score_decodes_each_image_once_and_writes_what_an_uncached_run_writes(pairs_file, stamp_folder, tmp_path, monkeypatch):
-    from simserve import score_job
-    from simserve.engine import load_engine
-    from simserve.score_job import score_file
+    from simserve.jobs import score as score_job
+    from simserve.inference.engine import load_engine
+    from simserve.jobs.score import score_file
 
     requested: list[str] = []
     real = score_job.load_file
@@ -236,8 +236,8 @@ def test_pixel_cache_shared_by_lanes_loads_each_key_once_and_never_strands_a_wai
     the other lane gets an error for those images instead of waiting forever."""
     import threading
 
-    from simserve.decode import DecodeError
-    from simserve.score_job import PixelCache
+    from simserve.inference.decode import DecodeError
+    from simserve.jobs.score import PixelCache
 
     loads: list[str] = []
     gate = threading.Event()

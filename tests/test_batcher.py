@@ -1,10 +1,10 @@
+import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from simserve.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
+from simserve.serve.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
 
 
 def test_fifty_concurrent_callers_each_get_their_own_result():
@@ -16,14 +16,14 @@ def test_fifty_concurrent_callers_each_get_their_own_result():
         return [x * x for x in xs]
 
     b = MicroBatcher(square, max_batch=16, max_delay_ms=5)
-    start = threading.Barrier(50)
 
-    def call(i):
-        start.wait()
-        return i, b.run([i, i + 1000])
+    async def call(i):
+        return i, await b.run_async([i, i + 1000])
 
-    with ThreadPoolExecutor(50) as ex:
-        results = list(ex.map(call, range(50)))
+    async def everyone():
+        return await asyncio.gather(*(call(i) for i in range(50)))
+
+    results = asyncio.run(everyone())
     b.close()
     for i, r in results:
         assert r == [i * i, (i + 1000) ** 2]
@@ -81,18 +81,30 @@ def test_expired_and_cancelled_items_are_never_computed():
     assert b.stats.dropped_expired == 1 and b.stats.dropped_cancelled == 1
 
 
-def test_errors_reach_every_caller_and_the_batcher_survives():
+def test_a_bad_item_fails_only_its_own_caller_and_the_batcher_survives():
+    calls = []
+
     def fn(xs):
+        calls.append(list(xs))
         if "bad" in xs:
             raise ValueError("boom")
         return xs
 
-    b = MicroBatcher(fn, max_batch=4, max_delay_ms=20)
-    f1, f2 = b.submit("ok"), b.submit("bad")
-    for f in (f1, f2):
-        with pytest.raises(ValueError, match="boom"):
-            f.result(2)
-    assert b.run(["fine"]) == ["fine"]
+    b = MicroBatcher(fn, max_batch=4, max_delay_ms=50)
+    f1, f2, f3 = b.submit("ok"), b.submit("bad"), b.submit("also ok")
+    with pytest.raises(ValueError, match="boom"):
+        f2.result(2)
+    assert f1.result(2) == "ok" and f3.result(2) == "also ok"
+    assert calls[0] == ["ok", "bad", "also ok"]  # batched together, then retried one by one
+    assert asyncio.run(b.run_async(["fine"])) == ["fine"]
+    b.close()
+
+
+def test_a_caller_out_of_time_is_not_queued():
+    b = MicroBatcher(lambda xs: xs, max_batch=4, max_delay_ms=1)
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(b.run_async([1, 2], timeout=0.0))
+    assert b.stats.abandoned_before_queue == 2 and b.stats.items == 0
     b.close()
 
 
@@ -108,6 +120,6 @@ def test_close_drains_queued_work_then_refuses():
 def test_max_delay_bounds_the_wait_of_a_lone_request():
     b = MicroBatcher(lambda xs: xs, max_batch=64, max_delay_ms=10)
     t = time.monotonic()
-    assert b.run([1]) == [1]
+    assert asyncio.run(b.run_async([1])) == [1]
     assert time.monotonic() - t < 1.0  # generous: a shared machine
     b.close()

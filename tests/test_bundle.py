@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from simserve.bundle import BundleError, load_bundle
-from simserve.config import HEADS, ModelConfig
-from simserve.engine import load_engine
-from simserve.export import export_bundle
+from simserve.inference.bundle import BundleError, load_bundle
+from simserve.inference.config import HEADS, ModelConfig
+from simserve.inference.engine import load_engine
+from simserve.model.export import export_bundle
 from simserve.model import build_model
 
 CFG = ModelConfig(input_size=48, stages=((16, 2, 1), (32, 2, 1), (48, 1, 1)), stem_width=8, embed_dim=24, head_width=16)
@@ -108,12 +108,12 @@ def test_onnx_lanes_cut_batches_without_changing_a_single_bit(tmp_path):
 
 
 def test_lane_views_and_map_lanes_give_the_engines_numbers_in_input_order(tmp_path):
-    """The bulk jobs' shape (simserve/lanes.py): each lane a whole batch of its own. Same bits
+    """The bulk jobs' shape (simserve/jobs/lanes.py): each lane a whole batch of its own. Same bits
     as the engine, results in input order however the lanes finish, the input pulled lazily
     (a stream stays a stream), and a failure surfaces at its item."""
     import itertools
 
-    from simserve.lanes import map_lanes
+    from simserve.jobs.lanes import map_lanes
 
     path = _exported("grouped", tmp_path / "b")
     engine = load_engine(path, "onnx", threads=3, lanes=3)

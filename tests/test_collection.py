@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simserve.collection import CollectionNotFound, Collections
-from simserve.store import NewItem
+from simserve.index.collection import CollectionNotFound, Collections
+from simserve.index.store import NewItem
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -93,7 +93,7 @@ def test_corrupt_or_missing_snapshot_is_rebuilt_from_sqlite(tmp_path, caplog):
     data = bytearray(snap.read_bytes())
     data[len(data) // 2] ^= 0xFF
     snap.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="simserve.collection"):
+    with caplog.at_level(logging.WARNING, logger="simserve.index.collection"):
         c2 = Collections(tmp_path).get("c")
     assert "checksum" in caplog.text and "rebuilding" in caplog.text
     assert c2.stats()["indexed"] == 299
@@ -101,7 +101,7 @@ def test_corrupt_or_missing_snapshot_is_rebuilt_from_sqlite(tmp_path, caplog):
     c2.close()
     snap.unlink()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="simserve.collection"):
+    with caplog.at_level(logging.WARNING, logger="simserve.index.collection"):
         c3 = Collections(tmp_path).get("c")
     assert "rebuilding" in caplog.text and c3.stats()["indexed"] == 299
 
@@ -161,8 +161,8 @@ def test_concurrent_add_search_remove_never_returns_a_removed_key(tmp_path):
 
 ADDER = """
 import sys, numpy as np
-from simserve.collection import Collections
-from simserve.store import NewItem
+from simserve.index.collection import Collections
+from simserve.index.store import NewItem
 c = Collections(sys.argv[1]).create("c", 16, "HNSW16")
 rng = np.random.default_rng(0)
 for b in range(100000):
@@ -197,7 +197,7 @@ def test_acknowledged_adds_survive_kill_9(tmp_path):
 
 
 def test_fresh_buffer_matches_brute_force_through_kills_takes_and_growth():
-    from simserve.tiered_index import FreshBuffer
+    from simserve.index.tiered_index import FreshBuffer
 
     x = vecs(3000, seed=3)
     q = vecs(20, seed=4)
@@ -235,7 +235,7 @@ def test_fresh_buffer_matches_brute_force_through_kills_takes_and_growth():
 
 def test_hnsw_snapshot_taken_mid_drain_replays_to_exactly_the_live_items(tmp_path, monkeypatch):
     """Buffered adds, a half-drained commit, removals on both sides of the line, then a restart."""
-    from simserve.collection import Collection
+    from simserve.index.collection import Collection
 
     monkeypatch.setattr(Collection, "_kick_drainer", lambda self: None)  # drain by hand, deterministically
     cols = Collections(tmp_path)
@@ -267,7 +267,7 @@ def test_hnsw_snapshot_taken_mid_drain_replays_to_exactly_the_live_items(tmp_pat
 
 
 def test_hnsw_adds_past_the_buffer_limit_wait_and_all_get_indexed(tmp_path):
-    from simserve.vector_index import IndexTuning
+    from simserve.index.vector_index import IndexTuning
 
     cols = Collections(tmp_path, tuning=IndexTuning(buffer_limit=300, drain_batch=64))
     c = cols.create("c", DIM, "HNSW16")
@@ -283,7 +283,7 @@ def test_hnsw_adds_past_the_buffer_limit_wait_and_all_get_indexed(tmp_path):
 
 @pytest.mark.timeout(60)  # an unfair lock starves the waiters for good
 def test_rwlock_serves_readers_and_writers_past_a_writer_that_keeps_coming_back():
-    from simserve.rwlock import RWLock
+    from simserve.index.rwlock import RWLock
 
     lock = RWLock()
     stop = threading.Event()
@@ -324,7 +324,7 @@ def test_searches_use_the_configured_openmp_threads_in_whatever_thread_they_run(
     gRPC handler threads, so the index applies it where the search runs."""
     import faiss
 
-    from simserve.vector_index import IndexTuning
+    from simserve.index.vector_index import IndexTuning
 
     c = Collections(tmp_path, tuning=IndexTuning(search_threads=1)).create("c", DIM)
     c.add(items(vecs(50)))

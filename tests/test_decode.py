@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from simserve.bench.hostile import encode, png_claiming
-from simserve.decode import DecodeError, decode_image
+from simserve.inference.decode import DecodeError, decode_image
 
 
 _bytes = encode  # shared with the fuzz corpus
@@ -100,7 +100,7 @@ def test_long_strip_within_limits_decodes():
 
 
 def test_decode_pool_keeps_order_and_reports_bad_images_in_place():
-    from simserve.decode_pool import DecodePool
+    from simserve.inference.decode_pool import DecodePool
 
     rng = np.random.default_rng(1)
     good = [_bytes(Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)), "JPEG") for i in range(20)]
@@ -117,7 +117,7 @@ def test_decode_pool_keeps_order_and_reports_bad_images_in_place():
 
 def test_process_and_thread_decode_pools_agree_and_keep_errors_typed():
     from simserve.bench.common import jpeg_crops
-    from simserve.decode_pool import DecodePool
+    from simserve.inference.decode_pool import DecodePool
 
     blobs = jpeg_crops(12, 200) + [b"not an image"]
     with DecodePool(48, 3, 2) as threads, DecodePool(48, 3, 2, processes=True) as procs:
@@ -128,8 +128,8 @@ def test_process_and_thread_decode_pools_agree_and_keep_errors_typed():
 
 def test_jpeg_fast_path_decodes_straight_to_model_size_close_to_pillow():
     from simserve.bench.common import jpeg_crops
-    from simserve.decode import decode
-    from simserve.preprocess import to_pixels
+    from simserve.inference.decode import decode
+    from simserve.inference.pixels import to_pixels
 
     for data in jpeg_crops(12, 256, seed=11):  # real photos
         fast = decode(data, min_side=96)
@@ -145,7 +145,7 @@ def test_jpeg_fast_path_decodes_straight_to_model_size_close_to_pillow():
 
 
 def test_jpeg_fast_path_hands_odd_jpegs_to_pillow():
-    from simserve.decode import decode
+    from simserve.inference.decode import decode
 
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -161,7 +161,7 @@ def test_jpeg_fast_path_hands_odd_jpegs_to_pillow():
 
 
 def test_jpeg_header_claiming_too_many_pixels_is_refused_before_decoding():
-    from simserve.decode import decode
+    from simserve.inference.decode import decode
 
     data = bytearray(_bytes(Image.new("RGB", (64, 48), (9, 9, 9)), "JPEG"))
     sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
@@ -175,7 +175,7 @@ def test_jpeg_header_claiming_too_many_pixels_is_refused_before_decoding():
 def test_normalize_gives_a_contiguous_batch_equal_to_the_textbook_formula():
     """A batch stacked from to_pixels' HWC->CHW views is strided; normalising must not keep
     that layout (5x slower to write, and copied again by ONNX Runtime)."""
-    from simserve.preprocess import normalize, to_pixels
+    from simserve.inference.pixels import normalize, to_pixels
 
     rng = np.random.default_rng(3)
     x = np.stack([to_pixels(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 32) for _ in range(5)])

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from simserve.bundle import DEFAULT_BUNDLE, load_bundle
-from simserve.engine import load_engine
+from simserve.inference.bundle import DEFAULT_BUNDLE, load_bundle
+from simserve.inference.engine import load_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"

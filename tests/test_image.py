@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simserve.server import ServerConfig
+from simserve.serve.app import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {f"SIMSERVE_{f.name.upper()}" for f in fields(ServerConfig)}

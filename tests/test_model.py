@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from simserve.config import HEADS, ModelConfig
+from simserve.inference.config import HEADS, ModelConfig
 from simserve.model import SiameseNet, Tower, build_model, load_checkpoint, save_checkpoint
 from simserve.model.heads import DynamicConv2d, set_temperature
 

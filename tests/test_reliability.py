@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from simserve.bench import hostile, soak
 from simserve.bench.common import start_server
 from simserve.client import Client, Key
-from simserve.server import ServerConfig, start
+from simserve.serve.app import ServerConfig, start
 from simserve.v1 import simserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_any_filter_is_answered_or_refused_clearly(live, where):
 def test_deadlines_and_cancellations_leave_no_work_in_the_batcher(tiny_bundle, tmp_path):
     # max_batch=1 makes the queue long enough for requests to expire or be cancelled in it
     srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle), max_batch=1, max_items=256))
-    batcher = srv.runtime.batcher
+    batcher = srv.service.batcher
     try:
         with Client(f"127.0.0.1:{srv.port}", retries=0) as c:
             photo = (EX / "seagull.png").read_bytes()

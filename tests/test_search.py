@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from simserve.collection import Collections
-from simserve.decode import decode_file
-from simserve.engine import load_engine
-from simserve.indexer import index_folder
-from simserve.search import HEAD_WEIGHT, fused_scores, search
+from simserve.index.collection import Collections
+from simserve.inference.decode import decode_file
+from simserve.inference.engine import load_engine
+from simserve.jobs.index_folder import index_folder
+from simserve.ranking.pipeline import Query, search
+from simserve.ranking.scores import HEAD_WEIGHT, fused_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +29,8 @@ def test_index_folder_then_rerank_orders_by_cosine_and_head(tiny_bundle, stamp_f
     paths = sorted(stamp_folder.rglob("*.png"))[:6]
     images = [decode_file(p) for p in paths if p.name != "broken.png"][:5]
     feats, emb = engine.embed_images(images)
-    plain = search(engine, col, emb, 10)
-    ranked = search(engine, col, emb, 10, features=feats, rerank=20)
+    plain = [search(col, Query(e), 10) for e in emb]
+    ranked = [search(col, Query(e, features=f), 10, rerank=20, engine=engine) for e, f in zip(emb, feats)]
     changed = 0
     for qi, (p_hits, r_hits) in enumerate(zip(plain, ranked)):
         assert p_hits[0].score > 0.999  # the image itself, by embedding

@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from simserve.client import Client, Key
-from simserve.search import fused_scores
-from simserve.server import ServerConfig, start
+from simserve.ranking.scores import fused_scores
+from simserve.serve.app import ServerConfig, start
 from simserve.v1 import simserve_pb2 as pb
 from simserve.bench.hostile import png_claiming as _png_header_claiming
 
@@ -79,8 +79,8 @@ def test_score_embed_search_add_get_remove_stats_list(client, stamp_folder):
 def test_crop_views_server_stores_pooled_vectors_and_says_so(stamp_folder, tmp_path):
     import numpy as np
 
-    from simserve.engine import load_engine
-    from simserve.views import crop_view_pixels, pool_views
+    from simserve.inference.engine import load_engine
+    from simserve.inference.crops import crop_view_pixels, pool_views
 
     # The default model: its search re-scores by the views, which only a trained model orders well.
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:6]
@@ -323,12 +323,12 @@ def test_serve_benchmark_runs_end_to_end_with_its_cpu_accounting(tiny_bundle):
 def test_embed_and_score_agree_whether_decoded_on_the_event_loop_or_a_worker_thread(client, stamp_folder, monkeypatch):
     """Small requests decode on the aio event loop, big ones on a worker thread; the
     answer must not depend on which."""
-    import simserve.runtime
+    import simserve.serve.service
 
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:6]
     inline = client.embed(files)
     inline_scores = [s.score for s in client.score([(files[0], files[1]), (files[2], files[3])])]
-    monkeypatch.setattr(simserve.runtime, "INLINE_MAX_BYTES", 0)  # every request is "heavy"
+    monkeypatch.setattr(simserve.serve.service, "INLINE_MAX_BYTES", 0)  # every request is "heavy"
     assert np.array_equal(np.array(client.embed(files)), np.array(inline))
     assert [s.score for s in client.score([(files[0], files[1]), (files[2], files[3])])] == inline_scores
     one_by_one = [client.embed([f])[0] for f in files]

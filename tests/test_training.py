@@ -12,7 +12,7 @@ from tests.conftest import tiny_recipe_dict
 from training import sources
 from training.recipe import Recipe, load_recipe
 from training.trainer import train
-from simserve.config import ModelConfig
+from simserve.inference.config import ModelConfig
 from simserve.model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_clean_anchor_pairs_the_untouched_original_with_a_copy(photos):
     import numpy as np
     import pytest
 
-    from simserve.preprocess import to_array
+    from simserve.inference.pixels import to_array
     from training.augment import CopyAugment
     from training.pairs import PairDataset
 

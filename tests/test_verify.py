@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -12,15 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from simserve import verify
+from simserve.ranking import verify
+from simserve.ranking.scores import INLIER_WEIGHT
 from simserve.client import Client
-from simserve.collection import Collections
-from simserve.decode import decode_image
-from simserve.engine import load_engine
-from simserve.indexer import index_folder
-from simserve.runtime import Runtime
+from simserve.index.collection import Collections
+from simserve.inference.decode import decode_image
+from simserve.inference.engine import load_engine
+from simserve.jobs.index_folder import index_folder
+from simserve.serve.service import ImageRef, Service
+from simserve.serve.app import ServerConfig, start
 from tests.conftest import old_store
-from simserve.server import ServerConfig, start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,35 +96,33 @@ def test_a_verifying_collection_orders_its_hits_by_score_plus_inliers(stamp_fold
     """The default model, real stamps added through the runtime: a mirrored, rotated crop of one
     is found first with many inliers; every hit carries its count and the order is the verified score."""
     engine = load_engine()
-    rt = Runtime(engine, Collections(tmp_path / "rt"), default_collection="v", verify=True)
+    rt = Service(engine, Collections(tmp_path / "rt"), ServerConfig(collection="v", verify=True))
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")
-    rt.add("v", [(f.name, f.read_bytes(), None) for f in files], timeout=60)
+    asyncio.run(rt.add("v", [(f.name, f.read_bytes(), None) for f in files], timeout=60))
     col = rt.collection("v")
     assert col.stats()["verify"] is True
     blobs = col.store.keypoints([it.id for it in col.get([f.name for f in files]).values()])
     assert len(blobs) == len(files)
     assert verify.unpack(blobs[col.get([files[0].name])[files[0].name].id]).sift_xy.shape[1] == 2
 
-    from simserve.runtime import ImageRef
-
     target = files[7]
-    hits = rt.search(ImageRef(data=_crop_query(target)), "v", k=5, rerank=0, where={}, timeout=30)
+    hits = asyncio.run(rt.search(ImageRef(data=_crop_query(target)), "v", k=5, rerank=0, where={}, timeout=30))
     assert hits[0].key == target.name and hits[0].inliers >= 8, [(h.key, h.score, h.inliers) for h in hits]
     assert all(h.inliers is not None for h in hits)
-    ranks = [h.score + verify.INLIER_WEIGHT * h.inliers for h in hits]
+    ranks = [h.score + INLIER_WEIGHT * h.inliers for h in hits]
     assert ranks == sorted(ranks, reverse=True)
     # with the head as well, the head fuses with the verified score, not the bare cosine
-    fused = rt.search(ImageRef(data=_crop_query(target)), "v", k=5, rerank=20, where={}, timeout=30)
+    fused = asyncio.run(rt.search(ImageRef(data=_crop_query(target)), "v", k=5, rerank=20, where={}, timeout=30))
     assert fused[0].key == target.name and fused[0].head_score is not None and fused[0].inliers == hits[0].inliers
     # a stored query verifies with its own stored keypoints (and never finds itself)
-    by_key = rt.search(ImageRef(key=target.name), "v", k=3, rerank=0, where={}, timeout=30)
+    by_key = asyncio.run(rt.search(ImageRef(key=target.name), "v", k=3, rerank=0, where={}, timeout=30))
     assert target.name not in [h.key for h in by_key] and all(h.inliers is not None for h in by_key)
     rt.close()
 
-    plain = Runtime(engine, Collections(tmp_path / "plain"), default_collection="p")
-    plain.add("p", [(f.name, f.read_bytes(), None) for f in files[:10]], timeout=60)
+    plain = Service(engine, Collections(tmp_path / "plain"), ServerConfig(collection="p"))
+    asyncio.run(plain.add("p", [(f.name, f.read_bytes(), None) for f in files[:10]], timeout=60))
     assert plain.collection("p").store.keypoints([1, 2]) == {}  # plain collections keep no keypoints
-    assert all(h.inliers is None for h in plain.search(ImageRef(data=_crop_query(target)), "p", k=3, rerank=0, where={}, timeout=30))
+    assert all(h.inliers is None for h in asyncio.run(plain.search(ImageRef(data=_crop_query(target)), "p", k=3, rerank=0, where={}, timeout=30)))
     plain.close()
 
 
@@ -134,8 +134,8 @@ def test_folder_builds_store_the_same_keypoints_as_server_adds(stamp_folder, tmp
     path = sorted(stamp_folder.rglob("*.png"))[4]
     key = path.relative_to(stamp_folder).as_posix()
     blob = col.store.keypoints([col.get([key])[key].id])
-    rt = Runtime(engine, Collections(tmp_path / "rt"), default_collection="r", verify=True)
-    rt.add("r", [(key, path.read_bytes(), None)], timeout=30)
+    rt = Service(engine, Collections(tmp_path / "rt"), ServerConfig(collection="r", verify=True))
+    asyncio.run(rt.add("r", [(key, path.read_bytes(), None)], timeout=30))
     item = rt.collection("r").get([key])[key]
     assert list(blob.values())[0] == rt.collection("r").store.keypoints([item.id])[item.id]
     rt.close()
@@ -145,7 +145,7 @@ def test_folder_builds_store_the_same_keypoints_as_server_adds(stamp_folder, tmp
 
 
 def test_a_store_from_before_keypoints_gains_the_column_and_its_old_items_stay_unverified(tmp_path):
-    from simserve.store import ItemStore, NewItem
+    from simserve.index.store import ItemStore, NewItem
 
     path = tmp_path / "items.sqlite"
     old_store(path, ", views BLOB")

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
 import pytest
 
-from simserve.collection import Collections
-from simserve.decode import decode
-from simserve.decode_pool import pixels
-from simserve.engine import load_engine
-from simserve.indexer import index_folder
-from simserve.preprocess import to_pixels
-from simserve.runtime import Runtime
-from tests.conftest import old_store
-from simserve.views import N_VIEWS, WHOLE_WEIGHT, crop_view_pixels, pool_views
+from simserve.index.collection import Collections
+from simserve.inference.decode import decode
+from simserve.inference.decode_pool import pixels
+from simserve.inference.engine import load_engine
+from simserve.jobs.index_folder import index_folder
+from simserve.inference.pixels import to_pixels
+from simserve.serve.config import ServerConfig
+from simserve.serve.service import Service
+from tests.conftest import old_store, stored_views
+from simserve.inference.crops import N_VIEWS, WHOLE_WEIGHT, crop_view_pixels, pool_views
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +56,13 @@ def test_server_adds_and_folder_builds_store_the_same_pooled_vectors(tiny_bundle
     plain_vector = engine.embed(pixels(data, engine.config.input_size, 3)[None])[1][0]
     assert np.abs(expected - plain_vector).max() > 1e-4  # so the checks below can tell the two apart
 
-    rt = Runtime(engine, Collections(tmp_path / "rt"), default_collection="c", crop_views=True)
-    rt.add("c", [("k", data, None)], timeout=30)
+    rt = Service(engine, Collections(tmp_path / "rt"), ServerConfig(collection="c", crop_views=True))
+    asyncio.run(rt.add("c", [("k", data, None)], timeout=30))
     item = rt.collection("c").get(["k"])["k"]
     assert np.allclose(item.vector, expected, atol=1e-5)
     fmap = rt.collection("c").features([item.id])[item.id]
     assert np.allclose(fmap, feats[0], atol=2e-2)  # whole-image features (stored as float16) for re-ranking
-    assert np.allclose(rt.collection("c").store.views([item.id])[item.id], embs, atol=2e-3)  # and the six views
+    assert np.allclose(stored_views(rt.collection("c").store, [item.id])[item.id], embs, atol=2e-3)  # and the six views
     assert rt.collection("c").stats()["crop_views"] is True
     rt.close()
 
@@ -74,7 +76,7 @@ def test_server_adds_and_folder_builds_store_the_same_pooled_vectors(tiny_bundle
     key = path.relative_to(stamp_folder).as_posix()
     assert np.allclose(built.get([key])[key].vector, expected, atol=1e-5)
     stored = built.get([key])[key].id
-    assert np.allclose(built.store.views([stored])[stored], embs, atol=2e-3)
+    assert np.allclose(stored_views(built.store, [stored])[stored], embs, atol=2e-3)
     # and a plain collection stores the plain embedding of the whole image
     plain = Collections(tmp_path / "plain").create("p", engine.bundle.embedding_dim)
     index_folder(engine, plain, stamp_folder, progress=False)
@@ -86,7 +88,8 @@ def test_a_crop_views_search_rescores_its_candidates_by_the_stored_views(stamp_f
     hit's score is the mean of its pooled cosine and its best view's cosine, best first."""
     from PIL import Image
 
-    from simserve.views import view_scores
+    from simserve.ranking.pipeline import Query, search
+    from simserve.ranking.views import view_scores
 
     engine = load_engine()
     cfg = engine.config
@@ -99,10 +102,10 @@ def test_a_crop_views_search_rescores_its_candidates_by_the_stored_views(stamp_f
     img.crop((0, 0, int(w * 0.65), int(h * 0.65))).save(buf, "PNG")  # the top-left 42% of it
     q = engine.embed(pixels(buf.getvalue(), cfg.input_size, cfg.in_channels)[None])[1][0]
 
-    hits = col.search(q[None], k=5)[0]
+    hits = search(col, Query(q), 5)
     assert hits[0].key == path.relative_to(stamp_folder).as_posix()
     ids = [h.id for h in hits]
-    views = col.store.views(ids)
+    views = stored_views(col.store, ids)
     assert all(views[i].shape == (N_VIEWS, engine.bundle.embedding_dim) for i in ids)
     pooled = np.array([col.store.get_ids([i])[i].vector @ q for i in ids], np.float32)
     expected = view_scores(q, pooled, np.stack([views[i] for i in ids]))
@@ -112,13 +115,13 @@ def test_a_crop_views_search_rescores_its_candidates_by_the_stored_views(stamp_f
 
     plain = Collections(tmp_path / "p").create("p", engine.bundle.embedding_dim)
     index_folder(engine, plain, stamp_folder, progress=False)
-    hit = plain.search(q[None], k=1)[0][0]
-    assert plain.store.views([hit.id]) == {}  # plain collections store no views and score by cosine
+    hit = search(plain, Query(q), 1)[0]
+    assert stored_views(plain.store, [hit.id]) == {}  # plain collections store no views and score by cosine
     assert hit.score == pytest.approx(float(plain.store.get_ids([hit.id])[hit.id].vector @ q), abs=1e-5)
 
 
 def test_a_store_from_before_view_embeddings_opens_and_keeps_its_items(tmp_path):
-    from simserve.store import ItemStore, NewItem
+    from simserve.index.store import ItemStore, NewItem
 
     path = tmp_path / "items.sqlite"
     old_store(path)
@@ -126,9 +129,9 @@ def test_a_store_from_before_view_embeddings_opens_and_keeps_its_items(tmp_path)
     store = ItemStore(path, 4)
     [new_id], _ = store.add([NewItem("new", np.zeros(4), views=np.eye(4)[:3])])
     old_id = store.get(["old"])["old"].id
-    got = store.views([old_id, new_id])
+    got = stored_views(store, [old_id, new_id])
     assert list(got) == [new_id] and np.array_equal(got[new_id], np.eye(4)[:3])
     with pytest.raises(ValueError, match="view embeddings"):
         store.add([NewItem("bad", np.zeros(4), views=np.zeros((3, 5)))])
     store.close()
-    assert ItemStore(path, 4).views([new_id])[new_id].shape == (3, 4)  # reopened: the column is there once
+    assert stored_views(ItemStore(path, 4), [new_id])[new_id].shape == (3, 4)  # reopened: the column is there once

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from simserve.config import ModelConfig
+from simserve.inference.config import ModelConfig
 from simserve.model import build_model, load_checkpoint
 from tests.conftest import STAMPS, tiny_recipe_dict
 from training.recipe import Recipe

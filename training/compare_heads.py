@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from simserve.config import HEADS, ModelConfig
+from simserve.inference.config import HEADS, ModelConfig
 from simserve.model import load_checkpoint
 from simserve.model.profile import count_params, flops_per_pair, interleaved_latency
 from training.recipe import load_recipe

@@ -5,7 +5,7 @@ Metrics (all on data never used in training):
   balanced positive / negative pairs; accuracy at the best threshold.
 - ``recall@1`` / ``recall@10``: nearest neighbour by embedding (the FAISS path).
 - ``rerank_recall@1``: top 10 by embedding re-ordered by cosine and head together
-  (``simserve.search.fused_scores``: what a re-ranked Search returns).
+  (``simserve.ranking.scores.fused_scores``: what a re-ranked Search returns).
 - ``head_rerank_recall@1``: the same top 10 re-ordered by the head alone (how good the
   head is by itself: the head comparison's column).
 """
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simserve.calibration import threshold_at_precision  # noqa: F401  (shared with the benchmarks)
+from simserve.ranking.calibration import threshold_at_precision  # noqa: F401  (shared with the benchmarks)
 from simserve.model import SiameseNet
-from simserve.preprocess import to_array
-from simserve.search import fused_scores
+from simserve.inference.pixels import to_array
+from simserve.ranking.scores import fused_scores
 from training.sources import ImageSet
 
 

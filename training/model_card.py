@@ -1,6 +1,6 @@
 """Write a model card from a training run's metrics.json.
 
-    python -m training.model_card runs/default simserve/models/default/MODEL_CARD.md
+    python -m training.model_card runs/default simserve/bundles/default/MODEL_CARD.md
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from simserve.search import HEAD_WEIGHT
-from simserve.verify import INLIER_WEIGHT
+from simserve.ranking.scores import HEAD_WEIGHT, INLIER_WEIGHT
 
 DATA_NOTES = {
     "openclipart": "Open Clip Art Library drawings, Debian package `openclipart-png` (/usr/share/openclipart/png), "
@@ -129,13 +128,13 @@ def _robustness(run: Path) -> list[str]:
     out += [
         "",
         "Rows ending \"originals indexed with crop views\" search a gallery stored as a `--crop-views` collection does"
-        " (simserve/views.py: the whole image and five 75%-side crops, pooled): crops are found more often, uncropped"
+        " (simserve/inference/crops.py: the whole image and five 75%-side crops, pooled): crops are found more often, uncropped"
         " copies slightly less. Their search re-scores its top candidates by the stored view embeddings (the"
         " view re-scored column): what a crop-views collection's Search returns. The re-ranked columns order each"
-        f" query's top 10 (crop views: top 20) by cosine + {HEAD_WEIGHT} x the head's logit (simserve/search.py), what a"
+        f" query's top 10 (crop views: top 20) by cosine + {HEAD_WEIGHT} x the head's logit (simserve/ranking/pipeline.py), what a"
         " Search with `rerank` returns; \"head alone\" orders them by the head only. \"verified\" is what a collection"
         " created with `--crop-views --verify` returns: the view re-scored top 20 re-ordered by score +"
-        f" {INLIER_WEIGHT} x the keypoints one affine map carries from the query onto each candidate (simserve/verify.py);"
+        f" {INLIER_WEIGHT} x the keypoints one affine map carries from the query onto each candidate (simserve/ranking/verify.py);"
         " \"plain, verified\" the same over a plain collection's top 20 by cosine (`--verify` alone). All columns are"
         " recall@1 but recall@10 and the AUC.",
     ]

@@ -40,8 +40,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from simserve.config import ModelConfig
-from simserve.preprocess import to_array
+from simserve.inference.config import ModelConfig
+from simserve.inference.pixels import to_array
 from training.sources import ImageSet
 
 Augment = Callable[[Image.Image, random.Random], Image.Image]

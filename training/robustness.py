@@ -1,9 +1,9 @@
 """Which transformations cost the model retrieval accuracy: recall@1 per augmentation subset,
-and what indexing the originals with crop views (simserve/views.py) and verifying a search's
-top hits geometrically (simserve/verify.py) win back.
+and what indexing the originals with crop views (simserve/inference/crops.py) and verifying a search's
+top hits geometrically (simserve/ranking/verify.py) win back.
 
     python -m training.robustness runs/default     # writes runs/default/robustness.json
-    python -m training.robustness simserve/models/default --out docs/default-robustness.json --draws 99,7   # a bundle
+    python -m training.robustness simserve/bundles/default --out docs/default-robustness.json --draws 99,7   # a bundle
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simserve import verify
-from simserve.bundle import load_bundle
-from simserve.engine import TorchEngine
+from simserve.ranking import verify
+from simserve.inference.bundle import load_bundle
+from simserve.inference.engine import TorchEngine
 from simserve.model import SiameseNet, load_checkpoint
-from simserve.preprocess import normalize
-from simserve.search import fused_scores
-from simserve.views import N_VIEWS, RESCORE_DEPTH, crop_view_pixels, pool_views, view_scores
+from simserve.inference.pixels import normalize
+from simserve.ranking.scores import fused_scores, verified_score
+from simserve.inference.crops import N_VIEWS, crop_view_pixels, pool_views
+from simserve.ranking.views import RESCORE_DEPTH, view_scores
 from training.augment import CopyAugment
 from training.evaluate import embed_images, evaluate_copy, head_scores
 from training.sources import ImageSet
@@ -94,8 +95,8 @@ def crop_view_recall(
         q_kp = [verify.query_features(im) for im in queries]
         inl = np.array([[verify.inliers(k, keypoints[c]) for c in row] for k, row in zip(q_kp, cand)], np.float64)
         plain_inl = np.array([[verify.inliers(k, keypoints[c]) for c in row] for k, row in zip(q_kp, plain_cand)], np.float64)
-        out["verified_recall@1"] = float((cand[rows, verify.verified_score(rescored, inl).argmax(1)] == qidx).mean())
-        out["plain_verified_recall@1"] = float((plain_cand[rows, verify.verified_score(plain_cos, plain_inl).argmax(1)] == qidx).mean())
+        out["verified_recall@1"] = float((cand[rows, verified_score(rescored, inl).argmax(1)] == qidx).mean())
+        out["plain_verified_recall@1"] = float((plain_cand[rows, verified_score(plain_cos, plain_inl).argmax(1)] == qidx).mean())
     return out
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simserve.decode import DecodeError, decode_file
-from simserve.indexer import find_images
+from simserve.inference.decode import DecodeError, decode_file
+from simserve.jobs.files import find_images
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist, MIT
 TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")  # Debian tuxpaint-stamps-default, GPL-2

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import simserve
-from simserve.config import ModelConfig
+from simserve.inference.config import ModelConfig
 from simserve.model import SiameseNet, build_model, save_checkpoint
 from simserve.model.heads import set_temperature
 from training import sources

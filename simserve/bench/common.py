@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from simserve.decode import DecodeError, decode_file
+from simserve.inference.decode import DecodeError, decode_file
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

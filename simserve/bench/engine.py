@@ -12,9 +12,9 @@ import platform
 import numpy as np
 
 from simserve.bench.common import interleaved_medians, jpeg_crops, matmul_gflops, median_seconds
-from simserve.bundle import load_bundle
-from simserve.decode_pool import DecodePool
-from simserve.engine import default_threads, load_engine
+from simserve.inference.bundle import load_bundle
+from simserve.inference.decode_pool import DecodePool
+from simserve.inference.engine import default_threads, load_engine
 
 
 def run(bundle: str | None = None, batch: int = 64, repeats: int = 15, threads: int | None = None, images: int = 512) -> dict:

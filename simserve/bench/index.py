@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from simserve.bench.common import photo_sources
-from simserve.vector_index import VectorIndex, min_train_size
+from simserve.index.vector_index import VectorIndex, min_train_size
 
 DEFAULT_TYPES = ("Flat", "HNSW32", "IVF1024,Flat", "IVF1024,PQ32")
 
@@ -37,8 +37,8 @@ def real_embeddings(n: int, bundle: str | None, cache: str | None, seed: int = 0
     from PIL import Image
     from tqdm import tqdm
 
-    from simserve.engine import load_engine
-    from simserve.preprocess import to_pixels
+    from simserve.inference.engine import load_engine
+    from simserve.inference.pixels import to_pixels
 
     engine = load_engine(bundle)
     cfg = engine.config
@@ -127,9 +127,9 @@ def bench_type(factory: str, base: np.ndarray, queries: np.ndarray, truth: np.nd
 def durable_adds(base: np.ndarray, factory: str, batch: int = 10_000, total: int = 200_000) -> dict:
     """Acknowledged adds/s (SQLite commit + FAISS or the HNSW buffer), and for HNSW how
     long until every vector is in the graph. Past the tuning's ``buffer_limit`` adds wait for the graph."""
-    from simserve.collection import Collections
-    from simserve.store import NewItem
-    from simserve.vector_index import IndexTuning
+    from simserve.index.collection import Collections
+    from simserve.index.store import NewItem
+    from simserve.index.vector_index import IndexTuning
 
     total = min(total, len(base))
     tuning = IndexTuning()
@@ -148,8 +148,8 @@ def durable_adds(base: np.ndarray, factory: str, batch: int = 10_000, total: int
 
 def snapshot_start(base: np.ndarray, factory: str) -> dict:
     """Load a collection of len(base) vectors from its snapshot (what a restart does)."""
-    from simserve.collection import Collections
-    from simserve.store import NewItem
+    from simserve.index.collection import Collections
+    from simserve.index.store import NewItem
 
     with tempfile.TemporaryDirectory() as d:
         cols = Collections(d, synchronous="OFF")  # filling speed only; the measured part is the reopen
@@ -171,8 +171,9 @@ def view_rescoring(base: np.ndarray, queries: np.ndarray, n: int = 100_000, view
     """What a crop-views collection's re-scoring costs a search: single-query Collection.search
     (k=10) on a plain and a crop-views Flat collection of the same n vectors, side by side.
     The view vectors are other real embeddings (the cost does not depend on their values)."""
-    from simserve.collection import Collections
-    from simserve.store import NewItem
+    from simserve.index.collection import Collections
+    from simserve.index.store import NewItem
+    from simserve.ranking.pipeline import Query, search
 
     n = min(n, len(base))
     b = base[:n]
@@ -190,7 +191,7 @@ def view_rescoring(base: np.ndarray, queries: np.ndarray, n: int = 100_000, view
         for q in queries:
             for name, col in (("plain", plain), ("views", viewed)):  # interleaved: same noise for both
                 t = time.perf_counter()
-                col.search(q[None], 10)
+                search(col, Query(q), 10)
                 times[name].append((time.perf_counter() - t) * 1000)
         cols.close(snapshot=False)
     p50 = {k: statistics.median(v) for k, v in times.items()}
@@ -200,16 +201,17 @@ def view_rescoring(base: np.ndarray, queries: np.ndarray, n: int = 100_000, view
 
 
 def verification_cost(base: np.ndarray, queries: np.ndarray, n: int = 100_000, n_images: int = 400) -> dict:
-    """What geometric verification costs (simserve/verify.py): keypoints per added image, the
-    query's two keypoint sets, and single-query Collection.search (k=10) on a plain and a
+    """What geometric verification costs (simserve/ranking/verify.py): keypoints per added image, the
+    query's two keypoint sets, and single-query searches (k=10) on a plain and a
     verifying Flat collection of the same n vectors, side by side. Items carry the keypoints of
     real images (256 px JPEG crops of photos and drawings, reused round-robin: the cost of
     matching depends on their number, not on which image they came from)."""
-    from simserve import verify
+    from simserve.ranking import verify
     from simserve.bench.common import jpeg_crops, photo_sources
-    from simserve.collection import Collections
-    from simserve.decode import decode_image
-    from simserve.store import NewItem
+    from simserve.index.collection import Collections
+    from simserve.inference.decode import decode_image
+    from simserve.index.store import NewItem
+    from simserve.ranking.pipeline import Query, search
 
     images = [decode_image(j) for j in jpeg_crops(n_images + len(queries), sources=photo_sources(drawings=True))]
     t = time.perf_counter()
@@ -229,9 +231,9 @@ def verification_cost(base: np.ndarray, queries: np.ndarray, n: int = 100_000, n
             t = time.perf_counter()
             kp = verify.query_features(im)
             times["query_keypoints"].append((time.perf_counter() - t) * 1000)
-            for name, col, extra in (("plain", plain, {}), ("verify", verifying, {"keypoints": [kp]})):  # interleaved
+            for name, col, query in (("plain", plain, Query(q)), ("verify", verifying, Query(q, keypoints=kp))):  # interleaved
                 t = time.perf_counter()
-                col.search(q[None], 10, **extra)
+                search(col, query, 10)
                 times[name].append((time.perf_counter() - t) * 1000)
         cols.close(snapshot=False)
     p50 = {k: statistics.median(v) for k, v in times.items()}

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from simserve.bench.common import jpeg_crops, start_server
-from simserve.bundle import load_bundle
-from simserve.decode_pool import DecodePool, load_bytes
-from simserve.engine import default_threads, load_engine
-from simserve.lanes import map_lanes
+from simserve.inference.bundle import load_bundle
+from simserve.inference.decode_pool import DecodePool, load_bytes
+from simserve.inference.engine import default_threads, load_engine
+from simserve.jobs.lanes import map_lanes
 
 
 def _load_worker(target: str, method: str, concurrency: int, seconds: float, blobs: list[bytes], collection: str, out: "mp.Queue") -> None:
@@ -143,8 +143,8 @@ def _load(target: str, method: str, clients: int, procs: int, seconds: float, bl
 
 def _fill_collection(data_dir: str, bundle: str | None, name: str, n: int, blobs: list[bytes]) -> None:
     """``n`` items: real images embedded once, then every further item a re-embedded augmented crop."""
-    from simserve.collection import Collections
-    from simserve.store import NewItem
+    from simserve.index.collection import Collections
+    from simserve.index.store import NewItem
 
     engine = load_engine(bundle)
     cfg = engine.config

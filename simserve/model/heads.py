@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simserve.config import ModelConfig
+from simserve.inference.config import ModelConfig
 from simserve.model.layers import conv_bn_act
 
 HEAD_REGISTRY: dict[str, Callable[[ModelConfig], "FusionHead"]] = {}

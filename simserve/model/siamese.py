@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simserve.config import ModelConfig
+from simserve.inference.config import ModelConfig
 from simserve.model.heads import build_head
 from simserve.model.tower import Tower
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simserve.config import ModelConfig
+from simserve.inference.config import ModelConfig
 from simserve.model.layers import DepthwiseSeparable, conv_bn_act
 
 

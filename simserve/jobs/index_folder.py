@@ -9,7 +9,6 @@ skipped, so a re-run after an interruption only does what is left.
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,30 +18,21 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from simserve import verify
-from simserve.collection import Collection
-from simserve.decode import DecodeError
-from simserve.decode_pool import load_bytes
-from simserve.engine import Engine
-from simserve.lanes import decode_each, embed_decoded, map_lanes
-from simserve.store import NewItem
-from simserve.views import collapse_views
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-
+from simserve.index.collection import Collection
+from simserve.index.store import NewItem
+from simserve.inference.crops import collapse_views
+from simserve.inference.decode import DecodeError
+from simserve.inference.decode_pool import load_bytes
+from simserve.inference.engine import Engine
+from simserve.jobs.files import find_images
+from simserve.jobs.lanes import decode_each, embed_decoded, map_lanes
+from simserve.ranking import verify
 
 @dataclass
 class IndexReport:
     added: int = 0
     skipped_unchanged: int = 0
     failed: dict[str, str] = field(default_factory=dict)
-
-
-def find_images(root: str | os.PathLike) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a folder")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
 def _read(path: Path) -> tuple[bytes, str]:

@@ -31,7 +31,7 @@ Session 11 (whitened default, ``runs/s11/chamfer.py`` and ``stack.py``): cell-le
 cell among a candidate's stored maps, averaged) added to the view score lifts 0.916 to 0.923-0.925
 with the six views' maps (98 KB an item at float16), to 0.913 with the whole image's map alone;
 on top of 24 views 0.928 -> 0.931. Stacked with the head, no better. Session 13: geometric
-verification of the re-scored top 20 (simserve/verify.py, a collection's ``verify``) lifts
+verification of the re-scored top 20 (simserve/ranking/verify.py, a collection's ``verify``) lifts
 0.916 to 0.947; with 24 views under it, 0.941.
 """
 
@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simserve.decode import DEFAULT_MAX_PIXELS, decode
-from simserve.preprocess import to_pixels
+from simserve.inference.decode import DEFAULT_MAX_PIXELS, decode
+from simserve.inference.pixels import to_pixels
 
 CROP_SIDE = 0.75  # each crop keeps 75% of the width and of the height (56% of the area)
 N_VIEWS = 6
@@ -48,11 +48,6 @@ N_VIEWS = 6
 # often (recall@1 0.959 -> 0.927); at 3 it keeps 0.943 and crops lose little (0.922 -> 0.911)
 # (measured on the earlier 96 px default model).
 WHOLE_WEIGHT = 3.0
-# Candidates a crop-views search re-scores by their views: recall@20 of the pooled vector is
-# already ~0.99, and 10, 20 and 50 gave the same recall@1.
-RESCORE_DEPTH = 20
-
-
 def crop_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> [6, C, size, size] uint8: the whole image, then the four corner crops and the centre crop.
 
@@ -73,16 +68,6 @@ def collapse_views(features: np.ndarray, embeddings: np.ndarray) -> tuple[np.nda
     and the [6, d] view embeddings themselves (what a search re-scores with)."""
     views = embeddings.reshape(-1, N_VIEWS, embeddings.shape[-1])
     return features[::N_VIEWS], pool_views(views), views
-
-
-def view_scores(query: np.ndarray, pooled: np.ndarray, views: np.ndarray) -> np.ndarray:
-    """A query embedding [d], its cosines with m candidates' pooled vectors [m] and their view
-    embeddings [m, V, d] -> [m] scores: the mean of the pooled cosine and the best view's.
-
-    The best view alone finds crops but loses uncropped copies to distractors whose single
-    crop happens to match; the pooled cosine alone blurs the matching crop. Equal weights were
-    the best of 0.25 / 0.5 / 1 / 2 x pooled on two query draws."""
-    return 0.5 * (pooled + (views @ query).max(axis=1))
 
 
 def pool_views(embeddings: np.ndarray) -> np.ndarray:

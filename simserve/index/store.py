@@ -51,8 +51,8 @@ class NewItem:
     metadata: dict[str, Any] | None = None
     content_hash: str | None = None
     features: np.ndarray | None = None  # float16 head features, for re-ranking
-    views: np.ndarray | None = None  # [V, dim] crop-view embeddings (simserve/views.py), for re-scoring
-    keypoints: bytes | None = None  # local features for geometric verification (simserve/verify.py)
+    views: np.ndarray | None = None  # [V, dim] crop-view embeddings (simserve/inference/crops.py), for re-scoring
+    keypoints: bytes | None = None  # local features for geometric verification (simserve/ranking/verify.py)
 
 
 @dataclass
@@ -63,6 +63,19 @@ class StoredItem:
     metadata: dict[str, Any] | None
     content_hash: str | None
     added: float
+
+
+@dataclass
+class Candidate:
+    """A search's candidate as the store holds it: what ranking needs to re-order it, read at once."""
+
+    id: int
+    key: str
+    score: float  # the index's cosine
+    metadata: dict[str, Any] | None
+    views: np.ndarray | None = None  # [V, dim] float32, when asked for and stored
+    keypoints: bytes | None = None  # when asked for and stored
+    features: np.ndarray | None = None  # flat float16 head features, when asked for and stored
 
 
 class StoreError(RuntimeError):
@@ -222,19 +235,28 @@ class ItemStore:
     def get_ids(self, ids: Sequence[int]) -> dict[int, StoredItem]:
         return {int(row[0]): self._item(row) for row in _rows_in(self._conn(), ITEM_SELECT, "id", [int(i) for i in ids])}
 
+    def candidates(self, scored: dict[int, float], *, views: bool = False, keypoints: bool = False, features: bool = False) -> dict[int, Candidate]:
+        """{id: cosine} -> {id: Candidate}, with the evidence asked for, in one read (ids removed
+        meanwhile are absent)."""
+        extra = [c for c, want, have in (("views", views, self._has_views), ("keypoints", keypoints, self._has_keypoints), ("features", features, True)) if want and have]
+        out = {}
+        for row in _rows_in(self._conn(), f"SELECT {', '.join(['id', 'key', 'metadata', *extra])} FROM items", "id", list(scored)):
+            got = dict(zip(extra, row[3:]))
+            v, kp, f = got.get("views"), got.get("keypoints"), got.get("features")
+            out[int(row[0])] = Candidate(
+                int(row[0]), row[1], scored[int(row[0])], json.loads(row[2]) if row[2] else None,
+                None if v is None else np.frombuffer(v, dtype=np.float16).reshape(-1, self.dim).astype(np.float32),
+                kp,
+                None if f is None else np.frombuffer(f, dtype=np.float16),
+            )
+        return out
+
     def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         rows = _rows_in(self._conn(), "SELECT id, features FROM items", "id", [int(i) for i in ids])
         return {int(i): np.frombuffer(blob, dtype=np.float16) for i, blob in rows if blob is not None}
 
-    def views(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
-        """{id: [V, dim] float32} for the items stored with view embeddings."""
-        if not self._has_views:
-            return {}
-        rows = _rows_in(self._conn(), "SELECT id, views FROM items", "id", [int(i) for i in ids])
-        return {int(i): np.frombuffer(blob, dtype=np.float16).reshape(-1, self.dim).astype(np.float32) for i, blob in rows if blob is not None}
-
     def keypoints(self, ids: Sequence[int]) -> dict[int, bytes]:
-        """{id: keypoint blob} for the items stored with keypoints (simserve/verify.py)."""
+        """{id: keypoint blob} for the items stored with keypoints (simserve/ranking/verify.py)."""
         if not self._has_keypoints:
             return {}
         rows = _rows_in(self._conn(), "SELECT id, keypoints FROM items", "id", [int(i) for i in ids])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import simserve
-from simserve.bundle import FORMAT, FORMAT_VERSION, HEAD_FILE, MANIFEST, TOWER_FILE, WEIGHTS_FILE, sha256_file
+from simserve.inference.bundle import FORMAT, FORMAT_VERSION, HEAD_FILE, MANIFEST, TOWER_FILE, WEIGHTS_FILE, sha256_file
 from simserve.model import SiameseNet, load_checkpoint
 from simserve.model.profile import count_params, flops_per_pair
 

@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from simserve.bundle import HEAD_FILE, TOWER_FILE, WEIGHTS_FILE, Bundle, load_bundle
-from simserve.preprocess import normalize, to_pixels
+from simserve.inference.bundle import HEAD_FILE, TOWER_FILE, WEIGHTS_FILE, Bundle, load_bundle
+from simserve.inference.pixels import normalize, to_pixels
 
 BACKENDS = ("onnx", "torch")
 
@@ -71,7 +71,7 @@ class Engine(ABC):
         return np.concatenate([self._fuse(fa[s : s + self.max_batch], fb[s : s + self.max_batch]) for s in range(0, len(fa), self.max_batch)])
 
     def split(self, lanes: int | None = None) -> list["Engine"]:
-        """Engines that can run at the same time, one per thread (see simserve/lanes.py).
+        """Engines that can run at the same time, one per thread (see simserve/jobs/lanes.py).
         By default the engine itself: one lane, however many threads it uses inside."""
         return [self]
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from simserve.decode import DecodeError
-from simserve.engine import Engine
+from simserve.inference.decode import DecodeError
+from simserve.inference.engine import Engine
 
 T = TypeVar("T")
 P = TypeVar("P")

@@ -21,10 +21,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from simserve.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
-from simserve.engine import default_threads
-from simserve.preprocess import to_pixels
-from simserve.views import crop_view_pixels
+from simserve.inference.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
+from simserve.inference.engine import default_threads
+from simserve.inference.pixels import to_pixels
+from simserve.inference.crops import crop_view_pixels
 
 
 class DecodePool:
@@ -41,7 +41,7 @@ class DecodePool:
         self.workers = workers or default_threads()
         self.processes = processes
         self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) if processes else ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
-        # crop_views: each result is [6, C, S, S] (simserve/views.py) instead of [C, S, S].
+        # crop_views: each result is [6, C, S, S] (simserve/inference/crops.py) instead of [C, S, S].
         kw = dict(size=input_size, channels=channels, max_pixels=max_pixels, crop_views=crop_views)
         self._load = partial(load_bytes, **kw)
         self._load_file = partial(load_file, **kw)
@@ -82,7 +82,7 @@ class DecodePool:
 # Module-level, so worker processes can unpickle them.
 def pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS, crop_views: bool = False) -> np.ndarray:
     """Bytes -> [C, size, size] uint8 model pixels (with ``crop_views``: [6, C, size, size], see
-    simserve/views.py), or raise DecodeError: the one recipe for the pool's workers and the
+    simserve/inference/crops.py), or raise DecodeError: the one recipe for the pool's workers and the
     server's request threads."""
     if crop_views:
         return crop_view_pixels(data, size, channels, max_pixels)

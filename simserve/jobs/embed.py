@@ -24,11 +24,11 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from simserve.decode_pool import load_file
-from simserve.engine import Engine
-from simserve.indexer import find_images
-from simserve.lanes import decode_each, embed_decoded, map_lanes
-from simserve.shard import Shard, interleave
+from simserve.inference.decode_pool import load_file
+from simserve.inference.engine import Engine
+from simserve.jobs.files import find_images
+from simserve.jobs.lanes import decode_each, embed_decoded, map_lanes
+from simserve.jobs.shard import Shard, interleave
 
 
 @dataclass

@@ -31,12 +31,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from simserve.decode import DecodeError, decode
-from simserve.engine import Engine
-from simserve.indexer import find_images
-from simserve.lanes import decode_each, embed_decoded, map_lanes
-from simserve.preprocess import to_pixels
-from simserve.store import ItemStore, NewItem
+from simserve.inference.decode import DecodeError, decode
+from simserve.inference.engine import Engine
+from simserve.jobs.files import find_images
+from simserve.jobs.lanes import decode_each, embed_decoded, map_lanes
+from simserve.inference.pixels import to_pixels
+from simserve.index.store import ItemStore, NewItem
 
 
 # Stricter than the model's own threshold (precision 0.99 on pairs with random negatives):

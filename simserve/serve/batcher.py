@@ -12,12 +12,10 @@ before the batch runs, so abandoned requests cost no compute.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import threading
 import time
-from concurrent.futures import CancelledError, Future
-from contextvars import ContextVar
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -35,55 +33,6 @@ class DeadlineExceeded(TimeoutError):
 
 class BatcherClosed(RuntimeError):
     """The batcher is shut down and accepts no new work."""
-
-
-class CancelScope:
-    """Cancels the queued work of one request when its caller goes away.
-
-    A server opens one per RPC (``with scope.active():``) and calls ``cancel`` when
-    the client cancels or disconnects; every ``MicroBatcher.run`` inside the block
-    registers its futures here, so the worker drops them instead of computing
-    results nobody will read. A context variable carries it, so the layers between
-    the server and the batcher (runtime, search) need not pass it along."""
-
-    def __init__(self, timeout: float | None = None) -> None:
-        self._lock = threading.Lock()
-        self._futures: list[Future] = []
-        self.cancelled = False
-        self.deadline = time.monotonic() + timeout if timeout is not None else None  # the client's, absolute
-
-    def remaining(self, timeout: float | None) -> float | None:
-        """The tighter of ``timeout`` and what is left of the client's deadline."""
-        if self.deadline is None:
-            return timeout
-        left = self.deadline - time.monotonic()
-        return left if timeout is None else min(timeout, left)
-
-    def add(self, futures: Sequence[Future]) -> None:
-        with self._lock:
-            if self.cancelled:
-                for f in futures:
-                    f.cancel()
-            else:
-                self._futures.extend(futures)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.cancelled = True
-            futures, self._futures = self._futures, []
-        for f in futures:
-            f.cancel()
-
-    @contextlib.contextmanager
-    def active(self):
-        token = _SCOPE.set(self)
-        try:
-            yield self
-        finally:
-            _SCOPE.reset(token)
-
-
-_SCOPE: ContextVar[CancelScope | None] = ContextVar("simserve_cancel_scope", default=None)
 
 
 @dataclass
@@ -165,22 +114,17 @@ class MicroBatcher(Generic[T, R]):
             raise
         return futures
 
-    def run(self, values: Sequence[T], timeout: float | None = None) -> list[R]:
-        """Submit and wait: the results of ``values``, in order."""
-        futures, timeout = self._enter(values, timeout)
-        try:
-            return [f.result(timeout=None if timeout is None else max(0.0, timeout) + 1.0) for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
     async def run_async(self, values: Sequence[T], timeout: float | None = None) -> list[R]:
-        """``run`` for an asyncio caller: waits without holding a thread (the gRPC aio
-        handlers, where a thread per waiting request was the cost, not the compute).
-        No timer of its own: the items carry the deadline, and gRPC cancels the
-        caller's task when the client's deadline passes."""
-        futures, _ = self._enter(values, timeout)
+        """Submit and wait without holding a thread: the results of ``values``, in order.
+
+        ``timeout`` is what is left of the caller's deadline; at or below zero the work is not
+        queued at all (the caller spent its time decoding). No timer of its own: the items
+        carry the deadline, and gRPC cancels the caller's task when the client's passes,
+        which cancels the queued items here."""
+        if timeout is not None and timeout <= 0:
+            self.stats.abandoned_before_queue += len(values)
+            raise DeadlineExceeded("deadline passed before the request reached the engine")
+        futures = self.submit_many(values, timeout)
         try:
             if len(futures) == 1:
                 return [await asyncio.wrap_future(futures[0])]
@@ -189,20 +133,6 @@ class MicroBatcher(Generic[T, R]):
             for f in futures:
                 f.cancel()
             raise
-
-    def _enter(self, values: Sequence[T], timeout: float | None) -> tuple[list[Future], float | None]:
-        scope = _SCOPE.get()
-        if scope is not None:  # the caller may have gone while its request was being decoded
-            timeout = scope.remaining(timeout)
-            if scope.cancelled or (timeout is not None and timeout <= 0):
-                self.stats.abandoned_before_queue += len(values)
-                if scope.cancelled:
-                    raise CancelledError()
-                raise DeadlineExceeded("deadline passed before the request reached the engine")
-        futures = self.submit_many(values, timeout)
-        if scope is not None:
-            scope.add(futures)
-        return futures, timeout
 
     def close(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting work; with ``drain`` finish what is queued, else cancel it."""
@@ -265,15 +195,28 @@ class MicroBatcher(Generic[T, R]):
         if not live:
             return
         try:
-            results = self.fn([it.value for it in live])
-            if len(results) != len(live):
-                raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
+            results = self._call(live)
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it
-            for it in live:
-                it.future.set_exception(e)
+            if len(live) == 1:
+                live[0].future.set_exception(e)
+            else:
+                self._one_by_one(live)  # one bad item must not fail the requests batched beside it
         else:
             for it, r in zip(live, results):
                 it.future.set_result(r)
         self.stats.record(len(live))
         if self.on_batch:
             self.on_batch(len(live), self._queue.qsize())
+
+    def _call(self, items: list[_Item]) -> Sequence:
+        results = self.fn([it.value for it in items])
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        return results
+
+    def _one_by_one(self, items: list[_Item]) -> None:
+        for it in items:
+            try:
+                it.future.set_result(self._call([it])[0])
+            except BaseException as e:  # noqa: BLE001
+                it.future.set_exception(e)

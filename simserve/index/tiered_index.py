@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simserve.vector_index import IndexTuning, VectorIndex
+from simserve.index.vector_index import IndexTuning, VectorIndex
 
 
 class FreshBuffer:

@@ -12,7 +12,7 @@ import io
 import os
 from pathlib import Path
 
-from simserve.decode import DecodeError, decode_image
+from simserve.inference.decode import DecodeError, decode_image
 
 
 def _thumb(path: Path, side: int) -> str:

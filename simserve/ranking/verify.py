@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from simserve.decode import DEFAULT_MAX_PIXELS, decode_image
+from simserve.inference.decode import DEFAULT_MAX_PIXELS, decode_image
 
 SIDE = 256  # keypoints are found on the image scaled to this longer side (192 / 384: fewer right)
 MAX_SIFT = 400  # the strongest SIFT keypoints kept per image
@@ -44,8 +44,6 @@ ORB_FAST_THRESHOLD = 5  # OpenCV's default 20 finds too few corners on soft, sma
 RATIO = 0.8  # Lowe's ratio test, both detectors (0.7 / 0.75 / 0.85 matched fewer copies)
 RANSAC_PX = 0.02  # reprojection error an inlier may have, as a fraction of the longer side
 MIN_MATCHES = 4  # below this RANSAC fits noise: an affine map passes through any three points
-# Each inlier is worth this much cosine: flat between 0.01 and 0.025 on three query draws.
-INLIER_WEIGHT = 0.02
 
 SIFT_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (128,))])  # 132 bytes
 ORB_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (32,))])  # 36 bytes
@@ -188,8 +186,3 @@ def _inliers(q: LocalFeatures, s: LocalFeatures) -> int:
     # Distinct places, not keypoints: SIFT puts several (orientations) at one spot, ORB may too.
     return len(np.unique(np.rint(dst[mask.ravel().astype(bool)] * 1000), axis=0))
 
-
-def verified_score(score: float | np.ndarray, count: int | np.ndarray | None) -> float | np.ndarray:
-    """The order a verifying search returns: the embedding (or view) score plus the inliers' worth
-    (no count: the score alone). Scalars or arrays alike, so evaluation orders exactly as a search does."""
-    return score if count is None else score + INLIER_WEIGHT * count

@@ -14,6 +14,7 @@ waits behind a big insert.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,14 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from simserve import verify
-from simserve.rwlock import RWLock
-from simserve.store import ItemStore, NewItem, StoreError, StoredItem
-from simserve.tiered_index import TieredIndex
-from simserve.views import RESCORE_DEPTH, view_scores
-from simserve.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
+from simserve.index.rwlock import RWLock
+from simserve.index.store import Candidate, ItemStore, NewItem, StoreError, StoredItem
+from simserve.index.tiered_index import TieredIndex
+from simserve.index.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
 
-log = logging.getLogger("simserve.collection")
+log = logging.getLogger("simserve.index.collection")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONFIG_FILE = "collection.json"
 SNAPSHOT_FILE = "index.faiss"
@@ -53,23 +52,6 @@ class CollectionNotFound(KeyError):
 
 
 @dataclass
-class Hit:
-    key: str
-    # Cosine similarity of the embeddings; in a crop-views collection, the mean of that and
-    # the best crop view's cosine (simserve/views.py: view_scores).
-    score: float
-    id: int
-    metadata: dict[str, Any] | None = None
-    head_score: float | None = None  # set when re-ranked by the fusion head
-    inliers: int | None = None  # set by a verifying collection (simserve/verify.py)
-
-    @property
-    def rank(self) -> float:
-        """What orders hits before any head re-ranking: the score, plus the inliers' worth when verified."""
-        return verify.verified_score(self.score, self.inliers)
-
-
-@dataclass
 class CollectionConfig:
     name: str
     dim: int
@@ -77,8 +59,8 @@ class CollectionConfig:
     store_features: bool = True  # keep head features so searches can be re-ranked
     feature_shape: list[int] = field(default_factory=list)
     created: float = field(default_factory=time.time)
-    crop_views: bool = False  # vectors are the mean of whole-image and crop embeddings (simserve/views.py)
-    verify: bool = False  # items keep keypoints; searches re-order their top hits by them (simserve/verify.py)
+    crop_views: bool = False  # vectors pool whole-image and crop embeddings; items keep the views (inference/crops.py)
+    verify: bool = False  # items keep keypoints for geometric verification (ranking/verify.py)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -186,66 +168,26 @@ class Collection:
         k: int,
         where: dict[str, Any] | None = None,
         exclude_ids: Sequence[int] = (),
-        keypoints: Sequence[Sequence[verify.LocalFeatures] | None] | None = None,
-    ) -> list[list[Hit]]:
-        """Top k per query vector. A crop-views collection fetches the top RESCORE_DEPTH by
-        the pooled vector and re-orders them by their view embeddings (simserve/views.py); a
-        verifying one then re-orders them by the inliers each shares with its query's
-        ``keypoints`` (``verify.query_features``; None for a query without them)."""
+        *,
+        views: bool = False,
+        keypoints: bool = False,
+        features: bool = False,
+    ) -> list[list[Candidate]]:
+        """Top k per query vector by the index, each with the stored evidence asked for
+        (views, keypoints, head features) read in the same query of the store."""
         allow = self.store.ids_matching(where) if where else None
         if allow is not None and not len(allow):
             return [[] for _ in range(len(vectors))]
-        deep = self.config.crop_views or (self.config.verify and keypoints is not None)
-        depth = max(k, RESCORE_DEPTH) if deep else k
-        extra = len(exclude_ids)
         with self.lock.read():
-            scores, ids = self.index.search(vectors, depth + extra, allow)
-        wanted = {int(i) for row in ids for i in row if i >= 0}
-        items = self.store.get_ids(sorted(wanted))  # removed meanwhile -> absent -> skipped
-        skip = set(int(i) for i in exclude_ids)
-        out = []
-        for srow, irow in zip(scores, ids):
-            hits = []
-            for s, i in zip(srow, irow):
-                it = items.get(int(i))
-                if i < 0 or it is None or int(i) in skip:
-                    continue
-                hits.append(Hit(it.key, float(s), int(i), it.metadata))
-                if len(hits) == depth:
-                    break
-            out.append(hits)
-        if self.config.crop_views:
-            out = [self._rescore(v, hits) for v, hits in zip(vectors, out)]
-        if self.config.verify and keypoints is not None:
-            # Only the top RESCORE_DEPTH: the rest score below all of them even before their inliers count.
-            out = [self._verify(q, hits[:RESCORE_DEPTH]) + hits[RESCORE_DEPTH:] if q is not None else hits for q, hits in zip(keypoints, out)]
-        return [hits[:k] for hits in out]
+            scores, ids = self.index.search(vectors, k + len(exclude_ids), allow)
+        skip = {int(i) for i in exclude_ids}
+        rows = [[(int(i), float(s)) for s, i in zip(srow, irow) if i >= 0 and int(i) not in skip][:k] for srow, irow in zip(scores, ids)]
+        # One read for every query's candidates; an id removed meanwhile is absent and skipped.
+        found = self.store.candidates({i: s for row in rows for i, s in row}, views=views, keypoints=keypoints, features=features)
+        return [[_rescored(found[i], s) for i, s in row if i in found] for row in rows]
 
-    def _verify(self, query: Sequence[verify.LocalFeatures], hits: list[Hit]) -> list[Hit]:
-        """Hits with their inlier counts, re-ordered by ``verify.verified_score`` (items added
-        without keypoints keep no count and their plain score)."""
-        stored = self.store.keypoints([h.id for h in hits])
-        for h in hits:
-            if h.id in stored:
-                h.inliers = verify.inliers(query, verify.unpack(stored[h.id]))
-        return sorted(hits, key=lambda h: -h.rank)
-
-    def _rescore(self, query: np.ndarray, hits: list[Hit]) -> list[Hit]:
-        """Hits re-scored by their stored views, best first (items added before views were
-        stored keep the pooled cosine: their score if no view matched better than the pool)."""
-        views = self.store.views([h.id for h in hits])
-        have = [h for h in hits if h.id in views]
-        if have:
-            q = np.asarray(query, np.float32).reshape(-1)
-            new = view_scores(q, np.array([h.score for h in have], np.float32), np.stack([views[h.id] for h in have]))
-            for h, s in zip(have, new):
-                h.score = float(s)
-        return sorted(hits, key=lambda h: -h.score)
-
-    def query_keypoints(self, id: int) -> list[verify.LocalFeatures] | None:
-        """A stored item's keypoints as a query's (not mirrored: its image is not kept), or None."""
-        blob = self.store.keypoints([id]).get(id)
-        return None if blob is None else [verify.unpack(blob)]
+    def keypoints(self, ids: Sequence[int]) -> dict[int, bytes]:
+        return self.store.keypoints(ids)
 
     def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         shape = tuple(self.config.feature_shape)
@@ -355,6 +297,11 @@ class Collection:
             except (OSError, StoreError) as e:  # full or read-only disk: SQLite still has every item
                 log.error("snapshot failed; the next start replays the changes from SQLite", extra={"collection": self.name, "error": str(e)})
         self.store.close()
+
+
+def _rescored(c: Candidate, score: float) -> Candidate:
+    """The candidate with this query's cosine (two queries may share one candidate)."""
+    return c if c.score == score else dataclasses.replace(c, score=score)
 
 
 class Collections:

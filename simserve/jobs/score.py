@@ -1,6 +1,6 @@
 """``simserve score PAIRS --out SCORES``: score a file of image pairs, streamed.
 
-rows (CSV/JSONL) -> batches -> lanes (simserve/lanes.py: each lane reads and
+rows (CSV/JSONL) -> batches -> lanes (simserve/jobs/lanes.py: each lane reads and
 decodes a batch's distinct images, then runs one tower pass over them and one
 head pass over its pairs, while the other lanes do the same with the next
 batches) -> rows out, in order.
@@ -13,7 +13,7 @@ A row whose image is missing or broken gets an ``error`` and the run goes
 on. Output is flushed per batch; ``--resume`` keeps the complete batches
 already written and continues after them, so the result equals an
 uninterrupted run's, byte for byte. Under torchrun each rank scores every
-N-th batch and rank 0 merges (see ``simserve.shard``).
+N-th batch and rank 0 merges (see ``simserve.jobs.shard``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from simserve.decode import DecodeError
-from simserve.decode_pool import load_file
-from simserve.engine import Engine
-from simserve.lanes import map_lanes
-from simserve.rows import RowWriter, file_format, read_rows
-from simserve.shard import Shard, interleave
+from simserve.inference.decode import DecodeError
+from simserve.inference.decode_pool import load_file
+from simserve.inference.engine import Engine
+from simserve.jobs.lanes import map_lanes
+from simserve.jobs.rows import RowWriter, file_format, read_rows
+from simserve.jobs.shard import Shard, interleave
 
 RESULT_COLUMNS = ["score", "cosine", "match", "error"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simserve.config import ModelConfig
+from simserve.inference.config import ModelConfig
 
 FORMAT = "simserve-bundle"
 FORMAT_VERSION = 1
@@ -25,7 +25,7 @@ MANIFEST = "manifest.json"
 TOWER_FILE = "tower.onnx"
 HEAD_FILE = "head.onnx"
 WEIGHTS_FILE = "weights.npz"
-DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
+DEFAULT_BUNDLE = Path(__file__).parents[1] / "bundles" / "default"
 
 
 class BundleError(ValueError):

@@ -1,0 +1,54 @@
+"""The server's options: one object, read from flags and SIMSERVE_<NAME> variables, passed down whole."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from simserve.inference.decode import DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class ServerConfig:
+    """Every option; each is also settable as SIMSERVE_<NAME> in the environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: str = ""
+    bundle: str = ""
+    backend: str = "onnx"
+    threads: int = 0  # engine threads (one single-threaded ORT session each); 0 = all cores
+    faiss_threads: int = 1  # per search: concurrent requests already use every core
+    workers: int = 32  # threads for blocking work (SQLite, index scans, heavy decodes); handlers run on the event loop
+    max_batch: int = 32
+    max_delay_ms: float = 2.0
+    max_queue: int = 1024
+    max_message_mb: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_items: int = 1024  # images (or pairs) in one request
+    max_k: int = 1000
+    max_rerank: int = 1000
+    max_key_bytes: int = 1024
+    max_metadata_bytes: int = 64 * 1024
+    collection: str = "default"
+    factory: str = "Flat"
+    crop_views: bool = False  # new collections index whole image + 5 crops (inference/crops.py)
+    verify: bool = False  # new collections keep keypoints and verify their searches (ranking/verify.py)
+    token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
+    metrics_port: int = -1  # -1 off, 0 any free port
+    grace_s: float = 30.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "ServerConfig":
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            env = os.environ.get(f"SIMSERVE_{f.name.upper()}")
+            if env is not None:
+                kw[f.name] = type(f.default)(env) if not isinstance(f.default, bool) else env.lower() in ("1", "true", "yes")
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)

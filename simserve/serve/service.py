@@ -1,0 +1,268 @@
+"""The service core, free of gRPC: engine + micro-batcher + collections, async all the way.
+
+The handlers translate protobuf to these coroutines and their errors to status codes. Data
+flows one way: bytes -> decode -> micro-batcher -> engine -> ranking / collections ->
+response. Nothing here blocks the event loop for long: a small request decodes on the loop
+(a hand-off to a thread costs more than a 256 px JPEG's 0.2 ms decode), a heavy one on a
+worker thread, and every SQLite read or write, index scan and keypoint extraction runs on a
+worker thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, Collections
+from simserve.index.store import NewItem, StoredItem, valid_filter_field
+from simserve.inference.bundle import Bundle
+from simserve.inference.crops import collapse_views
+from simserve.inference.decode import DecodeError
+from simserve.inference.decode_pool import pixels
+from simserve.inference.engine import Engine
+from simserve.ranking import pipeline, verify
+from simserve.serve.batcher import MicroBatcher
+from simserve.serve.config import ServerConfig
+
+T = TypeVar("T")
+# A request above either limit is "heavy": it decodes on a worker thread, not the event loop.
+INLINE_MAX_BYTES = 256 * 1024  # about a dozen 256 px JPEGs, or one 1,000 px photo: ~3 ms of decoding
+INLINE_MAX_IMAGES = 32
+
+
+class RequestError(ValueError):
+    """A bad request; ``kind`` picks the status: invalid, not_found, too_large, precondition."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class ImageRef:
+    """An image as a request gives it: encoded bytes, or the key of a stored item."""
+
+    data: bytes | None = None
+    key: str | None = None
+
+
+@dataclass
+class Embedded:
+    """Images as the engine saw them: head features (NaN where a stored item has none), embeddings
+    and, for stored items, their ids."""
+
+    features: np.ndarray
+    embeddings: np.ndarray
+    ids: list[int | None]
+
+
+class Service:
+    def __init__(self, engine: Engine, collections: Collections, config: ServerConfig | None = None, on_batch: Callable[[int, int], None] | None = None) -> None:
+        self.engine, self.collections = engine, collections
+        self.config = cfg = config or ServerConfig()
+        self.bundle: Bundle = engine.bundle
+        self.batcher: MicroBatcher[np.ndarray, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
+            self._embed_batch, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue, name="engine-batcher", on_batch=on_batch
+        )
+        self._get_or_create(cfg.collection)
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.bundle.config.head}@{self.bundle.manifest.get('created', '?')}"
+
+    def _embed_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        feats, embs = self.engine.embed(np.stack(pixels))
+        return list(zip(feats, embs))
+
+    # -- operations ----------------------------------------------------------------------
+    async def score_pairs(self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float, timeout: float | None) -> tuple[np.ndarray, np.ndarray, float]:
+        """(head scores, cosines, the threshold that decides a match) for each pair."""
+        deadline = _deadline(timeout)
+        self._check_count(len(pairs), "pairs")
+        if not pairs:
+            raise RequestError("invalid", "pairs: at least one pair is required")
+        refs = [r for p in pairs for r in p]
+        where = [f"pairs[{i // 2}].{'ab'[i % 2]}" for i in range(len(refs))]
+        heavy = _heavy(refs)
+        got = await self._embed_refs(refs, where, collection, heavy, deadline)
+        if np.isnan(got.features).any():
+            raise RequestError("precondition", "an item referenced by key was stored without head features; pass its image bytes")
+        scores = await _off_loop(heavy, self.engine.fuse, got.features[0::2], got.features[1::2])
+        cosine = np.einsum("ij,ij->i", got.embeddings[0::2], got.embeddings[1::2])
+        return scores, cosine, threshold if threshold > 0 else self.bundle.threshold
+
+    async def embed(self, refs: Sequence[ImageRef], collection: str | None, timeout: float | None) -> np.ndarray:
+        if not refs:
+            raise RequestError("invalid", "images: at least one image is required")
+        got = await self._embed_refs(refs, [f"images[{i}]" for i in range(len(refs))], collection, _heavy(refs), _deadline(timeout))
+        return got.embeddings
+
+    async def search(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str], timeout: float | None) -> list[pipeline.Hit]:
+        deadline = _deadline(timeout)
+        k = k or 10
+        if not 0 < k <= self.config.max_k:
+            raise RequestError("invalid", f"k must be between 1 and {self.config.max_k}, got {k}")
+        if not 0 <= rerank <= self.config.max_rerank:
+            raise RequestError("invalid", f"rerank must be between 0 and {self.config.max_rerank}, got {rerank}")
+        bad = [f for f in where or {} if not valid_filter_field(f)]
+        if bad:
+            raise RequestError("invalid", f"filter field {bad[0][:80]!r}: use 1-64 ASCII letters, digits, '_' or '-'")
+        col = await asyncio.to_thread(self.collection, collection)
+        got = await self._embed_refs([query], ["query"], col.name, _heavy([query]), deadline)
+        feats = None if rerank == 0 or np.isnan(got.features).any() else got.features[0]
+
+        def scan() -> list[pipeline.Hit]:  # query keypoints, the index, the store: all off the loop
+            keypoints = self._query_keypoints(col, query, got.ids[0]) if col.config.verify else None
+            q = pipeline.Query(got.embeddings[0], feats, keypoints, got.ids[0])
+            return pipeline.search(col, q, k, rerank=rerank, where=where or None, engine=self.engine)
+
+        return await asyncio.to_thread(scan)
+
+    async def add(self, collection: str | None, items: Sequence[tuple[str, bytes, dict | None]], timeout: float | None) -> list[str]:
+        """Embeds and stores the items; all or nothing (a bad image fails the whole request)."""
+        deadline = _deadline(timeout)
+        self._check_count(len(items), "items")
+        name = collection or self.config.collection
+        if not NAME_RE.match(name):
+            raise RequestError("invalid", f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-'")
+        seen: set[str] = set()
+        for i, (key, _, _) in enumerate(items):
+            if not key or len(key.encode()) > self.config.max_key_bytes:
+                raise RequestError("invalid", f"items[{i}].key must be 1-{self.config.max_key_bytes} bytes")
+            if key in seen:
+                raise RequestError("invalid", f"items[{i}].key {key!r} appears twice in one request")
+            seen.add(key)
+        col = await asyncio.to_thread(self._get_or_create, name)
+        if col.dim != self.bundle.embedding_dim:
+            raise RequestError("precondition", f"collection {name!r} holds {col.dim}-d vectors; the served model makes {self.bundle.embedding_dim}-d")
+        views = col.config.crop_views
+        refs = [ImageRef(data=data) for _, data, _ in items]
+        decoded = await _off_loop(_heavy(refs), lambda: [self.decode(data, f"items[{i}].image", views) for i, (_, data, _) in enumerate(items)])
+        flat = [v for d in decoded for v in d] if views else decoded
+        results = await self.batcher.run_async(flat, _left(deadline)) if flat else []
+        if views:
+            results = list(zip(*collapse_views(np.stack([f for f, _ in results]), np.stack([e for _, e in results]))))
+        else:
+            results = [(f, e, None) for f, e in results]
+        if col.config.verify:  # milliseconds of OpenCV an image: never on the loop
+            kps = await asyncio.to_thread(lambda: [verify.keypoints(self.verify_image(data, f"items[{i}].image")) for i, (_, data, _) in enumerate(items)])
+        else:
+            kps = [None] * len(items)
+        new = [
+            NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None, v, kp)
+            for (key, _, meta), (f, e, v), kp in zip(items, results, kps)
+        ]
+        await asyncio.to_thread(col.add, new)
+        return [it.key for it in new]
+
+    async def remove(self, collection: str | None, keys: Sequence[str]) -> dict[str, int]:
+        return await asyncio.to_thread(lambda: self.collection(collection).remove(list(keys)))
+
+    async def get(self, collection: str | None, keys: Sequence[str]) -> dict[str, StoredItem]:
+        return await asyncio.to_thread(lambda: self.collection(collection).get(list(keys)))
+
+    async def stats(self, collection: str | None) -> dict[str, Any]:
+        return await asyncio.to_thread(lambda: self.collection(collection).stats())
+
+    async def names(self) -> list[str]:
+        return await asyncio.to_thread(self.collections.names)
+
+    # -- images --------------------------------------------------------------------
+    def decode(self, data: bytes, where: str, crop_views: bool = False) -> np.ndarray:
+        """[C, S, S] model pixels; with ``crop_views`` [6, C, S, S] (inference/crops.py)."""
+        c = self.bundle.config
+        try:
+            return pixels(data, c.input_size, c.in_channels, self.config.max_pixels, crop_views)
+        except DecodeError as e:
+            raise _request_error(e, where) from None
+
+    def verify_image(self, data: bytes, where: str) -> Image.Image:
+        """Bytes -> the image geometric verification reads (ranking/verify.py)."""
+        try:
+            return verify.decode(data, self.config.max_pixels)
+        except DecodeError as e:
+            raise _request_error(e, where) from None
+
+    async def _embed_refs(self, refs: Sequence[ImageRef], where: Sequence[str], collection: str | None, heavy: bool, deadline: float | None) -> Embedded:
+        """Features and embeddings for each ref: bytes are decoded and embedded, keys read from the store."""
+        self._check_count(len(refs), "images")
+        for r, w in zip(refs, where):
+            if r.key is None and r.data is None:
+                raise RequestError("invalid", f"{w}: image is empty (set data or key)")
+        shape = tuple(self.bundle.manifest["feature_shape"])
+        out = Embedded(np.zeros((len(refs), *shape), np.float32), np.zeros((len(refs), self.bundle.embedding_dim), np.float32), [None] * len(refs))
+        keyed = {i: r.key for i, r in enumerate(refs) if r.key is not None}
+        if keyed:
+            await asyncio.to_thread(self._read_stored, out, keyed, where, collection)
+        to_embed = [i for i, r in enumerate(refs) if r.key is None]
+        if to_embed:
+            decoded = await _off_loop(heavy, lambda: [self.decode(refs[i].data, where[i]) for i in to_embed])
+            for i, (f, e) in zip(to_embed, await self.batcher.run_async(decoded, _left(deadline))):
+                out.features[i], out.embeddings[i] = f, e
+        return out
+
+    def _read_stored(self, out: Embedded, keyed: dict[int, str], where: Sequence[str], collection: str | None) -> None:
+        col = self.collection(collection)
+        items = col.get(sorted(set(keyed.values())))
+        for i, key in keyed.items():
+            if key not in items:
+                raise RequestError("not_found", f"{where[i]}: no item with key {key!r} in collection {col.name!r}")
+        fmap = col.features([it.id for it in items.values()])
+        for i, key in keyed.items():
+            it = items[key]
+            out.embeddings[i], out.ids[i] = it.vector, it.id
+            out.features[i] = fmap[it.id] if it.id in fmap else np.nan  # no features stored: no head scores
+
+    def _query_keypoints(self, col: Collection, query: ImageRef, stored_id: int | None) -> list[verify.LocalFeatures] | None:
+        """A verifying collection's query keypoints: from the image bytes, or a stored query's own
+        (as stored: not mirrored). None when a stored query has none: it is searched unverified."""
+        if query.data is not None:
+            return verify.query_features(self.verify_image(query.data, "query"))
+        return pipeline.stored_keypoints(col, stored_id) if stored_id is not None else None
+
+    def _get_or_create(self, name: str) -> Collection:
+        """The named collection; a new one gets this server's factory, crop-views and verify settings."""
+        c = self.config
+        return self.collections.get_or_create(name, self.bundle.embedding_dim, c.factory, self.bundle.manifest["feature_shape"], c.crop_views, verify=c.verify)
+
+    def collection(self, name: str | None) -> Collection:
+        name = name or self.config.collection
+        try:
+            return self.collections.get(name)
+        except CollectionNotFound:
+            raise RequestError("not_found", f"collection {name!r} not found") from None
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n > self.config.max_items:
+            raise RequestError("too_large", f"{n} {what} in one request; the limit is {self.config.max_items} (split the request)")
+
+    def close(self) -> None:
+        self.batcher.close(drain=True)
+        self.collections.close(snapshot=True)
+
+
+async def _off_loop(heavy: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a worker thread for a heavy request, on the event loop for a small one."""
+    return await asyncio.to_thread(fn, *args) if heavy else fn(*args)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _request_error(e: DecodeError, where: str) -> RequestError:
+    kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
+    return RequestError(kind, f"{where}: {e}")
+
+
+def _heavy(refs: Sequence[ImageRef]) -> bool:
+    return len(refs) > INLINE_MAX_IMAGES or sum(len(r.data) for r in refs if r.data is not None) > INLINE_MAX_BYTES
