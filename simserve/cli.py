@@ -23,17 +23,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.seed is not None:
         recipe.seed = args.seed
-    for override in args.set or []:
-        key, _, value = override.partition("=")
-        section, _, field = key.partition(".")
-        target = recipe.train if section == "train" else getattr(recipe, section)
-        parsed = json.loads(value) if value[:1] in "[{0123456789-tf" else value
-        if isinstance(target, dict):
-            target[field] = parsed
-        elif hasattr(target, field):
-            setattr(target, field, parsed)
-        else:
-            raise SystemExit(f"--set {key}: no such setting")
+    for assignment in args.set or []:
+        try:
+            recipe.override(assignment)
+        except ValueError as e:
+            raise SystemExit(f"simserve train: {e}")
     out = Path(args.out or f"runs/{recipe.name}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(" ".join(["simserve"] + sys.argv[1:]) + "\n")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from simserve.inference.bundle import BundleError, load_bundle
-from simserve.inference.config import HEADS, ModelConfig
+from simserve.inference.config import ModelConfig
+from simserve.model.heads import HEAD_REGISTRY
 from simserve.inference.engine import load_engine
 from simserve.model.export import export_bundle
 from simserve.model import build_model
@@ -24,7 +25,7 @@ def _exported(head: str, path):
     return export_bundle(m.eval(), path, metrics={"threshold": 0.7, "precision": 0.9, "recall": 0.8, "pair_accuracy": 0.85})
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", sorted(HEAD_REGISTRY))
 def test_onnx_matches_torch_for_every_head(head, tmp_path):
     path = _exported(head, tmp_path / head)
     onnx, ref = load_engine(path, "onnx"), load_engine(path, "torch")
@@ -105,6 +106,11 @@ def test_onnx_lanes_cut_batches_without_changing_a_single_bit(tmp_path):
     with ThreadPoolExecutor(6) as ex:
         outs = list(ex.map(lambda i: four.embed(x[i : i + 20])[1], range(0, 50, 5)))
     assert all(np.array_equal(o, one.embed(x[i : i + 20])[1]) for o, i in zip(outs, range(0, 50, 5)))
+    lane_threads = list(four._pool._threads)
+    assert lane_threads and all(t.is_alive() for t in lane_threads)
+    with one, four:  # close() on leaving: the lanes' threads end with the engine
+        pass
+    assert not any(t.is_alive() for t in lane_threads)
 
 
 def test_lane_views_and_map_lanes_give_the_engines_numbers_in_input_order(tmp_path):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from simserve.inference.config import HEADS, ModelConfig
+from simserve.inference.config import ModelConfig
+from simserve.model.heads import HEAD_REGISTRY
 from simserve.model import SiameseNet, Tower, build_model, load_checkpoint, save_checkpoint
 from simserve.model.heads import DynamicConv2d, set_temperature
 
@@ -13,7 +14,7 @@ def _model(head: str) -> SiameseNet:
     return build_model(CFG.replace(head=head)).eval()
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", sorted(HEAD_REGISTRY))
 def test_shapes_and_exact_symmetry(head):
     m = _model(head)
     a, b = torch.randn(5, 3, 64, 64), torch.randn(5, 3, 64, 64)
@@ -29,8 +30,8 @@ def test_shapes_and_exact_symmetry(head):
 
 
 def test_unknown_head_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown head 'nope'"):
-        ModelConfig(head="nope")
+    with pytest.raises(ValueError, match="unknown head 'nope'; registered: .*'concat'"):
+        build_model(ModelConfig(head="nope"))
 
 
 def test_one_tower_shared_by_both_inputs():

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import tiny_recipe_dict
@@ -100,24 +101,32 @@ def test_cross_batch_memory_holds_the_last_embeddings_and_counts_their_labels():
     only the current batch."""
     import torch.nn.functional as F
 
-    from training.losses import EmbeddingMemory, info_nce
+    from training.losses import Contrastive, CrossBatchMemory, InfoNCE
 
     torch.manual_seed(0)
     za = F.normalize(torch.randn(8, 16), dim=1).requires_grad_()
     zb = F.normalize(torch.randn(8, 16), dim=1)
     labels = torch.arange(8)
-    mem = EmbeddingMemory(12, 16)
+    info_nce = InfoNCE()
+    mem = CrossBatchMemory(info_nce, 12, 16)
     for k in range(3):
-        mem.extend(zb + k, labels + 100 * k)
+        mem(za.detach(), zb + k, labels + 100 * k)  # fills while inactive
     assert len(mem) == 12 and mem.labels.tolist() == list(range(104, 108)) + list(range(200, 208))
     plain = info_nce(za, zb, labels).item()
-    same = EmbeddingMemory(8, 16)
-    same.extend(za.detach(), labels)  # vectors close to the anchors, as earlier views of the same items
-    other = EmbeddingMemory(8, 16)
-    other.extend(za.detach(), labels + 1000)  # the same vectors as other items: hard negatives
-    with_same, with_other = info_nce(za, zb, labels, memory=same).item(), info_nce(za, zb, labels, memory=other).item()
+
+    def remembering(bank_labels):
+        m = CrossBatchMemory(info_nce, 8, 16)
+        m(za.detach(), za.detach(), bank_labels)  # vectors close to the anchors
+        m.active = True
+        return m
+
+    same = remembering(labels)  # as earlier views of the same items
+    other = remembering(labels + 1000)  # the same vectors as other items: hard negatives
+    with_same, with_other = same(za, zb, labels).item(), remembering(labels + 1000)(za, zb, labels).item()
     assert with_same < with_other and plain < with_other
-    info_nce(za, zb, labels, memory=other).backward()
+    other(za, zb, labels).backward()
+    with pytest.raises(ValueError, match="bank of candidates"):
+        CrossBatchMemory(Contrastive(), 8, 16)
     assert za.grad is not None and not other.z.requires_grad
 
 
@@ -132,15 +141,16 @@ def test_koleo_spreads_other_items_apart_and_ignores_an_items_own_views():
     base = F.normalize(torch.randn(4, 8), dim=1)
     z = F.normalize(torch.cat([base, base + 0.01 * torch.randn(4, 8)]), dim=1)
     labels = torch.arange(4).repeat(2)
-    assert koleo(z, labels) < 2.0  # views of one item 0.01 apart do not count as neighbours
-    assert koleo(z, torch.arange(8)) > 3.0  # as different items they do: -log(~0.01)
+    za_, zb_ = z.chunk(2)
+    assert koleo(za_, zb_, labels[:4]) < 2.0  # views of one item 0.01 apart do not count as neighbours
+    assert koleo(z, z, torch.arange(8)) > 3.0  # each point twice under one label: its twin is excluded  # as different items they do: -log(~0.01)
 
     def nearest_other(v):
         d = torch.cdist(v, v) + torch.eye(len(v)) * 9
         return d.min(1).values.mean()
 
     crowd = F.normalize(torch.randn(16, 8) * 0.1 + torch.ones(8), dim=1).requires_grad_()
-    koleo(crowd, torch.arange(16)).backward()
+    koleo(crowd, crowd, torch.arange(16)).backward()
     moved = F.normalize(crowd.detach() - 0.05 * crowd.grad, dim=1)
     assert nearest_other(moved) > nearest_other(crowd.detach())
 
@@ -178,7 +188,7 @@ def test_a_folders_holdout_split_does_not_depend_on_where_the_folder_lives(fmnis
 
 def test_clean_anchor_pairs_the_untouched_original_with_a_copy(photos):
     import numpy as np
-    import pytest
+
 
     from simserve.inference.pixels import to_array
     from training.augment import CopyAugment
@@ -204,12 +214,12 @@ def test_pairs_per_image_puts_k_pairs_of_each_image_in_a_batch_as_positives(phot
     """data.pairs_per_image: a batch holds batch_size / k images, each as k distinct pairs with
     one label, so InfoNCE counts an image's other pairs as positives; draw 0 is k = 1's stream."""
     import numpy as np
-    import pytest
+
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
     from training.augment import CopyAugment
-    from training.losses import info_nce
+    from training.losses import InfoNCE
     from training.pairs import EpochBatchSampler, PairDataset
 
     cfg = ModelConfig(input_size=48)
@@ -239,7 +249,7 @@ def test_pairs_per_image_puts_k_pairs_of_each_image_in_a_batch_as_positives(phot
     partner = torch.tensor([x ^ 1 for x in range(len(labels))])  # an image's two items sit side by side
     assert torch.equal(labels[partner], labels)
     za = zb[partner]
-    assert info_nce(za, zb, labels) < 0.6 * info_nce(za, zb, torch.arange(len(labels)))
+    assert InfoNCE()(za, zb, labels) < 0.6 * InfoNCE()(za, zb, torch.arange(len(labels)))
 
     with pytest.raises(ValueError, match="whole images"):
         EpochBatchSampler(n, batch_size=8, steps=1, seed=0, world=2, pairs_per_image=3)
@@ -259,3 +269,25 @@ def test_under_ddp_each_rank_trains_whole_images_and_together_one_process_batch(
         for part in (ranks[0][step], ranks[1][step]):
             images = [i % n for i in part]
             assert all(images.count(i) == k for i in images)  # all k pairs of an image on one rank
+
+
+def test_recipe_overrides_are_parsed_by_the_settings_type():
+    r = load_recipe("default")
+    for assignment in ("data.dataset=fashion-mnist", "train.epochs=2", "train.lr=0.01", "model.head=dynamic",
+                       "model.stages=[[32, 2, 1]]", "data.sources=[\"tuxpaint\"]", "eval.queries=50", "data.folder=true"):
+        r.override(assignment)
+    assert r.data.dataset == "fashion-mnist" and r.data.folder == "true"  # strings stay strings, even 't...' and 'f...'
+    assert r.train.epochs == 2 and r.train.lr == 0.01 and r.eval.queries == 50
+    assert r.model["head"] == "dynamic" and r.model["stages"] == [[32, 2, 1]] and r.data.sources == ["tuxpaint"]
+    for bad, message in (("train.epochs=two", "invalid literal"), ("train.nope=1", "no such setting"), ("bogus.x=1", "no section"),
+                         ("epochs", "SECTION.KEY=VALUE"), ("model.depth=3", "no such setting"), ("data.sources=tuxpaint", "Expecting value")):
+        with pytest.raises(ValueError, match=message):
+            r.override(bad)
+    with pytest.raises(ValueError, match="unknown data settings"):
+        Recipe.from_dict({"name": "x", "data": {"sorces": []}})
+
+
+def test_train_cli_refuses_a_bad_override_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "simserve.cli", "train", "--recipe", "default", "--out", str(tmp_path), "--set", "train.epochs=two"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip() == "simserve train: --set train.epochs=two: invalid literal for int() with base 10: 'two'"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from simserve.inference.config import HEADS, ModelConfig
+from simserve.inference.config import ModelConfig
+from simserve.model.heads import HEAD_REGISTRY
 from simserve.model import load_checkpoint
 from simserve.model.profile import count_params, flops_per_pair, interleaved_latency
 from training.recipe import load_recipe
@@ -25,7 +26,7 @@ from training.trainer import load_data, train
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="fashion_mnist")
-    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    p.add_argument("--heads", nargs="+", default=list(HEAD_REGISTRY), choices=sorted(HEAD_REGISTRY))
     p.add_argument("--out", default="docs/heads")
     p.add_argument("--runs", default="runs/heads")
     p.add_argument("--seed", type=int)

@@ -3,6 +3,10 @@
 A batch is two views, ``za[i]`` and ``zb[i]``, of items with ``labels[i]``;
 any (i, j) with equal labels is a positive, so the same code serves
 self-supervised copy pairs (every label unique) and class data.
+
+Every embedding loss is ``loss(za, zb, labels) -> scalar`` (settings go to its constructor;
+a cross-batch memory wraps one); every miner is ``miner(za, zb, labels) -> indices``; the
+head's pair loss takes its positive and negative logits.
 """
 
 from __future__ import annotations
@@ -11,76 +15,82 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, tau: float = 0.07, memory: "EmbeddingMemory | None" = None) -> torch.Tensor:
-    """Symmetric InfoNCE with every same-label entry counted as a positive (SupCon form).
-    With a ``memory``, the a-side also contrasts against the embeddings of earlier batches."""
-    logits = za @ zb.t() / tau
-    pos = (labels[:, None] == labels[None, :]).float()
+class InfoNCE:
+    """Symmetric InfoNCE with every same-label entry counted as a positive (SupCon form)."""
 
-    def one_side(lg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        log_prob = lg - torch.logsumexp(lg, dim=1, keepdim=True)
-        return -((log_prob * p).sum(1) / p.sum(1)).mean()
+    def __init__(self, tau: float = 0.07) -> None:
+        self.tau = tau
 
-    logits_a, pos_a = logits, pos
-    if memory is not None and len(memory):
-        logits_a = torch.cat([logits, za @ memory.z.t() / tau], 1)
-        pos_a = torch.cat([pos, (labels[:, None] == memory.labels[None, :]).float()], 1)
-    return 0.5 * (one_side(logits_a, pos_a) + one_side(logits.t(), pos.t()))
+    def __call__(self, za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.with_bank(za, zb, labels, zb[:0], labels[:0])
+
+    def with_bank(self, za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, bank_z: torch.Tensor, bank_labels: torch.Tensor) -> torch.Tensor:
+        """The loss with extra candidates for the a-side (a memory of earlier batches' b-views)."""
+        logits = za @ zb.t() / self.tau
+        pos = (labels[:, None] == labels[None, :]).float()
+        logits_a = torch.cat([logits, za @ bank_z.t() / self.tau], 1)
+        pos_a = torch.cat([pos, (labels[:, None] == bank_labels[None, :]).float()], 1)
+        return 0.5 * (_log_softmax_positives(logits_a, pos_a) + _log_softmax_positives(logits.t(), pos.t()))
 
 
-class EmbeddingMemory:
-    """Cross-batch memory (XBM, Wang et al., CVPR 2020): the last ``size`` embeddings and their
-    labels, detached, as extra candidates for the metric loss. Retrieval among a thousand
-    distractors needs finer distinctions than a batch of 128 offers, and the embeddings of a
-    slowly-changing encoder stay valid for a few dozen steps, so this buys thousands of
-    negatives for one small matmul.
+def _log_softmax_positives(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return -((log_prob * pos).sum(1) / pos.sum(1)).mean()
 
-    Measured on the default recipe (seed 0, 30 epochs, memory 4,096 from 30% of training on;
-    ``--set train.memory=4096``): embedding recall@1 0.733 vs 0.768 without it, while the head
-    got better (pair ROC-AUC 0.9975 vs 0.9963, recall at precision 0.99 0.949 vs 0.916, re-rank
-    recall@1 0.774 vs 0.752). So it stays off in the shipped recipe."""
 
-    def __init__(self, size: int, dim: int) -> None:
-        self.size = size
+class CrossBatchMemory:
+    """A metric loss that also contrasts against the last ``size`` b-view embeddings (XBM, Wang
+    et al., CVPR 2020), detached. Retrieval among a thousand distractors needs finer distinctions
+    than a batch of 128 offers, and a slowly-changing encoder's embeddings stay valid for a few
+    dozen steps. ``active`` is off early in training, when embeddings move too fast; the memory
+    fills all the same. Off in the shipped recipe: docs/decisions/training-losses.md."""
+
+    def __init__(self, loss: InfoNCE, size: int, dim: int) -> None:
+        if not hasattr(loss, "with_bank"):
+            raise ValueError(f"a cross-batch memory needs a loss that takes a bank of candidates (infonce), not {type(loss).__name__}")
+        self.loss, self.size, self.active = loss, size, False
         self.z = torch.zeros(0, dim)
         self.labels = torch.zeros(0, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    @torch.no_grad()
-    def extend(self, z: torch.Tensor, labels: torch.Tensor) -> None:
-        self.z = torch.cat([self.z, z.detach()])[-self.size :]
-        self.labels = torch.cat([self.labels, labels])[-self.size :]
+    def __call__(self, za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = self.loss.with_bank(za, zb, labels, self.z, self.labels) if self.active else self.loss(za, zb, labels)
+        with torch.no_grad():
+            self.z = torch.cat([self.z, zb.detach()])[-self.size :]
+            self.labels = torch.cat([self.labels, labels])[-self.size :]
+        return out
 
 
-def contrastive(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+class Contrastive:
     """Classic contrastive loss on cosine distance over all cross-view pairs."""
-    dist = 1.0 - za @ zb.t()
-    pos = labels[:, None] == labels[None, :]
-    pos_loss = dist[pos].pow(2).mean()
-    neg = F.relu(margin - dist[~pos])
-    neg_loss = neg.pow(2).sum() / neg.gt(0).sum().clamp(min=1)
-    return pos_loss + neg_loss
+
+    def __init__(self, margin: float = 0.5) -> None:
+        self.margin = margin
+
+    def __call__(self, za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dist = 1.0 - za @ zb.t()
+        pos = labels[:, None] == labels[None, :]
+        pos_loss = dist[pos].pow(2).mean()
+        neg = F.relu(self.margin - dist[~pos])
+        neg_loss = neg.pow(2).sum() / neg.gt(0).sum().clamp(min=1)
+        return pos_loss + neg_loss
 
 
-METRIC_LOSSES = {"infonce": info_nce, "contrastive": contrastive}
-
-
-def koleo(z: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def koleo(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Kozachenko-Leonenko entropy regulariser (Sablayrolles et al., ICLR 2019; used by SSCD,
     Pizzi et al., CVPR 2022): minus the mean log distance from each embedding to its nearest
     neighbour of *another* label. InfoNCE only asks a copy to be nearer its source than the batch
     is; spreading the embeddings uniformly over the sphere leaves more room between unrelated
     images, which is what nearest-neighbour search among thousands of distractors needs.
 
-    Measured on the default recipe (128 px, 6-epoch pilots, seed 0, same split): recall@1 0.664
-    without it, 0.628 at weight 1, 0.535 at 5, 0.165 at SSCD's 30. With 128-image batches and a
-    small tower it fights InfoNCE instead of helping, so it stays off in the shipped recipe."""
+    Both views count as points. Off in the shipped recipe: docs/decisions/training-losses.md."""
+    z, labels = torch.cat([za, zb]), torch.cat([labels, labels])
     with torch.no_grad():
         sim = (z @ z.t()).masked_fill(labels[:, None] == labels[None, :], float("-inf"))
         nearest = sim.argmax(dim=1)
-    return -torch.log((z - z[nearest]).norm(dim=1) + eps).mean()
+    return -torch.log((z - z[nearest]).norm(dim=1) + 1e-8).mean()
 
 
 @torch.no_grad()
@@ -92,7 +102,7 @@ def hardest_negatives(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor) 
 
 
 @torch.no_grad()
-def random_negatives(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_negatives(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """For each i, a random j with a different label (itself if none exists; masked out by the caller)."""
     n = labels.shape[0]
     scores = torch.rand(n, n, generator=generator)
@@ -105,3 +115,12 @@ def pair_bce(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor
     pos = F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits))
     neg = F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits))
     return 0.5 * (pos + neg)
+
+
+def metric_loss(name: str, tau: float, memory: int, dim: int):
+    """The embedding loss a recipe names, wrapped in a cross-batch memory when it asks for one."""
+    losses = {"infonce": lambda: InfoNCE(tau), "contrastive": Contrastive}
+    if name not in losses:
+        raise ValueError(f"unknown metric_loss {name!r}; choose one of {sorted(losses)}")
+    loss = losses[name]()
+    return CrossBatchMemory(loss, memory, dim) if memory else loss

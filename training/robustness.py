@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model, recipe = model_and_recipe(args.path)
     data = load_data(recipe, model.cfg)
-    n = recipe.eval.get("queries", 1000)
+    n = recipe.eval.queries
     rows = {}
     augments = variants(model.cfg.input_size)
     for name, aug in augments.items():

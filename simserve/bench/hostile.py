@@ -164,7 +164,7 @@ def _matches(resp: object) -> bool:
     return bool(resp.scores[0].match)  # type: ignore[attr-defined]
 
 
-def corpus(threshold_hint: float = 0.5) -> list[Case]:
+def corpus() -> list[Case]:
     """The named hostile cases. Built from real photos (scikit-image's, or the installed drawings)."""
     photo = photo_sources()[0].convert("RGB")
     photo.thumbnail((192, 192))

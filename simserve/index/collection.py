@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from simserve.atomic import atomic_write
 from simserve.index.rwlock import RWLock
 from simserve.index.store import Candidate, ItemStore, NewItem, StoreError, StoredItem
 from simserve.index.tiered_index import TieredIndex
@@ -349,9 +350,7 @@ class Collections:
                 raise ValueError(f"collection {name!r} already exists")
             path.mkdir(parents=True, exist_ok=True)
             cfg = CollectionConfig(name, dim, factory, store_features, list(feature_shape), crop_views=crop_views, verify=verify)
-            tmp = path / (CONFIG_FILE + ".tmp")
-            tmp.write_text(cfg.to_json())
-            tmp.replace(path / CONFIG_FILE)
+            atomic_write(path / CONFIG_FILE, cfg.to_json())
         return self.get(name)
 
     def get_or_create(

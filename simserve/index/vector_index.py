@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from simserve.atomic import atomic_write
 
 SNAPSHOT_FORMAT = 1
 
@@ -183,9 +184,9 @@ class VectorIndex:
             "sha256": hashlib.sha256(data).hexdigest(),
             "deleted_sha256": hashlib.sha256(deleted).hexdigest(),
         }
-        _atomic_write(path, data)
-        _atomic_write(path.with_suffix(".deleted"), deleted)
-        _atomic_write(path.with_suffix(".json"), json.dumps(meta).encode())  # last: marks the pair complete
+        atomic_write(path, data)
+        atomic_write(path.with_suffix(".deleted"), deleted)
+        atomic_write(path.with_suffix(".json"), json.dumps(meta).encode())  # last: marks the pair complete
 
     @classmethod
     def load(cls, path: str | Path, dim: int, factory: str, tuning: IndexTuning | None = None) -> "VectorIndex":
@@ -216,16 +217,3 @@ class VectorIndex:
             return int(faiss.vector_to_array(self.index.id_map).max())
         return -1
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -70,6 +70,15 @@ class Engine(ABC):
             return np.zeros((0,), np.float32)
         return np.concatenate([self._fuse(fa[s : s + self.max_batch], fb[s : s + self.max_batch]) for s in range(0, len(fa), self.max_batch)])
 
+    def close(self) -> None:
+        """Release the engine's threads; an engine is not used after this."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def split(self, lanes: int | None = None) -> list["Engine"]:
         """Engines that can run at the same time, one per thread (see simserve/jobs/lanes.py).
         By default the engine itself: one lane, however many threads it uses inside."""
@@ -134,6 +143,11 @@ class OnnxEngine(Engine):
         self.heads = [ort.InferenceSession(str(bundle.file(HEAD_FILE)), opts, providers=providers) for _ in range(self.lanes)]
         # Lane 0 runs on the caller's thread; the others on these (one each, so never queued).
         self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="ort-lane") if self.lanes > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def split(self, lanes: int | None = None) -> list[Engine]:
         """One single-lane view per lane (the first ``lanes`` of them), sharing this engine's sessions."""

@@ -12,6 +12,7 @@ import io
 import os
 from pathlib import Path
 
+from simserve.atomic import atomic_write
 from simserve.inference.decode import DecodeError, decode_image
 
 
@@ -60,6 +61,4 @@ def write_contact_sheet(groups: list[dict], folder: str | os.PathLike, out: str 
     if len(groups) > max_groups:
         parts.append(f"<p>{len(groups) - max_groups} more groups in the JSONL output.</p>")
     parts.append("</body></html>")
-    tmp = Path(str(out) + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, "\n".join(parts))

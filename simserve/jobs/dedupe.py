@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from simserve.atomic import atomic_path
 from simserve.inference.decode import DecodeError, decode
 from simserve.inference.engine import Engine
 from simserve.jobs.files import find_images
@@ -249,14 +249,7 @@ def _groups(images: list[FileInfo], pairs: list[tuple[int, int, float]]) -> list
 
 
 def write_groups(groups: list[dict], out: str | os.PathLike) -> None:
-    tmp = Path(str(out) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for g in groups:
             f.write(json.dumps({"group": g["group"], **{k: v for k, v in g.items() if k != "group"}}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
 
-
-def read_groups(path: str | os.PathLike) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)

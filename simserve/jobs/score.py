@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from simserve.atomic import atomic_path
 from simserve.inference.decode import DecodeError
 from simserve.inference.decode_pool import load_file
 from simserve.inference.engine import Engine
@@ -266,8 +267,7 @@ def _merge(parts: list[Path], dest: Path, columns: list[str], batch: int) -> Non
 
 
 def _rewrite(rows: Iterator[dict[str, Any]], dest: Path, columns: list[str]) -> None:
-    tmp = dest.with_name(dest.name + ".tmp" + dest.suffix)
-    with RowWriter(tmp, columns) as w:
+    with atomic_path(dest) as tmp, RowWriter(tmp, columns) as w:
         chunk: list[dict[str, Any]] = []
         for row in rows:
             chunk.append(row)
@@ -275,4 +275,3 @@ def _rewrite(rows: Iterator[dict[str, Any]], dest: Path, columns: list[str]) -> 
                 w.write(chunk)
                 chunk = []
         w.write(chunk)
-    os.replace(tmp, dest)

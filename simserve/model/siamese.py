@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from simserve.atomic import atomic_path
 from simserve.inference.config import ModelConfig
 from simserve.model.heads import build_head
 from simserve.model.tower import Tower
@@ -51,9 +52,8 @@ def save_checkpoint(path: str | os.PathLike, model: SiameseNet, **extra: Any) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(), "model": model.state_dict(), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[SiameseNet, dict[str, Any]]:

@@ -244,6 +244,7 @@ class Service:
     def close(self) -> None:
         self.batcher.close(drain=True)
         self.collections.close(snapshot=True)
+        self.engine.close()
 
 
 async def _off_loop(heavy: bool, fn: Callable[..., T], *args: Any) -> T:
