@@ -205,8 +205,8 @@ def _hit_lines(hits: list[dict[str, Any]]) -> str:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from simserve.serve.logs import setup_logging
     from simserve.serve.app import ServerConfig, serve_forever
+    from simserve.serve.logs import setup_logging
 
     cfg = ServerConfig.from_env(**{f.name: getattr(args, f.name, None) for f in fields(ServerConfig)})
     setup_logging(cfg.log_level, json_logs=not args.plain_logs)
@@ -279,8 +279,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from simserve.jobs.embed import embed_folder
     from simserve.inference.engine import load_engine
+    from simserve.jobs.embed import embed_folder
     from simserve.jobs.shard import Shard
 
     shard = Shard.from_env()
@@ -295,8 +295,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _cmd_dedupe(args: argparse.Namespace) -> int:
     from simserve.index.collection import default_data_dir
-    from simserve.jobs.dedupe import find_duplicates, write_groups
     from simserve.inference.engine import load_engine
+    from simserve.jobs.dedupe import find_duplicates, write_groups
 
     engine = load_engine(args.bundle)
     cache = args.cache or str(default_data_dir() / "cache")

@@ -66,8 +66,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
     import torch
 
     from simserve.inference.config import ModelConfig
-    from simserve.model.export import export_bundle
     from simserve.model import build_model
+    from simserve.model.export import export_bundle
 
     torch.manual_seed(0)
     cfg = ModelConfig(input_size=48, stages=((16, 2, 1), (32, 2, 1), (48, 1, 1)), stem_width=8, embed_dim=24, head_width=16)

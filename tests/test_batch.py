@@ -103,8 +103,8 @@ def test_resume_cuts_a_part_batch_back_to_whole_batches(pairs_file, stamp_folder
 
 
 def test_score_decodes_each_image_once_and_writes_what_an_uncached_run_writes(pairs_file, stamp_folder, tmp_path, monkeypatch):
-    from simserve.jobs import score as score_job
     from simserve.inference.engine import load_engine
+    from simserve.jobs import score as score_job
     from simserve.jobs.score import score_file
 
     requested: list[str] = []

@@ -7,10 +7,10 @@ import torch
 
 from simserve.inference.bundle import BundleError, load_bundle
 from simserve.inference.config import ModelConfig
-from simserve.model.heads import HEAD_REGISTRY
 from simserve.inference.engine import load_engine
-from simserve.model.export import export_bundle
 from simserve.model import build_model
+from simserve.model.export import export_bundle
+from simserve.model.heads import HEAD_REGISTRY
 
 CFG = ModelConfig(input_size=48, stages=((16, 2, 1), (32, 2, 1), (48, 1, 1)), stem_width=8, embed_dim=24, head_width=16)
 

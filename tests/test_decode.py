@@ -7,7 +7,6 @@ from PIL import Image
 from simserve.bench.hostile import encode, png_claiming
 from simserve.inference.decode import DecodeError, decode_image
 
-
 _bytes = encode  # shared with the fuzz corpus
 _png_header_claiming = png_claiming
 

@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from simserve.inference.config import ModelConfig
-from simserve.model.heads import HEAD_REGISTRY
 from simserve.model import SiameseNet, Tower, build_model, load_checkpoint, save_checkpoint
-from simserve.model.heads import DynamicConv2d, set_temperature
+from simserve.model.heads import HEAD_REGISTRY, DynamicConv2d, set_temperature
 
 CFG = ModelConfig(input_size=64, stages=((16, 2, 1), (32, 2, 2), (48, 1, 1)), stem_width=8, embed_dim=24, head_width=16)
 

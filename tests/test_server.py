@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from simserve.bench.hostile import png_claiming as _png_header_claiming
 from simserve.client import Client, Key
 from simserve.ranking.scores import fused_scores
 from simserve.serve.app import ServerConfig, start
 from simserve.v1 import simserve_pb2 as pb
-from simserve.bench.hostile import png_claiming as _png_header_claiming
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"
@@ -79,8 +79,8 @@ def test_score_embed_search_add_get_remove_stats_list(client, stamp_folder):
 def test_crop_views_server_stores_pooled_vectors_and_says_so(stamp_folder, tmp_path):
     import numpy as np
 
-    from simserve.inference.engine import load_engine
     from simserve.inference.crops import crop_view_pixels, pool_views
+    from simserve.inference.engine import load_engine
 
     # The default model: its search re-scores by the views, which only a trained model orders well.
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")[:6]

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from simserve.inference.config import ModelConfig
+from simserve.model import load_checkpoint
 from tests.conftest import tiny_recipe_dict
 from training import sources
 from training.recipe import Recipe, load_recipe
 from training.trainer import train
-from simserve.inference.config import ModelConfig
-from simserve.model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +189,6 @@ def test_a_folders_holdout_split_does_not_depend_on_where_the_folder_lives(fmnis
 def test_clean_anchor_pairs_the_untouched_original_with_a_copy(photos):
     import numpy as np
 
-
     from simserve.inference.pixels import to_array
     from training.augment import CopyAugment
     from training.pairs import PairDataset
@@ -214,7 +213,6 @@ def test_pairs_per_image_puts_k_pairs_of_each_image_in_a_batch_as_positives(phot
     """data.pairs_per_image: a batch holds batch_size / k images, each as k distinct pairs with
     one label, so InfoNCE counts an image's other pairs as positives; draw 0 is k = 1's stream."""
     import numpy as np
-
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 

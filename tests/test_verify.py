@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from simserve.ranking import verify
-from simserve.ranking.scores import INLIER_WEIGHT
 from simserve.client import Client
 from simserve.index.collection import Collections
 from simserve.inference.decode import decode_image
 from simserve.inference.engine import load_engine
 from simserve.jobs.index_folder import index_folder
-from simserve.serve.service import ImageRef, Service
+from simserve.ranking import verify
+from simserve.ranking.scores import INLIER_WEIGHT
 from simserve.serve.app import ServerConfig, start
+from simserve.serve.service import ImageRef, Service
 from tests.conftest import old_store
 
 ROOT = Path(__file__).resolve().parents[1]

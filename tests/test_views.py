@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from simserve.index.collection import Collections
+from simserve.inference.crops import N_VIEWS, WHOLE_WEIGHT, crop_view_pixels, pool_views
 from simserve.inference.decode import decode
 from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import load_engine
-from simserve.jobs.index_folder import index_folder
 from simserve.inference.pixels import to_pixels
+from simserve.jobs.index_folder import index_folder
 from simserve.serve.config import ServerConfig
 from simserve.serve.service import Service
 from tests.conftest import old_store, stored_views
-from simserve.inference.crops import N_VIEWS, WHOLE_WEIGHT, crop_view_pixels, pool_views
 
 
 @pytest.fixture(scope="module")

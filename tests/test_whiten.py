@@ -8,10 +8,10 @@ import torch
 from simserve.inference.config import ModelConfig
 from simserve.model import build_model, load_checkpoint
 from tests.conftest import STAMPS, tiny_recipe_dict
+from training import whiten as whiten_module
 from training.recipe import Recipe
 from training.trainer import train
 from training.whiten import fit_whitening, fold_into
-from training import whiten as whiten_module
 
 
 def test_folding_into_the_projection_is_exactly_the_whitening_map():

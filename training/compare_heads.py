@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from simserve.inference.config import ModelConfig
-from simserve.model.heads import HEAD_REGISTRY
 from simserve.model import load_checkpoint
+from simserve.model.heads import HEAD_REGISTRY
 from simserve.model.profile import count_params, flops_per_pair, interleaved_latency
 from training.recipe import load_recipe
 from training.trainer import load_data, train

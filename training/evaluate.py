@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simserve.ranking.calibration import threshold_at_precision  # noqa: F401  (shared with the benchmarks)
-from simserve.model import SiameseNet
 from simserve.inference.pixels import to_array
+from simserve.model import SiameseNet
+from simserve.ranking.calibration import threshold_at_precision  # noqa: F401  (shared with the benchmarks)
 from simserve.ranking.scores import fused_scores
 from training.sources import ImageSet
 

@@ -9,25 +9,11 @@ ways to make the second view:
 - ``class``: another image of the same class, augmented (class data such as
   Fashion-MNIST, or a user's ImageFolder).
 
-``clean_anchor`` is the probability that the first view is the image itself,
-only resized: the pair is then (original, copy), which is what a collection
-stores and what a query brings. Off in the default recipe: at 0.5 over the full
-32 epochs (seed 0) the embedding gains (recall@1 0.839 -> 0.852) but the head
-loses (alone 0.815 -> 0.802; recall at precision 0.99 0.958 -> 0.935), so what a
-Search returns is no better: fused re-rank 0.866 -> 0.867, crop-views + head
-0.902 -> 0.895 (`--set data.clean_anchor=0.5`, then `python -m training.robustness`).
-
-``pairs_per_image`` (k) puts k pairs of each image in a batch: batch_size / k images, each
-with 2k views, so InfoNCE (whose positives are every same-label entry) pulls all of an image's
-views together and pushes them from the rest, at the same compute per step. Item ``draw * n + i``
-is the ``draw``-th pair of image ``i``; draw 0 keeps the stream of k = 1, so k = 1 recipes train
-exactly as before. A 6-epoch pilot (seed 0, 64 images x 2 pairs vs 128 x 1) raised every figure
-(recall@1 0.656 -> 0.684, head alone 0.612 -> 0.645), but the full default recipe does not keep
-the embedding's gain: 32 epochs with k = 2 (``--set data.pairs_per_image=2``, whitened) against the
-shipped model, mean of four query draws: recall@1 0.848 vs 0.8475, re-ranked 0.867 vs 0.864, crop-views
-search 0.925 vs 0.921, head alone 0.821 vs 0.805 (better in all four draws), pair ROC-AUC 0.9983 vs
-0.9979. Only the head gains, so the shipped recipe keeps k = 1; the option stays for recipes that
-lean on the head. Early-epoch pilots overstate such gains here.
+``clean_anchor`` is the probability that the first view is the image itself, only resized
+(the pair is then (original, copy), what a collection stores and a query brings).
+``pairs_per_image`` (k) puts k pairs of each image in a batch (batch_size / k images), so InfoNCE
+pulls all of an image's views together at the same compute per step; draw 0 keeps the stream of
+k = 1. Both are off in the default recipe: docs/decisions/pair-sampling.md.
 """
 
 from __future__ import annotations
@@ -98,10 +84,8 @@ class EpochBatchSampler(Sampler[list[int]]):
     loss sees all of an image's pairs), so the union over ranks is exactly what one
     process would train on.
 
-    Batches are random on purpose. Batches of visual neighbours (16 random images, each with its 7
-    nearest by the current model's embedding, colourway twins excluded, re-mined every epoch) give
-    InfoNCE harder negatives, and lowered a 6-epoch pilot of the default recipe to recall@1 0.579
-    (head alone 0.485, pair ROC-AUC 0.979) from 0.656 (0.612, 0.988): session 12, a hack then.
+    Batches are random on purpose: batches of visual neighbours (harder negatives) trained worse
+    (docs/decisions/pair-sampling.md).
     """
 
     def __init__(self, n: int, batch_size: int, steps: int, seed: int, rank: int = 0, world: int = 1, pairs_per_image: int = 1) -> None:

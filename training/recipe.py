@@ -25,8 +25,7 @@ class TrainSettings:
     warmup_steps: int = 100
     metric_loss: str = "infonce"  # or "contrastive"
     metric_weight: float = 1.0
-    # InfoNCE temperature. SSCD's 0.05 made no difference in 6-epoch pilots of the default recipe
-    # (seed 0, unwhitened, one thread each side by side): recall@1 0.658 vs 0.656, re-ranked 0.689 both.
+    # InfoNCE temperature (SSCD's 0.05 equalled it: docs/decisions/training-losses.md).
     tau: float = 0.07
     # Cross-batch memory for InfoNCE (training.losses.CrossBatchMemory): this many earlier
     # embeddings, used from this fraction of training on (early embeddings move too fast).
@@ -39,9 +38,7 @@ class TrainSettings:
     temperature_start: float = 30.0
     temperature_end: float = 1.0
     temperature_fraction: float = 0.3
-    # DataLoader processes for augmentation. On 2 cores 0 is faster for the default recipe
-    # (0.97 vs 1.05 s a step, alternating 20-step runs): augmenting inline (0.19 s a batch) costs less than a
-    # worker process contending with the two compute threads.
+    # DataLoader processes for augmentation; 0 (inline) is faster on 2 cores (docs/decisions/training-speed.md).
     workers: int = 1
     threads: int = 0  # torch intra-op threads; 0 = every core (divided among torchrun's processes)
     # Learned whitening after training (training/whiten.py), fitted on this many rounds of

@@ -18,18 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simserve.ranking import verify
 from simserve.inference.bundle import load_bundle
-from simserve.inference.engine import TorchEngine
-from simserve.model import SiameseNet, load_checkpoint
-from simserve.inference.pixels import normalize
-from simserve.ranking.scores import fused_scores, verified_score
 from simserve.inference.crops import N_VIEWS, crop_view_pixels, pool_views
+from simserve.inference.engine import TorchEngine
+from simserve.inference.pixels import normalize
+from simserve.model import SiameseNet, load_checkpoint
+from simserve.ranking import verify
+from simserve.ranking.scores import fused_scores, verified_score
 from simserve.ranking.views import RESCORE_DEPTH, view_scores
 from training.augment import CopyAugment
 from training.evaluate import embed_images, evaluate_copy, head_scores
-from training.sources import ImageSet
 from training.recipe import Recipe
+from training.sources import ImageSet
 from training.trainer import load_data
 
 

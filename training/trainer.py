@@ -54,12 +54,8 @@ class TrainStep(nn.Module):
         self.koleo_weight = settings.koleo
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, use_memory: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        # channels_last: ~1.7x faster depthwise convs on CPU (measured, batch 256 at 96 px).
-        # torch.compile of the tower was slower here (0.92x a step, 128 px, 2 cores), so it stays eager.
-        # bf16 autocast gained 1.03x a step (Zen 4 with avx512_bf16: depthwise convs and BN dominate): fp32 stays.
-        # Progressive resizing (early epochs at 112 px) was tried for more epochs in the hour: an epoch at
-        # 112 px took 78-81 s against 86 s at 128 px (augmentation and per-layer overheads dominate), too
-        # little to be worth a knob (session 11).
+        # channels_last: ~1.7x faster depthwise convs on CPU; eager and fp32 on purpose
+        # (docs/decisions/training-speed.md).
         fmap, emb = self.model.tower(torch.cat([a, b]).contiguous(memory_format=torch.channels_last))
         fa, fb = fmap.split(a.shape[0])
         za, zb = emb.split(a.shape[0])

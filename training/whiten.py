@@ -10,22 +10,8 @@ before the L2 normalisation, the map is affine, so it folds into the projection'
 bias: the exported model keeps its shape and cost, and every stored vector is simply made
 with the whitened tower. The head compares feature maps, which whitening leaves alone.
 
-Measured on the default model (32 epochs, seed 0; 3 rounds of copies of the 7,528 training
-images; two held-out query draws, 1,000 queries among 1,028 originals): recall@1 by
-embedding 0.839 / 0.827 -> 0.843 / 0.844 (uncropped copies 0.968 -> 0.981), crop-views
-collections re-scored by their views 0.901 / 0.902 -> 0.916 / 0.918. Re-ranking with the head
-gains less on top of it (cosine + head: 0.866 / 0.862 -> 0.855 / 0.869).
-The eigenvalue floor (``eps`` x the largest) keeps rarely-moved
-directions from being blown up by noise: on a first fit, 1e-3 gave 0.914 / 0.913 re-scored,
-1e-2 and 2e-2 0.919 / 0.920. Plain PCA whitening of the originals (no pairs) lost recall
-(0.878 pooled), and re-fitting the projection with InfoNCE against all training originals
-gained only 0.005; on a model trained with clean anchors (data.clean_anchor=0.5), which
-already pairs copies with originals, whitening gained nothing.
-
-The price: cosine as a *pair verifier* with one global threshold gets a little worse (held-out
-pair ROC-AUC by cosine 0.9989 -> 0.9984; ``simserve bench batch``'s photo copies, recall at
-precision 0.99 by cosine 0.888 -> 0.864), since ranking among neighbours is what improves, not
-calibration across queries. Match decisions use the head's score, which is unchanged.
+Default model: recall@1 by embedding 0.839 -> 0.843, crop-views re-scored 0.901 -> 0.916; cosine
+as a global-threshold pair verifier gets a little worse (docs/decisions/whitening.md).
 
     python -m training.whiten runs/default [default]   # whiten a finished run in place (with a recipe's
                                                        # settings if given), then re-evaluate

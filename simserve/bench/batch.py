@@ -31,11 +31,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
 from simserve.bench.common import TUXPAINT, cpu_seconds, interleaved_medians, jpeg_crops, photo_sources, rss_mb
-from simserve.ranking.calibration import threshold_at_precision
 from simserve.inference.decode_pool import DecodePool
 from simserve.inference.engine import default_threads, load_engine
 from simserve.jobs.lanes import map_lanes
 from simserve.jobs.score import score_file
+from simserve.ranking.calibration import threshold_at_precision
 
 TRANSFORMS = ("exact", "resized", "recompressed", "cropped", "colour-shifted", "overlaid")
 

@@ -206,11 +206,11 @@ def verification_cost(base: np.ndarray, queries: np.ndarray, n: int = 100_000, n
     verifying Flat collection of the same n vectors, side by side. Items carry the keypoints of
     real images (256 px JPEG crops of photos and drawings, reused round-robin: the cost of
     matching depends on their number, not on which image they came from)."""
-    from simserve.ranking import verify
     from simserve.bench.common import jpeg_crops, photo_sources
     from simserve.index.collection import Collections
-    from simserve.inference.decode import decode_image
     from simserve.index.store import NewItem
+    from simserve.inference.decode import decode_image
+    from simserve.ranking import verify
     from simserve.ranking.pipeline import Query, search
 
     images = [decode_image(j) for j in jpeg_crops(n_images + len(queries), sources=photo_sources(drawings=True))]

@@ -29,7 +29,7 @@ import numpy as np
 
 from simserve.atomic import atomic_write
 from simserve.index.rwlock import RWLock
-from simserve.index.store import Candidate, ItemStore, NewItem, StoreError, StoredItem
+from simserve.index.store import Candidate, ItemStore, NewItem, StoredItem, StoreError
 from simserve.index.tiered_index import TieredIndex
 from simserve.index.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
 

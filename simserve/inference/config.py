@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model's architecture and its preprocessing."""

@@ -21,10 +21,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from simserve.inference.crops import crop_view_pixels
 from simserve.inference.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
 from simserve.inference.engine import default_threads
 from simserve.inference.pixels import to_pixels
-from simserve.inference.crops import crop_view_pixels
 
 
 class DecodePool:

@@ -150,7 +150,7 @@ class OnnxEngine(Engine):
             self._pool = None
 
     def split(self, lanes: int | None = None) -> list[Engine]:
-        """One single-lane view per lane (the first ``lanes`` of them), sharing this engine's sessions."""
+        """One single-lane engine per lane (the first ``lanes`` of them), sharing this engine's sessions."""
         views = []
         for tower, head in list(zip(self.towers, self.heads))[: lanes or self.lanes]:
             v = copy.copy(self)

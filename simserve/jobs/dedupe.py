@@ -31,13 +31,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from simserve.atomic import atomic_path
+from simserve.index.store import ItemStore, NewItem
 from simserve.inference.decode import DecodeError, decode
 from simserve.inference.engine import Engine
+from simserve.inference.pixels import to_pixels
 from simserve.jobs.files import find_images
 from simserve.jobs.lanes import decode_each, embed_decoded, map_lanes
-from simserve.inference.pixels import to_pixels
-from simserve.index.store import ItemStore, NewItem
-
 
 # Stricter than the model's own threshold (precision 0.99 on pairs with random negatives):
 # groups are connected components, so one false pair merges two whole groups, and a

@@ -28,6 +28,7 @@ from simserve.jobs.files import find_images
 from simserve.jobs.lanes import decode_each, embed_decoded, map_lanes
 from simserve.ranking import verify
 
+
 @dataclass
 class IndexReport:
     added: int = 0

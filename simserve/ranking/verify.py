@@ -1,29 +1,11 @@
 """Geometric verification: a query and a stored image that share many local features in one
 consistent layout are a copy and its original, whatever their embeddings say.
 
-Why: the embedding summarises a whole image, so a 30%-area crop of a stored drawing lands
-nearer to other drawings of the same style than to its own original. Local features are found
-at every scale, so the crop's corners, line ends and textures match the original's, and one
-affine map (RANSAC) that carries many of them onto the original is evidence that chance
-rarely gives. Two detectors, because each sees what the other misses: SIFT (blobs, described
-by RootSIFT) and ORB (FAST corners, binary descriptors; flat-colour drawings are mostly
-corners). Their correspondences go into *one* RANSAC, so a candidate must explain both with
-the same map. A verifying collection stores each item's keypoints and re-orders a search's top
-``RESCORE_DEPTH`` by ``score + INLIER_WEIGHT x inliers``.
-
-Measured on the shipped model's held-out copies among 1,028 originals, crop-views collection,
-query draws 1234 / 99 / 7 / 2026 (``python -m training.robustness ... --draws 99,7,2026``; the
-settings were chosen on the first three): recall@1 0.916 / 0.918 / 0.913 / 0.938 without
-verification; SIFT alone 0.947 / 0.937 / 0.943 / 0.955; ORB alone (weight 0.01) 0.948 / 0.947 /
-0.951 / 0.965; both in one RANSAC 0.956 / 0.950 / 0.951 / 0.964. Verifying only the top 10
-read 0.001 lower for half the matching. Tried and left out: SIFT at 192 or 384 px, a lower SIFT
-contrast threshold, a higher edge threshold, 2,000 ORB points, the best of two separate
-RANSACs (0.946-0.951), capping the inlier count (session 13, ``runs/s13``).
-
-Mirrored copies are common and neither detector is mirror-invariant, so a query image is
-described twice (as given and mirrored) and the better of the two counts.
-
-OpenCV (the ``verify`` extra) is imported only here, and only when a verifying collection is used.
+SIFT (blobs, RootSIFT) and ORB (FAST corners; drawings are mostly corners) correspondences go
+into one RANSAC, so a candidate must explain both with the same affine map; a query counts as
+given and mirrored. Crop-views collection: recall@1 0.916 -> 0.956 (docs/decisions/
+geometric-verification.md). OpenCV (the ``verify`` extra) is imported only here, and only when a
+verifying collection is used.
 """
 
 from __future__ import annotations
