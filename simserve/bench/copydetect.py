@@ -10,7 +10,8 @@ references and distractors, and is scored on the same queries:
   included, so it judges the *returned score* as a threshold, not only the order (and over the
   top 10, where a query's wrong runners-up count too);
 - the score at which precision reaches 0.99, the recall there, and how often a distinct
-  look-alike (another place of a reference's scene) scores above it;
+  look-alike (another place of a reference's scene, queried as it is) scores above the score
+  set that way without the look-alikes;
 - ScorePairs on (copy, reference) and (look-alike, reference) pairs at the bundle's threshold;
 - search p50 / p99 (one query at a time), add cost per image, bytes stored per item.
 """
@@ -66,7 +67,10 @@ def score(queries: Sequence[Query], hits: Sequence[Sequence[tuple[str, float]]])
         **micro_ap(queries, hits),
         "micro_ap_top10": micro_ap(queries, hits, depth=10)["micro_ap"],
     }
-    thr = out[f"threshold_at_p{PRECISION}"]
+    # The threshold is set without the look-alikes, then they are asked whether they pass it.
+    rest = [(q, hs) for q, hs in zip(queries, hits) if q.transform != "lookalike"]
+    thr = micro_ap([q for q, _ in rest], [hs for _, hs in rest])[f"threshold_at_p{PRECISION}"]
+    out["lookalike_threshold"] = thr
     looks = [hs for q, hs in zip(queries, hits) if q.transform == "lookalike"]
     out["lookalike_fpr_at_threshold"] = float(np.mean([bool(hs) and hs[0][1] >= thr for hs in looks])) if looks else None
     out["per_transform_recall@1"] = {

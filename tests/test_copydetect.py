@@ -1,0 +1,91 @@
+"""The copy-detection benchmark: its figures computed right, its set built as promised, and one
+small run end to end through the service core on real photos."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simserve.bench import copydetect
+from simserve.bench.copyset import TRANSFORMS, Query, build
+from simserve.photos import scenes, split_of
+
+
+def _q(name, truth, transform="flip"):
+    return Query(name, b"", transform, truth)
+
+
+def test_micro_ap_judges_the_returned_score_across_queries():
+    queries = [_q("a~", "A"), _q("b~", "B"), _q("n~", None)]
+    # the copy-less query's hit outscores the one right answer: precision 1/2 at that answer
+    low = copydetect.micro_ap(queries, [[("A", 0.9)], [("C", 0.8)], [("D", 0.95)]])
+    assert low["micro_ap"] == pytest.approx(0.25) and low["recall_at_p0.99"] == 0 and low["threshold_at_p0.99"] == float("inf")
+    # the same order with the wrong answers below the right one: the score separates them
+    high = copydetect.micro_ap(queries, [[("A", 0.9)], [("C", 0.8)], [("D", 0.5)]])
+    assert high["micro_ap"] == pytest.approx(0.5) and high["threshold_at_p0.99"] == pytest.approx(0.9) and high["recall_at_p0.99"] == 0.5
+    # deeper predictions: a query's wrong runner-up above another's right answer costs precision
+    deep = copydetect.micro_ap([_q("a~", "A"), _q("b~", "B")], [[("A", 0.9), ("X", 0.85)], [("B", 0.8)]], depth=10)
+    assert deep["micro_ap"] == pytest.approx((1 + 2 / 3) / 2)
+    s = copydetect.score(queries + [_q("n", None, "lookalike")], [[("A", 0.9)], [("C", 0.8)], [("D", 0.5)], [("A", 0.95)]])
+    assert s["recall@1"] == 0.5 and s["per_transform_recall@1"] == {"flip": 0.5} and s["lookalike_fpr_at_threshold"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def photo_scenes(tmp_path_factory, photos) -> list:
+    root = tmp_path_factory.mktemp("scenes")
+    out = []
+    for name in ("astronaut", "coffee", "rocket"):
+        path = root / f"{name}.png"
+        photos[name].save(path)
+        out.append(SimpleNamespace(name=name, path=path))
+    return out
+
+
+def test_the_set_keeps_references_distractors_and_lookalikes_apart(photo_scenes):
+    cs = build(photo_scenes, refs_per_scene=2, distractors=30, transforms=tuple(TRANSFORMS), seed=1)
+    assert len(cs.references) == 6 and len(cs.distractors) == 30
+    with_copy = [q for q in cs.queries if q.truth is not None]
+    assert len(with_copy) == 6 * len(TRANSFORMS) and {q.truth for q in with_copy} == set(cs.references)
+    looks = [q for q in cs.queries if q.truth is None]
+    assert len(looks) == 3 * (len(TRANSFORMS) + 1) and sum(q.transform == "lookalike" for q in looks) == 3
+    for data in [*cs.references.values(), *cs.distractors.values(), *(q.data for q in cs.queries)]:
+        Image.open(io.BytesIO(data)).verify()  # every image decodes
+    # no distractor or look-alike is cut from a reference's tile: none equals a reference's pixels
+    refs = [np.asarray(Image.open(io.BytesIO(d)).convert("L").resize((16, 16)), np.float32) for d in cs.references.values()]
+    for data in [*cs.distractors.values(), *(q.data for q in looks if q.transform == "lookalike")]:
+        x = np.asarray(Image.open(io.BytesIO(data)).convert("L").resize((16, 16)), np.float32)
+        assert min(np.abs(x - r).mean() for r in refs) > 2.0
+    again = build(photo_scenes, refs_per_scene=2, distractors=30, transforms=tuple(TRANSFORMS), seed=1)
+    assert [q.data for q in again.queries] == [q.data for q in cs.queries]  # one seed, one set
+
+
+def test_a_small_run_end_to_end_through_the_service(photo_scenes):
+    r = copydetect.run(None, distractors=40, refs_per_scene=2, configs=("plain", "crop-views+verify"), transforms=("flip", "crop_50", "colour"),
+                       scenes=photo_scenes, progress=False)
+    assert r["set"]["references"] == 6 and r["set"]["queries_with_a_copy"] == 18
+    for name, c in r["configs"].items():
+        assert c["items"] == 46 and c["search_p50_ms"] > 0 and c["add_ms_per_image"] > 0 and c["stored_bytes_per_item"] > 0
+        assert 0.7 <= c["recall@1"] <= c["recall@10"] <= 1.0, (name, c)  # the default model finds most of these copies
+        assert 0.0 < c["micro_ap"] <= 1.0 and set(c["per_transform_recall@1"]) == {"flip", "crop_50", "colour"}
+    assert r["pairs"]["lookalike_pairs"] == 6 and 0.0 <= r["pairs"]["copy_pairs_matched"] <= 1.0
+    assert "| recall@1 | " in copydetect.table(r)
+
+
+def test_benchmark_scenes_are_never_training_scenes():
+    from simserve.photos import _scene_name
+
+    # one scene per wallpaper: Plasma's resolutions and GNOME's light / dark variants are one
+    assert _scene_name(Path("/usr/share/wallpapers/Altai/contents/images/5120x2880.png"), "") == "Altai"
+    assert _scene_name(Path("/usr/share/backgrounds/gnome/adwaita-d.webp"), "") == _scene_name(Path("/usr/share/backgrounds/gnome/adwaita-l.webp"), "") == "adwaita"
+    names = [f"scene{i}" for i in range(300)]
+    ev = [n for n in names if split_of(n) == "eval"]
+    assert 60 < len(ev) < 140 and ev == [n for n in names if split_of(n) == "eval"]  # about a third, and fixed
+    installed = scenes()  # whatever wallpaper packages this machine has (scripts/install-data.sh --photos)
+    ev, tr = scenes("eval"), scenes("train")
+    assert not {s.name for s in ev} & {s.name for s in tr} and len(ev) + len(tr) == len(installed)
+    assert all(Path(s.path).is_file() and s.licence for s in installed)
