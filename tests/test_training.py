@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,3 +290,30 @@ def test_train_cli_refuses_a_bad_override_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "simserve.cli", "train", "--recipe", "default", "--out", str(tmp_path), "--set", "train.epochs=two"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.strip() == "simserve train: --set train.epochs=two: invalid literal for int() with base 10: 'two'"
+
+
+def test_wallpaper_crops_come_from_training_scenes_only_and_the_same_everywhere(monkeypatch, tmp_path, photos):
+    """The photo source cuts seeded crops of the scenes simserve.photos gives for 'train' (the
+    benchmark's are never asked for), at most max_side, named by scene."""
+    from types import SimpleNamespace
+
+    import simserve.photos
+
+    asked = []
+    paths = {}
+    for name in ("astronaut", "coffee"):
+        paths[name] = tmp_path / f"{name}.png"
+        photos[name].save(paths[name])
+
+    def fake_scenes(split=None):
+        asked.append(split)
+        return [SimpleNamespace(name=n, path=p) for n, p in paths.items()]
+
+    monkeypatch.setattr(simserve.photos, "scenes", fake_scenes)
+    a = sources.wallpaper_crops(max_side=64, crops_per_scene=5)
+    b = sources.wallpaper_crops(max_side=64, crops_per_scene=5)
+    assert asked == ["train", "train"] and len(a) == 10 and a.names[:2] == ["astronaut/0000", "astronaut/0001"]
+    assert all(max(im.size) <= 64 for im in a.images) and list(a.labels) == list(range(10))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
+    assert len({np.asarray(im).tobytes() for im in a.images}) == 10  # every crop a different place
+    assert "wallpapers" in sources.SOURCES

@@ -18,6 +18,11 @@ DATA_NOTES = {
     "this model was trained on GPL-2 images; the weights may be a derivative work of them.",
     "skimage": "scikit-image's bundled sample photos (skimage/data of the version pinned in pyproject.toml, 0.26.0: 26 photos; public domain / CC0 / BSD, see that folder's README.txt).",
     "fashion-mnist": "Fashion-MNIST, Debian package `dataset-fashion-mnist`, MIT licence.",
+    "wallpapers": "Random crops of the *training* scenes of Debian's wallpaper packages (simserve/photos.py; the benchmark's "
+    "scenes are never trained on): `plasma-workspace-wallpapers` (**GPL-2+**, KDE Visual Design Group), `ukui-wallpapers` "
+    "(CC-BY-SA-3.0), `lomiri-wallpapers` (CC-BY-4.0 / CC-BY-SA-3.0 / CC-BY-SA-4.0 / CC0-1.0 per file, authors named in the "
+    "file names and /usr/share/doc/lomiri-wallpapers*/copyright), `gnome-backgrounds` (CC-BY-SA-3.0): the weights may be a "
+    "derivative work of GPL-2+ and share-alike images.",
 }
 
 
@@ -25,7 +30,7 @@ def card(run: Path) -> str:
     r = json.loads((run / "metrics.json").read_text())
     command = (run / "command.txt").read_text().strip() if (run / "command.txt").exists() else "(not recorded)"
     recipe, cfg, m = r["recipe"], r["config"], r["metrics"]
-    sources = recipe["data"].get("sources") or [recipe["data"].get("dataset", recipe["data"].get("folder"))]
+    sources = recipe["data"].get("sources") or [recipe["data"].get("dataset") or recipe["data"].get("folder")]
     minutes = r["train_seconds"] / 60
     held = r.get("held_out_split_images", r["held_out_images"])
     lines = [

@@ -134,6 +134,34 @@ def skimage_photos(max_side: int = 192) -> ImageSet:
     return load_paths(keep, list(range(len(keep))), max_side, root)
 
 
+def wallpaper_crops(max_side: int = 192, crops_per_scene: int = 160, seed: int = 0) -> ImageSet:
+    """Random crops of the *training* scenes of Debian's wallpaper packages (simserve/photos.py
+    names each package and its licence; the benchmark's scenes are never read here). A wallpaper
+    is 2,560-6,000 px, so one scene gives many different training images: each crop keeps 4-40%
+    of the scene's area at an aspect between 3:4 and 4:3, drawn from a generator seeded by the
+    scene's name, so the same crops come out on every machine. Crops of one scene overlap, and so
+    may be near-copies of each other; each is still its own identity, as Open Clip Art's colourways are."""
+    import random
+
+    from simserve.photos import scenes
+
+    images, names = [], []
+    for scene in scenes("train"):
+        big = decode_file(scene.path, min_side=2048)
+        big.thumbnail((2048, 2048), Image.Resampling.LANCZOS)
+        rng = random.Random(f"{seed}:{scene.name}")
+        for i in range(crops_per_scene):
+            area, aspect = rng.uniform(0.04, 0.4), 2 ** rng.uniform(-0.415, 0.415)
+            w = min(big.width, round((area * big.width * big.height * aspect) ** 0.5))
+            h = min(big.height, round((area * big.width * big.height / aspect) ** 0.5))
+            x, y = rng.randint(0, big.width - w), rng.randint(0, big.height - h)
+            crop = big.crop((x, y, x + w, y + h))
+            crop.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            images.append(crop.convert("RGB"))
+            names.append(f"{scene.name}/{i:04d}")
+    return ImageSet(images, np.arange(len(images), dtype=np.int64), names)
+
+
 def fashion_mnist(split: str = "train") -> ImageSet:
     """Fashion-MNIST (Debian dataset-fashion-mnist, MIT licence): 28x28 grey, 10 classes."""
     prefix = {"train": "train", "test": "t10k"}[split]
@@ -195,6 +223,7 @@ SOURCES = {
     "tuxpaint": tuxpaint,
     "openclipart": openclipart,
     "skimage": skimage_photos,
+    "wallpapers": wallpaper_crops,
 }
 
 
