@@ -140,8 +140,8 @@ class IndexService(pb_grpc.IndexServicer):
         lim = self.service.config.max_metadata_bytes
         items = [(it.key, it.image, _metadata(it.metadata_json, f"items[{i}]", lim)) for i, it in enumerate(request.items)]
         keys = await self.service.add(request.collection or None, items, _timeout(context))
-        s = await self.service.stats(request.collection or None)
-        self.metrics.items.labels(s["name"]).set(s["items"])
+        name = request.collection or self.service.config.collection
+        self.metrics.items.labels(name).set(await self.service.count(name))
         return keys
 
     @_guard

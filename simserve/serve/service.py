@@ -166,6 +166,9 @@ class Service:
     async def get(self, collection: str | None, keys: Sequence[str]) -> dict[str, StoredItem]:
         return await asyncio.to_thread(lambda: self.collection(collection).get(list(keys)))
 
+    async def count(self, collection: str | None) -> int:
+        return await asyncio.to_thread(lambda: self.collection(collection).store.count())
+
     async def stats(self, collection: str | None) -> dict[str, Any]:
         return await asyncio.to_thread(lambda: self.collection(collection).stats())
 
