@@ -141,8 +141,8 @@ class Service:
         if col.dim != self.bundle.embedding_dim:
             raise RequestError("precondition", f"collection {name!r} holds {col.dim}-d vectors; the served model makes {self.bundle.embedding_dim}-d")
         views = col.config.crop_views
-        refs = [ImageRef(data=data) for _, data, _ in items]
-        decoded = await _off_loop(_heavy(refs), lambda: [self.decode(data, f"items[{i}].image", views) for i, (_, data, _) in enumerate(items)])
+        # Always off the loop: an add commits to SQLite anyway, and crop views decode six ways.
+        decoded = await asyncio.to_thread(lambda: [self.decode(data, f"items[{i}].image", views) for i, (_, data, _) in enumerate(items)])
         flat = [v for d in decoded for v in d] if views else decoded
         results = await self.batcher.run_async(flat, _left(deadline)) if flat else []
         if views:
