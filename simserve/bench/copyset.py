@@ -132,7 +132,7 @@ def build(scenes: list, *, refs_per_scene: int = 5, distractors: int = 10_000, t
     references: dict[str, bytes] = {}
     ref_tiles: list[tuple[str, Image.Image]] = []
     lookalikes: list[tuple[str, Image.Image]] = []
-    regions: list[Image.Image] = []
+    regions: list[tuple[str, Image.Image]] = []
     for s in scenes:
         progress(f"cutting {s.name}")
         tiles = _grid(Image.open(s.path).convert("RGB"))
@@ -144,14 +144,14 @@ def build(scenes: list, *, refs_per_scene: int = 5, distractors: int = 10_000, t
             references[key] = _jpeg(tiles[t], 95)
             ref_tiles.append((key, tiles[t]))
         lookalikes.append((f"{s.name}/lookalike", tiles[order[refs_per_scene]]))
-        regions += [tiles[t] for t in order[refs_per_scene + 1 :]]
+        regions += [(s.name, tiles[t]) for t in order[refs_per_scene + 1 :]]
     progress(f"cutting {distractors} distractors")
     dist = {}
     for i in range(distractors):
-        region = regions[i % len(regions)]  # every region alike, whatever the scene's size
+        scene, region = regions[i % len(regions)]  # every region alike, whatever the scene's size
         d = _crop(region, rng, rng.uniform(0.3, 1.0))
         d.thumbnail((TILE, TILE))
-        dist[f"distractor{i:05d}"] = _jpeg(d, 90)
+        dist[f"{scene}/distractor{i:05d}"] = _jpeg(d, 90)
     progress("transforming queries")
     queries = []
     for key, tile in ref_tiles + lookalikes:
@@ -159,6 +159,6 @@ def build(scenes: list, *, refs_per_scene: int = 5, distractors: int = 10_000, t
         if truth is None:
             queries.append(Query(key, _jpeg(tile, 90), "lookalike", None))
         for name in transforms:
-            out = TRANSFORMS[name](tile, rng, rng.choice(regions))
+            out = TRANSFORMS[name](tile, rng, rng.choice(regions)[1])
             queries.append(Query(f"{key}~{name}", _jpeg(out, JPEG_QUALITY.get(name, 75)), name, truth))
     return CopySet(references, dist, queries, [{"name": s.name, "package": getattr(s, "package", ""), "licence": getattr(s, "licence", "")} for s in scenes])
