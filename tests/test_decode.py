@@ -184,3 +184,51 @@ def test_normalize_gives_a_contiguous_batch_equal_to_the_textbook_formula():
     ref = (x.astype(np.float64) / 255 - np.array(mean).reshape(3, 1, 1)) / np.array(std).reshape(3, 1, 1)
     assert out.dtype == np.float32 and out.flags.c_contiguous
     assert np.abs(out - ref).max() < 1e-5
+
+
+DEEP_PROBE = """
+import resource, sys
+from simserve.inference.decode_pool import pixels
+data = open(sys.argv[1], 'rb').read()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+x = pixels(data, 128, 3)
+print(x.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+
+
+def test_a_small_deep_png_decodes_in_bounded_memory(tmp_path):
+    """A 72 KB 16-bit greyscale PNG of 6000 x 6000 (under the pixel limit) once took ~825 MB to
+    become model pixels (a float64 copy of every pixel, then more); now the decoded image is
+    reduced before any conversion. Peak RSS of a fresh process, beyond what it held before."""
+    import subprocess
+    import sys
+
+    a = np.zeros((6000, 6000), np.uint16)
+    a[::7] = 40000
+    path = tmp_path / "deep.png"
+    Image.fromarray(a).save(path)
+    assert path.stat().st_size < 200_000
+    r = subprocess.run([sys.executable, "-c", DEEP_PROBE, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    shape, grew_mb = r.stdout.rsplit(" ", 1)
+    assert shape == "(3, 128, 128)" and int(grew_mb) < 200, r.stdout  # the decoded 16-bit image alone is 72 MB
+
+
+def test_formats_outside_the_allowlist_are_refused_before_decoding():
+    """EPS would run Ghostscript where it is installed; ICO, PPM and friends are not what
+    anyone shares photos in. All are refused by name, whatever Pillow could read."""
+    from simserve.inference.decode import FORMATS
+
+    for fmt in ("PPM", "ICO", "TGA", "PCX", "EPS"):
+        buf = io.BytesIO()
+        try:
+            Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, fmt)
+        except (OSError, KeyError):  # EPS needs Ghostscript to *write*; its header is enough here
+            buf = io.BytesIO(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n")
+        with pytest.raises(DecodeError, match="format this server reads") as e:
+            decode_image(buf.getvalue())
+        assert e.value.reason == "undecodable"
+    for fmt in FORMATS:  # and every allowed one still decodes
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, fmt)
+        assert decode_image(buf.getvalue()).size == (16, 16)

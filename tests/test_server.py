@@ -148,7 +148,48 @@ def test_every_error_is_a_clear_status(client):
     huge = b"\0" * (65 * 1024 * 1024)
     code, _ = _code(lambda: client.embed([huge]))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # past the 64 MB message limit
+    # a number JSON cannot hold (1e999 parses as Infinity) would break every filtered search later
+    code, msg = _code(lambda: client.index.Add(pb.AddRequest(items=[pb.AddItem(key="inf", image=png, metadata_json='{"x": 1e999}')]), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "out of range" in msg
+    code, msg = _code(lambda: client.search(png, where={f"f{i}": "v" for i in range(999)}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "999 fields" in msg
+    assert client.search(png, where={f"f{i}": "v" for i in range(16)}) == []  # 16 is fine, and matches nothing
+    code, msg = _code(lambda: client.embed([_eps()]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "format this server reads" in msg
     assert client.health_status() == "SERVING"  # none of it hurt the server
+
+
+def _eps() -> bytes:
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
+
+
+def test_a_long_thin_image_decodes_off_the_event_loop(tiny_bundle, tmp_path):
+    """A 1 x 39,999,999 PNG is ~78 KB, under the inline byte limit, but seconds of decoding: the
+    declared pixel count sends it to a worker thread, so health answers meanwhile."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 39_999_999), 128).save(buf, "PNG")
+    assert len(buf.getvalue()) < 256 * 1024
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle)))  # the default pixel limit
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        with Client(target, timeout=60) as c, Client(target) as probe:  # the probe on its own channel, as a kubelet's
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (c.embed([buf.getvalue()]), done.set()))
+            t.start()
+            slowest, probes = 0.0, 0
+            while not done.is_set():
+                t0 = time.perf_counter()
+                assert probe.health_status() == "SERVING"
+                slowest, probes = max(slowest, time.perf_counter() - t0), probes + 1
+                time.sleep(0.05)
+            t.join()
+    finally:
+        srv.stop(1)
+    assert probes > 5 and slowest < 1.0, (probes, slowest)  # probes time out at 1 s; on the event loop it was 4.6 s
 
 
 def test_metrics_count_requests_by_method_and_code(server, client):
@@ -163,6 +204,9 @@ def test_token_auth_guards_everything_but_health_and_reflection(tiny_bundle, tmp
     try:
         target = f"127.0.0.1:{srv.port}"
         with Client(target) as anon, Client(target, token="wrong") as wrong, Client(target, token="s3cret") as ok:
+            with Client(target, token="s3cre") as short, Client(target, token="s3cret2") as long_:
+                for c in (short, long_):  # prefixes and extensions of the token are refused too
+                    assert _code(lambda: c.stats())[0] == grpc.StatusCode.UNAUTHENTICATED
             for c in (anon, wrong):
                 code, msg = _code(lambda: c.stats())
                 assert code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in msg

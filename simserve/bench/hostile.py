@@ -93,7 +93,6 @@ def modes(img: Image.Image) -> dict[str, bytes]:
         "gif": encode(img.convert("P"), "GIF"),
         "tiff-deflate": encode(img, "TIFF", compression="tiff_adobe_deflate"),
         "jpeg-progressive": encode(img, "JPEG", quality=85, progressive=True),
-        "ico": encode(img, "ICO", sizes=[(64, 64)]),
     }
 
 
@@ -201,6 +200,10 @@ def corpus() -> list[Case]:
         add(Case("modes and formats", name, _score(ref, data), {OK}, None if lossy_grey else _matches))
     add(Case("modes and formats", "EXIF orientation 6 (stored rotated)", _score(ref, exif_rotated(photo)), {OK}, _matches))
     add(Case("modes and formats", "animated GIF (first frame)", _score(ref, animated_gif(photo)), {OK}, _matches))
+    # formats outside the allowlist are refused before any decoder reads them (EPS would run Ghostscript)
+    for name, data in (("ICO", encode(photo, "ICO", sizes=[(64, 64)])), ("PPM", encode(photo, "PPM")), ("TGA", encode(photo, "TGA")),
+                       ("EPS header", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n")):
+        add(Case("formats refused", name, _embed(data), {INVALID}))
 
     # requests: empty, oversized, wrong types
     add(Case("requests", "empty ScorePairs", lambda s: s.sim.ScorePairs(pb.ScorePairsRequest(), timeout=s.timeout), {INVALID}))

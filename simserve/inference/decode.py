@@ -23,6 +23,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 6,000 photo
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# The formats anyone shares photos in. Everything else (EPS would run Ghostscript, EMF / WMF,
+# PSD, ICNS, ...) is refused before any decoder looks at the bytes.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class DecodeError(ValueError):
@@ -77,7 +80,7 @@ def decode(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             _check_size(*img.size, max_pixels)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
@@ -87,18 +90,33 @@ def decode(
                     return fast
                 img.draft(img.mode, (min_side, min_side))
             img.load()
+            img = _reduced(img, min_side)
             img = ImageOps.exif_transpose(img) or img
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError("too_many_pixels", f"image exceeds the pixel limit: {e}") from None
     except UnidentifiedImageError:
-        raise DecodeError("undecodable", "bytes are not an image format this server can read") from None
+        raise DecodeError("undecodable", f"bytes are not an image in a format this server reads ({', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e)
         reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "undecodable"
         raise DecodeError(reason, f"image could not be decoded: {msg or type(e).__name__}") from None
     return to_rgb(img)
+
+
+def _reduced(img: Image.Image, min_side: int | None) -> Image.Image:
+    """Shrunk by a whole factor that keeps both sides >= ``min_side``, before any conversion:
+    a 6,000 px 16-bit scan is then converted at a few hundred pixels, not at 36 million."""
+    if not min_side:
+        return img
+    factor = min(img.size) // min_side
+    if factor < 2:
+        return img
+    try:
+        return img.reduce(factor)
+    except (ValueError, NotImplementedError):  # modes reduce() does not take (1, P, I;16 variants)
+        return img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.Resampling.BOX) if img.mode not in ("1", "P") else img
 
 
 def _jpeg_plain(data: bytes, max_pixels: int, min_side: int) -> np.ndarray | None:
@@ -141,6 +159,19 @@ def _scaled(data: bytes, min_side: int) -> np.ndarray | None:
         return None
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width x height as the header declares them (0 when there is no readable header): what a
+    decode will cost, known in microseconds, before deciding where to decode."""
+    try:
+        if data[:3] == b"\xff\xd8\xff":
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            return max(0, w) * max(0, h)
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - anything unreadable is the decoder's to name
+        return 0
+
+
 def decode_file(path: str | os.PathLike, **limits: int) -> Image.Image:
     with open(path, "rb") as f:
         return decode_image(f.read(), **limits)
@@ -163,14 +194,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
 
 
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    """Scale a 16/32-bit or float grey image to 0..255 by the range its type implies."""
-    a = a.astype(np.float64)
+def _to_uint8(a: np.ndarray, rows: int = 256) -> np.ndarray:
+    """Scale a 16/32-bit or float grey image to 0..255 by the range its type implies, a band of
+    rows at a time in float32, so the working memory is a band's, not eight bytes a pixel."""
     if a.size == 0:
-        return a.astype(np.uint8)
-    hi = float(a.max())
-    if hi <= 1.0 and float(a.min()) >= 0.0 and not np.all(a == np.round(a)):
-        a = a * 255.0  # float image in [0, 1]
+        return np.zeros(a.shape, np.uint8)
+    hi, lo = float(a.max()), float(a.min())
+    if hi <= 1.0 and lo >= 0.0 and np.issubdtype(a.dtype, np.floating) and not np.all(a == np.round(a)):
+        scale = 255.0  # float image in [0, 1]
     elif hi > 255.0:
-        a = a / (257.0 if hi <= 65535.0 else hi / 255.0)
-    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+        scale = 1 / (257.0 if hi <= 65535.0 else hi / 255.0)
+    else:
+        scale = 1.0
+    out = np.empty(a.shape, np.uint8)
+    for r in range(0, a.shape[0], rows):
+        band = a[r : r + rows].astype(np.float32) * np.float32(scale)
+        out[r : r + rows] = np.clip(np.rint(band), 0, 255)
+    return out

@@ -31,6 +31,7 @@ class ServerConfig:
     max_rerank: int = 1000
     max_key_bytes: int = 1024
     max_metadata_bytes: int = 64 * 1024
+    max_filter_fields: int = 16  # each is a JSON path in one SQLite query
     collection: str = "default"
     factory: str = "Flat"
     crop_views: bool = False  # new collections index whole image + 5 crops (inference/crops.py)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import CancelledError
 from typing import Callable
 
@@ -84,13 +85,20 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as Infinity: the same harm as the constant
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
 def _metadata(text: str, where: str, limit: int) -> dict | None:
     if not text:
         return None
     if len(text.encode()) > limit:
         raise RequestError("too_large", f"{where}: metadata is {len(text.encode())} bytes; the limit is {limit}")
     try:
-        value = json.loads(text, parse_constant=_no_constants)
+        value = json.loads(text, parse_constant=_no_constants, parse_float=_finite)
     except (json.JSONDecodeError, ValueError) as e:
         raise RequestError("invalid", f"{where}: metadata_json is not valid JSON ({e})") from None
     except RecursionError:

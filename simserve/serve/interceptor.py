@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
                 call = _Call(self.metrics, method, md.get("x-request-id") or os.urandom(8).hex())
                 context = call.begin(context)
                 try:
-                    if self.token and not method.startswith(OPEN_METHODS) and md.get("authorization") != f"Bearer {self.token}":
+                    if self.token and not method.startswith(OPEN_METHODS) and not _token_ok(md.get("authorization"), self.token):
                         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
                     if streaming_request:
                         request = _parsed_or_abort(request, context, method)
@@ -60,6 +61,12 @@ class Interceptor(grpc.aio.ServerInterceptor):
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, True), parse, handler.response_serializer)
         return handler  # server-streaming health watches and reflection's stream-stream: no wrapping
+
+
+def _token_ok(given: str | bytes | None, token: str) -> bool:
+    """Constant-time: how long a wrong token takes to refuse says nothing about the right one."""
+    given_b = given.encode() if isinstance(given, str) else (given or b"")
+    return hmac.compare_digest(given_b, f"Bearer {token}".encode())
 
 
 class _Call:

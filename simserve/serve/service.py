@@ -22,7 +22,7 @@ from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, C
 from simserve.index.store import NewItem, StoredItem, valid_filter_field
 from simserve.inference.bundle import Bundle
 from simserve.inference.crops import collapse_views
-from simserve.inference.decode import DecodeError
+from simserve.inference.decode import DecodeError, declared_pixels
 from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import Engine
 from simserve.ranking import pipeline, verify
@@ -30,9 +30,11 @@ from simserve.serve.batcher import MicroBatcher
 from simserve.serve.config import ServerConfig
 
 T = TypeVar("T")
-# A request above either limit is "heavy": it decodes on a worker thread, not the event loop.
+# A request above any limit is "heavy": it decodes on a worker thread, not the event loop.
 INLINE_MAX_BYTES = 256 * 1024  # about a dozen 256 px JPEGs, or one 1,000 px photo: ~3 ms of decoding
 INLINE_MAX_IMAGES = 32
+# Declared by the headers, not the compressed size: a 78 KB PNG of 1 x 40 M pixels decodes for seconds.
+INLINE_MAX_PIXELS = 2_000_000
 
 
 class RequestError(ValueError):
@@ -109,6 +111,8 @@ class Service:
             raise RequestError("invalid", f"k must be between 1 and {self.config.max_k}, got {k}")
         if not 0 <= rerank <= self.config.max_rerank:
             raise RequestError("invalid", f"rerank must be between 0 and {self.config.max_rerank}, got {rerank}")
+        if len(where or {}) > self.config.max_filter_fields:
+            raise RequestError("invalid", f"filter has {len(where)} fields; the limit is {self.config.max_filter_fields}")
         bad = [f for f in where or {} if not valid_filter_field(f)]
         if bad:
             raise RequestError("invalid", f"filter field {bad[0][:80]!r}: use 1-64 ASCII letters, digits, '_' or '-'")
@@ -269,4 +273,5 @@ def _request_error(e: DecodeError, where: str) -> RequestError:
 
 
 def _heavy(refs: Sequence[ImageRef]) -> bool:
-    return len(refs) > INLINE_MAX_IMAGES or sum(len(r.data) for r in refs if r.data is not None) > INLINE_MAX_BYTES
+    blobs = [r.data for r in refs if r.data is not None]
+    return len(refs) > INLINE_MAX_IMAGES or sum(map(len, blobs)) > INLINE_MAX_BYTES or sum(map(declared_pixels, blobs)) > INLINE_MAX_PIXELS
