@@ -93,7 +93,7 @@ def _crop_query(path: Path) -> bytes:
 
 
 def test_a_verifying_collection_orders_its_hits_by_score_plus_inliers(stamp_folder, tmp_path):
-    """The default model, real stamps added through the runtime: a mirrored, rotated crop of one
+    """The default model, real stamps added through the service: a mirrored, rotated crop of one
     is found first with many inliers; every hit carries its count and the order is the verified score."""
     engine = load_engine()
     rt = Service(engine, Collections(tmp_path / "rt"), ServerConfig(collection="v", verify=True))
