@@ -128,7 +128,7 @@ def test_every_error_is_a_clear_status(client):
     code, msg = _code(lambda: client.score([(_png_header_claiming(50_000, 50_000), png)]))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pixel" in msg
     code, msg = _code(lambda: client.score([(png, png)] * 65))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "65 pairs" in msg
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "130 images (65 pairs)" in msg and "1024" not in msg
     code, msg = _code(lambda: client.score([(Key("no-such-key"), png)]))
     assert code == grpc.StatusCode.NOT_FOUND and "no-such-key" in msg
     code, msg = _code(lambda: client.search(png, collection="no-such-collection"))
@@ -190,6 +190,22 @@ def test_a_long_thin_image_decodes_off_the_event_loop(tiny_bundle, tmp_path):
     finally:
         srv.stop(1)
     assert probes > 5 and slowest < 1.0, (probes, slowest)  # probes time out at 1 s; on the event loop it was 4.6 s
+
+
+def test_a_failed_add_creates_nothing_and_collections_are_limited(tiny_bundle, tmp_path):
+    png = (EX / "bee.png").read_bytes()
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle), max_collections=2))
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            code, _ = _code(lambda: c.index.Add(pb.AddRequest(collection="fresh", items=[pb.AddItem(key="a", image=png), pb.AddItem(key="b", image=b"junk")]), timeout=10))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert c.index.ListCollections(pb.ListCollectionsRequest(), timeout=5).collections == ["default"]  # nothing half-made
+            assert c.index.Add(pb.AddRequest(collection="second", items=[pb.AddItem(key="a", image=png)]), timeout=10).added == 1
+            code, msg = _code(lambda: c.index.Add(pb.AddRequest(collection="third", items=[pb.AddItem(key="a", image=png)]), timeout=10))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-collections" in msg
+            assert c.index.Add(pb.AddRequest(collection="second", items=[pb.AddItem(key="b", image=png)]), timeout=10).added == 1  # existing ones go on
+    finally:
+        srv.stop(1)
 
 
 def test_metrics_count_requests_by_method_and_code(server, client):

@@ -26,13 +26,14 @@ class ServerConfig:
     max_queue: int = 1024
     max_message_mb: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_items: int = 1024  # images (or pairs) in one request
+    max_items: int = 1024  # images in one request; a pair is two
     max_k: int = 1000
     max_rerank: int = 1000
     max_key_bytes: int = 1024
     max_metadata_bytes: int = 64 * 1024
     max_filter_fields: int = 16  # each is a JSON path in one SQLite query
     collection: str = "default"
+    max_collections: int = 100  # each open one holds SQLite connections (one per thread that used it) and its index
     factory: str = "Flat"
     crop_views: bool = False  # new collections index whole image + 5 crops (inference/crops.py)
     verify: bool = False  # new collections keep keypoints and verify their searches (ranking/verify.py)

@@ -85,7 +85,7 @@ class Service:
     async def score_pairs(self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float, timeout: float | None) -> tuple[np.ndarray, np.ndarray, float]:
         """(head scores, cosines, the threshold that decides a match) for each pair."""
         deadline = _deadline(timeout)
-        self._check_count(len(pairs), "pairs")
+        self._check_count(2 * len(pairs), f"images ({len(pairs)} pairs)")  # the limit counts images: a pair is two
         if not pairs:
             raise RequestError("invalid", "pairs: at least one pair is required")
         refs = [r for p in pairs for r in p]
@@ -141,10 +141,13 @@ class Service:
             if key in seen:
                 raise RequestError("invalid", f"items[{i}].key {key!r} appears twice in one request")
             seen.add(key)
-        col = await asyncio.to_thread(self._get_or_create, name)
-        if col.dim != self.bundle.embedding_dim:
-            raise RequestError("precondition", f"collection {name!r} holds {col.dim}-d vectors; the served model makes {self.bundle.embedding_dim}-d")
-        views = col.config.crop_views
+        # A new collection is created only once every item is ready: a failed Add creates nothing.
+        existing = await asyncio.to_thread(self._existing, name)
+        if existing is not None and existing.dim != self.bundle.embedding_dim:
+            raise RequestError("precondition", f"collection {name!r} holds {existing.dim}-d vectors; the served model makes {self.bundle.embedding_dim}-d")
+        views = existing.config.crop_views if existing else self.config.crop_views
+        verifying = existing.config.verify if existing else self.config.verify
+        features = existing.config.store_features if existing else True
         # Always off the loop: an add commits to SQLite anyway, and crop views decode six ways.
         decoded = await asyncio.to_thread(lambda: [self.decode(data, f"items[{i}].image", views) for i, (_, data, _) in enumerate(items)])
         flat = [v for d in decoded for v in d] if views else decoded
@@ -153,14 +156,15 @@ class Service:
             results = list(zip(*collapse_views(np.stack([f for f, _ in results]), np.stack([e for _, e in results]))))
         else:
             results = [(f, e, None) for f, e in results]
-        if col.config.verify:  # milliseconds of OpenCV an image: never on the loop
+        if verifying:  # milliseconds of OpenCV an image: never on the loop
             kps = await asyncio.to_thread(lambda: [verify.keypoints(self.verify_image(data, f"items[{i}].image")) for i, (_, data, _) in enumerate(items)])
         else:
             kps = [None] * len(items)
         new = [
-            NewItem(key, e, meta, None, f.astype(np.float16) if col.config.store_features else None, v, kp)
+            NewItem(key, e, meta, None, f.astype(np.float16) if features else None, v, kp)
             for (key, _, meta), (f, e, v), kp in zip(items, results, kps)
         ]
+        col = existing or await asyncio.to_thread(self._get_or_create, name)
         await asyncio.to_thread(col.add, new)
         return [it.key for it in new]
 
@@ -232,9 +236,15 @@ class Service:
             return verify.query_features(self.verify_image(query.data, "query"))
         return pipeline.stored_keypoints(col, stored_id) if stored_id is not None else None
 
+    def _existing(self, name: str) -> Collection | None:
+        return self.collections.get(name) if self.collections.exists(name) else None
+
     def _get_or_create(self, name: str) -> Collection:
-        """The named collection; a new one gets this server's factory, crop-views and verify settings."""
+        """The named collection; a new one gets this server's factory, crop-views and verify settings,
+        while there are fewer than ``max_collections`` (each holds open files and memory)."""
         c = self.config
+        if not self.collections.exists(name) and len(self.collections.names()) >= c.max_collections:
+            raise RequestError("too_large", f"collection {name!r} would be one more than this server's {c.max_collections} (--max-collections)")
         return self.collections.get_or_create(name, self.bundle.embedding_dim, c.factory, self.bundle.manifest["feature_shape"], c.crop_views, verify=c.verify)
 
     def collection(self, name: str | None) -> Collection:
