@@ -232,3 +232,16 @@ def test_formats_outside_the_allowlist_are_refused_before_decoding():
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, fmt)
         assert decode_image(buf.getvalue()).size == (16, 16)
+
+
+def test_only_the_first_page_of_a_many_page_tiff_is_read():
+    """Asking a TIFF how many pages it has walks all of them: 3,000 pages took 0.5 s (60,000 took
+    over a minute); the first page is all a model sees, so it is all that is read."""
+    import time
+
+    pages = [Image.new("L", (2, 2), (200 if i == 0 else 10)) for i in range(3000)]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    t = time.perf_counter()
+    img = decode_image(buf.getvalue())
+    assert time.perf_counter() - t < 0.1 and img.getpixel((0, 0)) == (200, 200, 200)

@@ -179,3 +179,11 @@ def test_a_verifying_server_reports_inliers_and_says_so(stamp_folder, tmp_path):
             assert json.loads(r.stdout)["verify"] is True
     finally:
         srv.stop(2)
+
+
+def test_a_strip_has_no_keypoints_and_no_error():
+    """1000 x 4 is 256 x 1 at the keypoint side: OpenCV asserts on it; it simply has no keypoints."""
+    blob = verify.keypoints(Image.new("RGB", (1000, 4), (90, 60, 30)))
+    stored = verify.unpack(blob)
+    assert len(stored.sift) == len(stored.orb) == 0
+    assert verify.inliers(verify.query_features(Image.new("RGB", (4, 1000))), stored) == 0

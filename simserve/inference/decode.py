@@ -82,8 +82,7 @@ def decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
             _check_size(*img.size, max_pixels)
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
+            # Frame 0 as opened: asking a TIFF for n_frames would walk every page (60,000 of them: minutes).
             if min_side and img.format == "JPEG":
                 fast = _jpeg_scaled(data, img, min_side)
                 if fast is not None:

@@ -25,6 +25,7 @@ MAX_ORB = 1000  # ORB keypoints kept per image (2,000 found no more copies)
 ORB_FAST_THRESHOLD = 5  # OpenCV's default 20 finds too few corners on soft, small drawings
 RATIO = 0.8  # Lowe's ratio test, both detectors (0.7 / 0.75 / 0.85 matched fewer copies)
 RANSAC_PX = 0.02  # reprojection error an inlier may have, as a fraction of the longer side
+MIN_SIDE = 16  # below this many pixels on the short side (at SIDE on the long one) an image has no keypoints
 MIN_MATCHES = 4  # below this RANSAC fits noise: an affine map passes through any three points
 
 SIFT_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (128,))])  # 132 bytes
@@ -101,6 +102,8 @@ def keypoints(image: Image.Image | np.ndarray) -> bytes:
     (up to 400 x 132 + 1,000 x 36 bytes; a drawing at 256 px has far fewer)."""
     sift, orb, _ = _tools()
     grey = _grey(image)
+    if min(grey.shape) < MIN_SIDE:  # a strip (1000 x 4 is 256 x 1 here): nothing to find, and OpenCV asserts
+        return np.array([0], _HEADER).tobytes()
     s = _points(SIFT_POINT, *sift.detectAndCompute(grey, None))
     o = _points(ORB_POINT, *orb.detectAndCompute(grey, None))
     return np.array([len(s)], _HEADER).tobytes() + s.tobytes() + o.tobytes()
