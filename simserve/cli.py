@@ -512,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-items", dest="max_items", type=int, help="most images in one request; a pair is two (default 1024)")
     sv.add_argument("--collection", help="default collection name (default 'default')")
     sv.add_argument("--max-collections", type=int, help="refuse to create collections past this many (default 100): each open one holds files and memory")
+    sv.add_argument("--decode-budget-mb", dest="decode_budget_mb", type=int, help="decoded pixels in flight, server-wide (default 384): past it, large decodes wait their turn")
     sv.add_argument("--factory", help="FAISS factory for new collections (default Flat)")
     sv.add_argument("--crop-views", dest="crop_views", action="store_true", default=None, help=CROP_VIEWS_HELP)
     sv.add_argument("--verify", action="store_true", default=None, help=VERIFY_HELP)

@@ -123,3 +123,29 @@ def test_max_delay_bounds_the_wait_of_a_lone_request():
     assert asyncio.run(b.run_async([1])) == [1]
     assert time.monotonic() - t < 1.0  # generous: a shared machine
     b.close()
+
+
+def test_the_decode_budget_lets_images_in_only_while_they_fit():
+    from concurrent.futures import CancelledError
+
+    from simserve.serve.budget import BYTES_PER_PIXEL, DecodeBudget
+
+    budget = DecodeBudget(100 * BYTES_PER_PIXEL)
+    never = threading.Event()
+    with budget.hold(60, None, never):
+        assert budget.used == 60 * BYTES_PER_PIXEL
+        t = time.monotonic()
+        with pytest.raises(DeadlineExceeded):  # 60 more do not fit beside it: waits, then gives up
+            with budget.hold(60, time.monotonic() + 0.2, never):
+                pass
+        assert time.monotonic() - t >= 0.19
+        gone = threading.Event()
+        gone.set()
+        with pytest.raises(CancelledError):  # nor does a caller that left
+            with budget.hold(60, None, gone):
+                pass
+        with budget.hold(40, None, never):  # what fits goes in at once
+            assert budget.used == 100 * BYTES_PER_PIXEL
+    with budget.hold(10**9, None, never):  # one image larger than the budget runs alone
+        assert budget.used == budget.limit
+    assert budget.used == 0

@@ -7,6 +7,7 @@ faults use a real tmpfs mount, so they need root (CI runs as root).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,9 +18,11 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from simserve.bench import hostile, soak
 from simserve.bench.common import start_server
@@ -285,3 +288,51 @@ def test_short_soak_has_no_unexpected_errors(tiny_bundle):
     assert r["unexpected_errors"] == {}, r
     assert r["requests"] > 100 and set(r["by_method"]) == {"ScorePairs", "Search", "Add"}
     assert r["server_exit_code"] == 0 and len(r["timeline"]) >= 3
+
+
+# -- memory under a burst of small files that decode big ------------------------------------
+def _memory_cgroup(limit_bytes: int) -> Path | None:
+    """A cgroup-v1 memory cgroup under this process's own, capped at ``limit_bytes`` (root only;
+    None where the controller is not writable)."""
+    try:
+        rel = next(line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.split(":")[1] == "memory")
+        cg = Path("/sys/fs/cgroup/memory") / rel.lstrip("/") / f"simserve-test-{os.getpid()}"
+        cg.mkdir()
+        (cg / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        (cg / "memory.memsw.limit_in_bytes").exists() and (cg / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+        return cg
+    except (OSError, StopIteration, IndexError):
+        return None
+
+
+def test_six_requests_of_deep_pngs_stay_under_a_gigabyte(tmp_path):
+    """Six concurrent Embed requests of four 70 KB 16-bit 6000 x 6000 PNGs (1.7 MB sent) took the
+    server to 5.3 GB. Decoded reduced, within a server-wide decode budget, they stay under 1 GB:
+    the server runs in a 1 GB memory cgroup where one can be made (it would be OOM-killed past it),
+    and its peak RSS is checked either way."""
+    from simserve.bench.common import rss_mb
+
+    a = np.zeros((6000, 6000), np.uint16)
+    a[::7] = 40000
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    png = buf.getvalue()
+    cg = _memory_cgroup(1024**3)
+    join = (lambda: (cg / "cgroup.procs").write_text(str(os.getpid()))) if cg else None
+    proc, addr, log = start_server(str(tmp_path), None, [], preexec=join)
+    try:
+        with Client(addr, timeout=120, retries=0) as c:
+            errors = []
+            threads = [threading.Thread(target=lambda: errors.append(_code(lambda: c.embed([png] * 4)))) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert errors == ["OK"] * 6 and c.health_status() == "SERVING"
+        peak = rss_mb(proc.pid, "VmHWM")
+        assert proc.poll() is None and peak < 1024, (peak, log.read_text()[-2000:])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if cg:
+            cg.rmdir()

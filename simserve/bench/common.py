@@ -129,16 +129,17 @@ def emit(result: dict, out: str | None) -> None:
     print(text, file=sys.stdout)
 
 
-def start_server(data_dir: str, bundle: str | None, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
+def start_server(data_dir: str, bundle: str | None, extra: list[str], preexec: Callable[[], object] | None = None) -> tuple[subprocess.Popen, str, Path]:
     """Start ``simserve serve`` on a free port in its own process; returns (process, address, log).
-    Its log goes to a file (a pipe would fill and stall it)."""
+    Its log goes to a file (a pipe would fill and stall it). ``preexec`` runs in the child before
+    the server starts (e.g. to join a memory cgroup)."""
     env = {**os.environ, "SIMSERVE_DATA_DIR": data_dir}
     cmd = [sys.executable, "-m", "simserve.cli", "serve", "--port", "0", *extra]
     if bundle:
         cmd += ["--bundle", bundle]
     log_path = Path(data_dir) / f"server-{time.time_ns()}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL, preexec_fn=preexec)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         for line in log_path.read_text().splitlines():

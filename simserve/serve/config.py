@@ -26,6 +26,7 @@ class ServerConfig:
     max_queue: int = 1024
     max_message_mb: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_budget_mb: int = 384  # decoded pixels in flight, server-wide: past it, heavy decodes wait their turn
     max_items: int = 1024  # images in one request; a pair is two
     max_k: int = 1000
     max_rerank: int = 1000

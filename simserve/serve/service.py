@@ -11,7 +11,9 @@ worker thread (``asyncio.to_thread``).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -27,6 +29,7 @@ from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import Engine
 from simserve.ranking import pipeline, verify
 from simserve.serve.batcher import MicroBatcher
+from simserve.serve.budget import DecodeBudget
 from simserve.serve.config import ServerConfig
 
 T = TypeVar("T")
@@ -71,6 +74,7 @@ class Service:
         self.batcher: MicroBatcher[np.ndarray, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
             self._embed_batch, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue, name="engine-batcher", on_batch=on_batch
         )
+        self.budget = DecodeBudget(cfg.decode_budget_mb * 1024 * 1024)
         self._get_or_create(cfg.collection)
 
     @property
@@ -149,7 +153,7 @@ class Service:
         verifying = existing.config.verify if existing else self.config.verify
         features = existing.config.store_features if existing else True
         # Always off the loop: an add commits to SQLite anyway, and crop views decode six ways.
-        decoded = await asyncio.to_thread(lambda: [self.decode(data, f"items[{i}].image", views) for i, (_, data, _) in enumerate(items)])
+        decoded = await self._decode_all([(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)], True, deadline, views)
         flat = [v for d in decoded for v in d] if views else decoded
         results = await self.batcher.run_async(flat, _left(deadline)) if flat else []
         if views:
@@ -157,7 +161,8 @@ class Service:
         else:
             results = [(f, e, None) for f, e in results]
         if verifying:  # milliseconds of OpenCV an image: never on the loop
-            kps = await asyncio.to_thread(lambda: [verify.keypoints(self.verify_image(data, f"items[{i}].image")) for i, (_, data, _) in enumerate(items)])
+            images = await self._decode_all([(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)], True, deadline, keypoints=True)
+            kps = await asyncio.to_thread(lambda: [verify.keypoints(im) for im in images])
         else:
             kps = [None] * len(items)
         new = [
@@ -184,6 +189,31 @@ class Service:
         return await asyncio.to_thread(self.collections.names)
 
     # -- images --------------------------------------------------------------------
+    async def _decode_all(self, blobs: Sequence[tuple[bytes, str]], heavy: bool, deadline: float | None, crop_views: bool = False, keypoints: bool = False) -> list:
+        """Model pixels (or, with ``keypoints``, the images verification reads) for each (bytes, where).
+        A small request decodes on the loop; a heavy one on a worker thread, one image at a time
+        within the server's decode budget, stopping at the next image once its deadline passes or
+        its caller is gone."""
+        one = (lambda data, where: self.verify_image(data, where)) if keypoints else (lambda data, where: self.decode(data, where, crop_views))
+        if not heavy:
+            return [one(data, where) for data, where in blobs]
+        stop = threading.Event()
+
+        def run() -> list:
+            out = []
+            for data, where in blobs:
+                if stop.is_set():
+                    raise CancelledError()
+                with self.budget.hold(declared_pixels(data), deadline, stop):
+                    out.append(one(data, where))
+            return out
+
+        try:
+            return await asyncio.to_thread(run)
+        except asyncio.CancelledError:
+            stop.set()  # the thread stops before its next image
+            raise
+
     def decode(self, data: bytes, where: str, crop_views: bool = False) -> np.ndarray:
         """[C, S, S] model pixels; with ``crop_views`` [6, C, S, S] (inference/crops.py)."""
         c = self.bundle.config
@@ -212,7 +242,7 @@ class Service:
             await asyncio.to_thread(self._read_stored, out, keyed, where, collection)
         to_embed = [i for i, r in enumerate(refs) if r.key is None]
         if to_embed:
-            decoded = await _off_loop(heavy, lambda: [self.decode(refs[i].data, where[i]) for i in to_embed])
+            decoded = await self._decode_all([(refs[i].data, where[i]) for i in to_embed], heavy, deadline)
             for i, (f, e) in zip(to_embed, await self.batcher.run_async(decoded, _left(deadline))):
                 out.features[i], out.embeddings[i] = f, e
         return out
