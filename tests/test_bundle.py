@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import numpy as np
@@ -155,3 +156,59 @@ def test_lane_views_and_map_lanes_give_the_engines_numbers_in_input_order(tmp_pa
     assert [len(next(got)) for _ in range(3)] == [8, 3, 8]
     with pytest.raises(ValueError, match="item 3 is bad"):
         next(got)
+
+
+def _variant(good, where, edit=None, files=None):
+    """A copy of a good bundle with its manifest edited and/or files replaced (hashes updated)."""
+    from simserve.inference.bundle import sha256_file
+
+    shutil.copytree(good, where)
+    for name, data in (files or {}).items():
+        (where / name).write_bytes(data) if isinstance(data, bytes) else shutil.copy(data, where / name)
+    m = json.loads((where / "manifest.json").read_text())
+    for name in files or {}:
+        m["files"][name]["sha256"] = sha256_file(where / name)
+    if edit:
+        edit(m)
+    (where / "manifest.json").write_text(json.dumps(m))
+    return where
+
+
+def test_a_bundle_that_would_fail_every_request_is_refused_before_serving(tmp_path):
+    """Each of these once started a server that was SERVING and answered UNKNOWN (or gave a
+    traceback): now each is one clear line, at load, naming what is wrong."""
+    import subprocess
+    import sys
+
+    from simserve.inference.engine import load_engine
+
+    good = _exported("concat", tmp_path / "good")
+    other = export_bundle(build_model(CFG.replace(embed_dim=32)).eval(), tmp_path / "other", metrics={})
+    cases = {
+        "embedding_dim": (lambda m: m.update(embedding_dim=64), None, "embedding_dim 64 must be the model's embed_dim"),
+        "threshold string": (lambda m: m.update(threshold={"score": "0.5"}), None, "threshold.score '0.5' must be a number in"),
+        "threshold range": (lambda m: m.update(threshold={"score": 1.5}), None, r"threshold.score 1.5 must be a number in \[0, 1\]"),
+        "mean length": (lambda m: m["model"].update(mean=[0.5]), None, "mean/std need one value per input channel"),
+        "std zero": (lambda m: m["model"].update(std=[0.2, 0.0, 0.2]), None, "std must be positive"),
+        "feature_shape": (lambda m: m.update(feature_shape=[48, "x", 3]), None, "feature_shape"),
+        "random onnx": (None, {"tower.onnx": b"\x08\x01garbage" * 100}, "does not load in ONNX Runtime"),
+        "swapped models": (None, {"tower.onnx": other / "tower.onnx", "head.onnx": other / "head.onnx"}, "model files do not match the manifest"),
+    }
+    for name, (edit, files, message) in cases.items():
+        b = _variant(good, tmp_path / name.replace(" ", "-"), edit, files)
+        with pytest.raises(BundleError, match=message):
+            load_engine(b)
+    link = _variant(good, tmp_path / "link")
+    (link / "weights.npz").unlink()
+    (link / "weights.npz").symlink_to("/etc/passwd")
+    with pytest.raises(BundleError, match="a symbolic link"):
+        load_bundle(link)
+    deep = tmp_path / "deep"
+    shutil.copytree(good, deep)
+    (deep / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="nested too deeply|unreadable manifest"):
+        load_bundle(deep)
+    r = subprocess.run([sys.executable, "-m", "simserve.cli", "serve", "--port", "0", "--bundle", str(tmp_path / "swapped-models")],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "SIMSERVE_DATA_DIR": str(tmp_path / "data")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("simserve: error:")
+    assert "model files do not match the manifest" in r.stderr

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from simserve.inference.bundle import HEAD_FILE, TOWER_FILE, WEIGHTS_FILE, Bundle, load_bundle
+from simserve.inference.bundle import HEAD_FILE, TOWER_FILE, WEIGHTS_FILE, Bundle, BundleError, load_bundle
 from simserve.inference.pixels import normalize, to_pixels
 
 BACKENDS = ("onnx", "torch")
@@ -139,8 +139,12 @@ class OnnxEngine(Engine):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        self.towers = [ort.InferenceSession(str(bundle.file(TOWER_FILE)), opts, providers=providers) for _ in range(self.lanes)]
-        self.heads = [ort.InferenceSession(str(bundle.file(HEAD_FILE)), opts, providers=providers) for _ in range(self.lanes)]
+        try:
+            self.towers = [ort.InferenceSession(str(bundle.file(TOWER_FILE)), opts, providers=providers) for _ in range(self.lanes)]
+            self.heads = [ort.InferenceSession(str(bundle.file(HEAD_FILE)), opts, providers=providers) for _ in range(self.lanes)]
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types for a file that is not a model
+            raise BundleError(f"{bundle.path}: a model file does not load in ONNX Runtime ({str(e).splitlines()[0][:300]})") from None
+        _check_graphs(bundle, self.towers[0], self.heads[0])
         # Lane 0 runs on the caller's thread; the others on these (one each, so never queued).
         self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="ort-lane") if self.lanes > 1 else None
 
@@ -176,6 +180,25 @@ class OnnxEngine(Engine):
     def _fuse(self, fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
         (s,) = self._parallel(self.heads, {"features_a": np.ascontiguousarray(fa, np.float32), "features_b": np.ascontiguousarray(fb, np.float32)})
         return s
+
+
+def _check_graphs(bundle: Bundle, tower, head) -> None:
+    """The graphs' own shapes against the manifest: swapped or foreign model files fail here, at
+    start, not on every request."""
+    c, shape = bundle.config, list(bundle.manifest["feature_shape"])
+    want_in = [c.in_channels, c.input_size, c.input_size]
+    got_in = list(tower.get_inputs()[0].shape[1:])
+    outs = {o.name: list(o.shape[1:]) for o in tower.get_outputs()}
+    head_in = [list(i.shape[1:]) for i in head.get_inputs()]
+    problems = []
+    if len(tower.get_inputs()) != 1 or got_in != want_in:
+        problems.append(f"the tower takes {got_in}, the manifest says {want_in}")
+    if sorted(map(str, outs.values())) != sorted(map(str, [shape, [bundle.embedding_dim]])):
+        problems.append(f"the tower gives {list(outs.values())}, the manifest says features {shape} and a {bundle.embedding_dim}-d embedding")
+    if len(head_in) != 2 or any(h != shape for h in head_in):
+        problems.append(f"the head takes {head_in}, the manifest says two {shape} feature maps")
+    if problems:
+        raise BundleError(f"{bundle.path}: model files do not match the manifest: " + "; ".join(problems))
 
 
 class TorchEngine(Engine):
