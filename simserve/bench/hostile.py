@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import struct
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import numpy as np
 from PIL import Image
 
@@ -301,6 +303,69 @@ def run_cases(target: str, cases: list[Case], alive: Callable[[], bool] = lambda
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def pressure(target: str, pid: int) -> dict:
+    """Small requests that cost a lot: peak memory under a burst of deep PNGs, health latency while
+    a long thin PNG decodes, and how long the server keeps working after a client's deadline."""
+    import threading
+
+    deep = np.zeros((6000, 6000), np.uint16)
+    deep[::7] = 40000
+    deep_png = encode(Image.fromarray(deep), "PNG")
+    thin_png = encode(Image.new("L", (1, 39_999_999), 128), "PNG")
+    photo = photo_sources()[0].convert("RGB").resize((1500, 1500))
+    heavy = [encode(photo.rotate(i), "PNG") for i in range(16)]  # seconds of decoding in all, under the 64 MB message limit
+    out: dict = {"deep_png_kb": len(deep_png) // 1024, "thin_png_kb": len(thin_png) // 1024}
+    channel = grpc.insecure_channel(target, [("grpc.max_send_message_length", 256 << 20)])
+    sim = pb_grpc.SimilarityStub(channel)
+    probe = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+
+    def embed(images: list[bytes], timeout: float) -> str:
+        try:
+            sim.Embed(pb.EmbedRequest(images=[pb.Image(data=d) for d in images]), timeout=timeout)
+            return OK
+        except grpc.RpcError as e:
+            return e.code().name
+
+    t = time.perf_counter()
+    codes: list[str] = []
+    burst = [threading.Thread(target=lambda: codes.append(embed([deep_png] * 4, 120))) for _ in range(6)]
+    for th in burst:
+        th.start()
+    for th in burst:
+        th.join()
+    out["deep_burst"] = {"requests": 6, "images_each": 4, "codes": dict(Counter(codes)), "seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": rss_mb(pid, "VmHWM")}
+
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (embed([thin_png], 120), done.set()))
+    worker.start()
+    waits = []
+    while not done.is_set():
+        t = time.perf_counter()
+        probe.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        waits.append(time.perf_counter() - t)
+        time.sleep(0.05)
+    worker.join()
+    out["health_during_thin_decode_ms"] = {"probes": len(waits), "max": round(max(waits) * 1000, 1), "median": round(float(np.median(waits)) * 1000, 1)}
+
+    code = embed(heavy, 1.0)
+    after = time.perf_counter()
+    busy, last = _cpu_seconds(pid), time.perf_counter()
+    while time.perf_counter() - after < 30:  # until the server has used < 5% of a core for 0.5 s
+        time.sleep(0.5)
+        now = _cpu_seconds(pid)
+        if now - busy < 0.025:
+            break
+        busy, last = now, time.perf_counter()
+    out["after_deadline"] = {"images": len(heavy), "deadline_s": 1.0, "code": code, "server_busy_for_s": round(last - after, 2)}
+    channel.close()
+    return out
+
+
 def run(bundle: str | None = None, cases: int = 1000, seed: int = 0) -> dict:
     """Start a server, throw the corpus and ``cases`` mutations at it, report."""
     with tempfile.TemporaryDirectory() as d:
@@ -317,6 +382,7 @@ def run(bundle: str | None = None, cases: int = 1000, seed: int = 0) -> dict:
             # memory stays bounded: a second full pass must not keep growing
             run_cases(addr, muts, alive)
             rss2 = rss_mb(proc.pid)
+            costly = pressure(addr, proc.pid)
         finally:
             code = None
             if proc.poll() is None:
@@ -333,6 +399,7 @@ def run(bundle: str | None = None, cases: int = 1000, seed: int = 0) -> dict:
         "server_alive_at_end": code is not None,
         "server_exit_code_on_sigterm": code,
         "rss_mb": {"after_warmup": rss0, "after_run": rss1, "after_second_pass": rss2},
+        "pressure": costly,
         "server_log_tail": log_tail,
         "ok": not result.failures and code == 0,
     }

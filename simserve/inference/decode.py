@@ -105,17 +105,20 @@ def decode(
 
 
 def _reduced(img: Image.Image, min_side: int | None) -> Image.Image:
-    """Shrunk by a whole factor that keeps both sides >= ``min_side``, before any conversion:
-    a 6,000 px 16-bit scan is then converted at a few hundred pixels, not at 36 million."""
+    """Shrunk by whole factors that keep both sides >= ``min_side``, before any conversion: a
+    6,000 px 16-bit scan is then converted at a few hundred pixels, not at 36 million. A strip
+    (one side already under ``min_side``) is shrunk along its length alone: a 1 x 40,000,000 PNG
+    would otherwise be converted and resized whole, seconds in calls that hold the GIL."""
     if not min_side:
         return img
-    factor = min(img.size) // min_side
-    if factor < 2:
+    fx, fy = max(1, img.width // min_side), max(1, img.height // min_side)
+    factor = (min(fx, fy),) * 2 if min(img.size) >= min_side else (fx, fy)
+    if max(factor) < 2 or img.mode in ("1", "P"):
         return img
     try:
         return img.reduce(factor)
-    except (ValueError, NotImplementedError):  # modes reduce() does not take (1, P, I;16 variants)
-        return img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.Resampling.BOX) if img.mode not in ("1", "P") else img
+    except (ValueError, NotImplementedError):  # modes reduce() does not take
+        return img.resize((max(1, img.width // factor[0]), max(1, img.height // factor[1])), Image.Resampling.BOX)
 
 
 def _jpeg_plain(data: bytes, max_pixels: int, min_side: int) -> np.ndarray | None:
