@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import threading
 import time
@@ -86,9 +87,22 @@ class RunningServer:
         self._loop.call(self.server.wait_for_termination())
 
 
+def _raise_descriptor_limit() -> int:
+    """Soft open-file limit up to the hard one: each open collection holds SQLite files on every
+    worker thread that used it, and a 1,024 default runs out long before memory does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20), hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def start(cfg: ServerConfig) -> RunningServer:
     """Load the model and the index, then open the port; health says SERVING only after both."""
     t0 = time.perf_counter()
+    descriptors = _raise_descriptor_limit()
     if cfg.verify:
         require_opencv()
     metrics = Metrics()
@@ -112,7 +126,7 @@ def start(cfg: ServerConfig) -> RunningServer:
         extra={
             "address": f"{cfg.host}:{port}", "tls": bool(cfg.tls_cert), "mtls": bool(cfg.tls_client_ca), "auth": bool(cfg.token),
             "metrics_port": metrics_port, "model": service.model_name, "data_dir": str(collections.root.parent),
-            "startup_s": round(time.perf_counter() - t0, 3),
+            "startup_s": round(time.perf_counter() - t0, 3), "open_files_limit": descriptors,
         },
     )
     return RunningServer(server, service, health_servicer, port, metrics_port, cfg, loop)
