@@ -192,7 +192,7 @@ def _index_search(args: argparse.Namespace) -> int:
             raise SystemExit(f"simserve index search: {e}")
     else:
         raise SystemExit("simserve index search: give an IMAGE or --key")
-    where = dict(w.split("=", 1) for w in args.where or [])
+    where = _where(args.where)
     hits = search(col, query, args.k, rerank=args.rerank, where=where or None, engine=engine)
     rows = [{"key": h.key, "score": round(h.score, 5), "head_score": None if h.head_score is None else round(h.head_score, 5), "inliers": h.inliers, "metadata": h.metadata} for h in hits]
     print(json.dumps(rows) if args.json else _hit_lines(rows))
@@ -238,7 +238,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             out: Any = {"score": s.score, "match": s.match, "cosine": s.cosine}
             text = f"score {s.score:.4f} ({'match' if s.match else 'different'}), cosine {s.cosine:.4f}"
         elif args.action == "search":
-            out = c.search(image(args.image), k=args.k, rerank=args.rerank, collection=args.collection, where=dict(w.split("=", 1) for w in args.where or []))
+            out = c.search(image(args.image), k=args.k, rerank=args.rerank, collection=args.collection, where=_where(args.where))
             text = _hit_lines(out)
         elif args.action == "add":
             root = Path(args.folder)
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bundle_arg(isr)
     isr.add_argument("-k", type=int, default=10)
     isr.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank the top N by cosine and fusion head together (simserve/ranking/scores.py: fused_scores)")
-    isr.add_argument("--where", action="append", metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
+    isr.add_argument("--where", action="append", type=_field_value, metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
     isr.add_argument("--json", action="store_true")
     ix.set_defaults(func=_cmd_index)
 
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGTERM drains in-flight requests, snapshots the index and exits 0.",
     )
     sv.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    sv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    sv.add_argument("--port", type=_port, help="gRPC port (default 50051; 0 picks a free one)")
     sv.add_argument("--data-dir", dest="data_dir", help="collections live here (default $SIMSERVE_DATA_DIR or ~/.local/share/simserve)")
     sv.add_argument("--bundle", help="model bundle (default: the shipped model)")
     sv.add_argument("--backend", choices=["onnx", "torch"])
@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     c2.add_argument("image")
     c2.add_argument("-k", type=int, default=10)
     c2.add_argument("--rerank", type=int, default=0)
-    c2.add_argument("--where", action="append", metavar="FIELD=VALUE")
+    c2.add_argument("--where", action="append", type=_field_value, metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
     c3 = cls.add_parser("add", help="add every image under a folder (streamed)")
     c3.add_argument("folder")
     cls.add_parser("stats", help="collection statistics")
@@ -594,6 +594,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=_cmd_bench)
     return p
+
+
+def _field_value(text: str) -> tuple[str, str]:
+    """argparse type of --where: FIELD=VALUE, refused with a usage line otherwise."""
+    field, eq, value = text.partition("=")
+    if not eq or not field:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE")
+    return field, value
+
+
+def _where(pairs: list[tuple[str, str]] | None) -> dict[str, str]:
+    return dict(pairs or [])
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535; 0 picks a free one)")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -393,3 +393,16 @@ def test_embed_and_score_agree_whether_decoded_on_the_event_loop_or_a_worker_thr
     assert [s.score for s in client.score([(files[0], files[1]), (files[2], files[3])])] == inline_scores
     one_by_one = [client.embed([f])[0] for f in files]
     assert np.allclose(np.array(one_by_one), np.array(inline), atol=1e-6)  # batched with others or alone
+
+
+def test_serve_refuses_a_busy_port_or_an_impossible_one_in_one_line(server, tmp_path):
+    env = {**os.environ, "SIMSERVE_DATA_DIR": str(tmp_path)}
+    busy = subprocess.run([sys.executable, "-m", "simserve.cli", "serve", "--port", str(server.port)], capture_output=True, text=True, timeout=60, env=env)
+    assert busy.returncode == 2 and "Traceback" not in busy.stderr
+    assert busy.stderr.strip().splitlines()[-1] == f"simserve: error: could not listen on 127.0.0.1:{server.port}: the port is in use or the address is not this machine's (--host, --port)"
+    for bad in ("99999", "-1", "http"):
+        r = subprocess.run([sys.executable, "-m", "simserve.cli", "serve", "--port", bad], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 2 and "argument --port" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "simserve.cli", "client", "--target", f"127.0.0.1:{server.port}", "search", str(EX / "bee.png"), "--where", "bad"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "'bad' is not FIELD=VALUE" in r.stderr and "Traceback" not in r.stderr

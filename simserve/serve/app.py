@@ -153,11 +153,12 @@ async def _open(cfg: ServerConfig, service: Service, metrics: Metrics) -> tuple[
             root_certificates=_read(cfg.tls_client_ca) if cfg.tls_client_ca else None,
             require_client_auth=bool(cfg.tls_client_ca),
         )
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, creds) if cfg.tls_cert else server.add_insecure_port(address)
+    except RuntimeError:  # gRPC's "Failed to bind": the port is taken, or the host is not ours
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not listen on {address}: the port is in use or the address is not this machine's (--host, --port)")
     await server.start()
     return server, health_servicer, port
 
