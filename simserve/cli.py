@@ -202,6 +202,8 @@ def _index_search(args: argparse.Namespace) -> int:
 
 def _hit_lines(hits: list[dict[str, Any]]) -> str:
     """One line per hit: score, the head's score and the inlier count when there are, key."""
+    if not hits:
+        return "no matches (the collection is empty, or nothing passed the filter)"
     return "\n".join(
         f"{h['score']:.4f}"
         + (f"  head {h['head_score']:.4f}" if h.get("head_score") is not None else "")
@@ -620,12 +622,19 @@ def _port(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from simserve.ranking.verify import VerifyUnavailable
+
     try:
         return args.func(args)
-    except (OSError, ValueError) as e:  # a missing file, a bad format, a bad value: the user's to fix
+    except (OSError, ValueError, VerifyUnavailable) as e:  # a missing file, a bad format or value, OpenCV missing
         if os.environ.get("SIMSERVE_DEBUG"):
             raise
         print(f"simserve: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # train / export / reference engine in the serving install
+        if e.name not in ("torch", "torchvision", "onnx"):
+            raise
+        print(f"simserve: error: `simserve {args.command}` needs {e.name}, which the serving install leaves out: pip install 'simserve[train]'", file=sys.stderr)
         return 2
 
 

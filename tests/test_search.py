@@ -1,6 +1,7 @@
 """Index a folder of real images, search it, re-rank with the head; the CLI end to end."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,25 @@ def test_fused_scores_weigh_the_heads_log_odds_beside_the_cosine():
     assert fused[1] > fused[0]  # a confident head outweighs a 0.02 cosine gap
     assert np.isclose(fused[1] - cos[1], HEAD_WEIGHT * np.log(99))
     assert fused[2] > fused[1] > fused[3]
+
+
+BLOCK = "import sys; sys.modules[{mod!r}] = None; from simserve.cli import main; sys.exit(main({argv!r}))"
+
+
+def test_missing_extras_and_empty_results_read_as_sentences(tmp_path, stamp_folder, tiny_bundle):
+    """What the serving install lacks (torch for train / export, OpenCV for --verify) is one line
+    naming the pip command, and a search that finds nothing says so instead of a blank line."""
+    env = {**os.environ, "SIMSERVE_DATA_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", BLOCK.format(mod="torch", argv=["train", "--recipe", "default", "--out", str(tmp_path / "r")])],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "pip install 'simserve[train]'" in r.stderr
+    r = subprocess.run([sys.executable, "-c", BLOCK.format(mod="cv2", argv=["index", "build", str(stamp_folder), "--collection", "v", "--verify", "--quiet"])],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "pip install 'simserve[verify]'" in r.stderr
+    r = _cli("index", "build", str(stamp_folder), "--collection", "s", "--quiet", "--bundle", str(tiny_bundle), env_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _cli("index", "search", str(stamp_folder / "a" / "broken.png"), "--collection", "s", "--bundle", str(tiny_bundle), env_dir=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    some = next(p for p in sorted(stamp_folder.rglob("*.png")) if p.name != "broken.png")
+    r = _cli("index", "search", str(some), "--collection", "s", "--where", "nope=1", "--bundle", str(tiny_bundle), env_dir=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "no matches (the collection is empty, or nothing passed the filter)"
