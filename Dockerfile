@@ -6,8 +6,7 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
-# verify: OpenCV for collections created with --verify (simserve/ranking/verify.py), ~150 MB;
-# --build-arg EXTRAS= builds the image without it.
+# Extras to install beside the serving core (OpenCV for verification is part of the core now).
 ARG EXTRAS=verify
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src

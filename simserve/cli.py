@@ -47,6 +47,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from simserve.bench import calibrate
+    from simserve.inference.bundle import BundleError, load_bundle
+
+    try:
+        load_bundle(args.bundle_dir)
+    except BundleError as e:
+        raise SystemExit(f"simserve calibrate: {e}")
+    result = calibrate.run(args.bundle_dir, distractors=args.distractors, refs_per_scene=args.refs_per_scene, seed=args.seed, progress=not args.quiet)
+    path = calibrate.write(args.bundle_dir, result)
+    for key, d in result.items():
+        if "bias" in d:
+            print(f"{key}: threshold {d['threshold']:.4f} at precision 0.99 ({d['copies']} copies among {d['candidates']} candidates)")
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from simserve.inference.bundle import load_bundle
 
@@ -61,17 +78,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from simserve.inference.decode import DecodeError, decode_file
     from simserve.inference.engine import load_engine
+    from simserve.ranking import verify
+    from simserve.ranking.calibration import evidence_key, from_manifest
 
     engine = load_engine(args.bundle, args.backend)
     try:
         a, b = decode_file(args.image_a), decode_file(args.image_b)
     except (DecodeError, OSError) as e:
         raise SystemExit(f"simserve compare: {e}")
-    score = float(engine.score_images([(a, b)])[0])
+    head = float(engine.score_images([(a, b)])[0])
     _, emb = engine.embed_images([a, b])
-    threshold = args.threshold if args.threshold is not None else engine.bundle.threshold
-    result = {"score": score, "match": score >= threshold, "threshold": threshold, "cosine": float(emb[0] @ emb[1])}
-    print(json.dumps(result) if args.json else f"score {score:.4f} ({'match' if result['match'] else 'different'} at threshold {threshold:.3f}), embedding cosine {result['cosine']:.4f}")
+    cosine = float(emb[0] @ emb[1])
+    cal = from_manifest(engine.bundle.manifest).get(evidence_key(False, True))
+    result: dict[str, Any] = {"cosine": cosine, "head": head}
+    if cal is not None:
+        # P(copy) from the cosine and the inliers, as a search scores a hit; both ways, so (a, b) = (b, a).
+        inliers = max(verify.inliers(verify.query_features(x), verify.unpack(verify.keypoints(y))) for x, y in ((a, b), (b, a)))
+        score, default_threshold = float(cal.probability(cosine, inliers)), cal.threshold
+        result["inliers"] = inliers
+    else:  # an uncalibrated bundle: the head decides, at its own threshold
+        score, default_threshold = head, engine.bundle.threshold
+    threshold = args.threshold if args.threshold is not None else default_threshold
+    result = {"score": score, "match": score >= threshold, "threshold": threshold, **result}
+    detail = f"embedding cosine {cosine:.4f}" + (f", {result['inliers']} inliers" if "inliers" in result else "") + f", head {head:.4f}"
+    print(json.dumps(result) if args.json else f"score {score:.4f} ({'match' if result['match'] else 'different'} at threshold {threshold:.3f}), {detail}")
     return 0
 
 
@@ -172,6 +202,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _index_search(args: argparse.Namespace) -> int:
     from simserve.inference.decode import DecodeError, decode_file
     from simserve.inference.engine import load_engine
+    from simserve.ranking.calibration import from_manifest
     from simserve.ranking.pipeline import Query, search, stored_keypoints
     from simserve.ranking.verify import VerifyUnavailable, query_features
 
@@ -193,8 +224,11 @@ def _index_search(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("simserve index search: give an IMAGE or --key")
     where = _where(args.where)
-    hits = search(col, query, args.k, rerank=args.rerank, where=where or None, engine=engine)
-    rows = [{"key": h.key, "score": round(h.score, 5), "head_score": None if h.head_score is None else round(h.head_score, 5), "inliers": h.inliers, "metadata": h.metadata} for h in hits]
+    hits = search(col, query, args.k, rerank=args.rerank, where=where or None, engine=engine, calibrations=from_manifest(engine.bundle.manifest))
+    rows = [
+        {"key": h.key, "score": round(h.score, 5), "cosine": round(h.cosine, 5), "head_score": None if h.head_score is None else round(h.head_score, 5), "inliers": h.inliers, "metadata": h.metadata}
+        for h in hits
+    ]
     print(json.dumps(rows) if args.json else _hit_lines(rows))
     cols.close(snapshot=False)
     return 0
@@ -340,15 +374,15 @@ def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) 
 
 
 CROP_VIEWS_HELP = (
-    "new collections index each item as the pooled embedding of the whole image and 5 crops of 75%% of each side: "
-    "crops of stored images are found more often (default model, copies cropped down to 30%% area: recall@1 0.843 -> 0.916 "
-    "with the search re-scoring its top 20 by the stored views), at 6x the embedding work per added item"
+    "on by default: new collections index each item as the pooled embedding of the whole image and 5 crops of 75%% of "
+    "each side, and a search re-scores its top 100 by the stored views, so crops of stored images are found (6x the "
+    "embedding work per added item); --no-crop-views indexes the whole image alone"
 )
 VERIFY_HELP = (
-    "new collections keep each item's keypoints (SIFT + ORB, ~31 KB an item) and re-order a search's top 20 by the "
-    "keypoints one affine map carries from the query onto each hit (simserve/ranking/verify.py): with --crop-views, recall@1 "
-    "0.916 -> 0.956 on the default model's held-out copies, for ~7 ms of OpenCV per added image and ~120 ms per query; "
-    "needs pip install 'simserve[verify]'"
+    "on by default: new collections keep each item's keypoints (SIFT + ORB) and a search verifies its best candidates, "
+    "best first, counting the keypoints one affine map carries from the query onto each, until one is certain "
+    "(simserve/ranking/verify.py); the score a hit returns is then P(copy) given the cosine and the inliers. "
+    "--no-verify: ~3x cheaper adds, smaller items, and copies that the embedding alone misses stay missed"
 )
 
 
@@ -389,6 +423,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--out", required=True, help="bundle folder to write (replaced atomically)")
     e.set_defaults(func=_cmd_export)
 
+    ca = sub.add_parser(
+        "calibrate",
+        help="fit a bundle's search score to P(copy) on training photos (needs scripts/install-data.sh --photos)",
+        description="Fit how a search's evidence (embedding cosine, crop views, inliers) maps to the probability that a hit "
+        "is a copy, on a copy set cut from the training photo scenes (never the benchmark's), and write it into "
+        "BUNDLE_DIR/manifest.json. A calibrated bundle's Search returns that probability as the score, with a "
+        "threshold that held precision 0.99. Takes a few minutes.",
+    )
+    ca.add_argument("bundle_dir", help="bundle folder to calibrate (its manifest is rewritten in place)")
+    ca.add_argument("--distractors", type=int, default=1500, help="distractor images in the calibration index")
+    ca.add_argument("--refs-per-scene", type=int, default=2, help="references cut from each training scene")
+    ca.add_argument("--seed", type=int, default=2, help="seed of the calibration copy set")
+    ca.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    ca.set_defaults(func=_cmd_calibrate)
+
     i = sub.add_parser("info", help="verify a bundle and print its manifest", description="Verify a bundle's checksums and print its manifest.")
     _add_bundle_arg(i)
     i.add_argument("--full", action="store_true", help="include the training recipe")
@@ -397,13 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compare",
         help="score two image files",
-        description="Score two images with the fusion head (1 = same image / copy, 0 = different) and print the embedding cosine.",
+        description="Score two images: with a calibrated bundle (the shipped one is), the probability that one is a copy of "
+        "the other, from their embedding cosine and the keypoints one affine map carries between them, as a search scores a "
+        "hit; otherwise the fusion head's score. Prints the cosine, the inliers and the head's score too.",
     )
     c.add_argument("image_a")
     c.add_argument("image_b")
     _add_bundle_arg(c)
     c.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
-    c.add_argument("--threshold", type=float, help="match threshold (default: the bundle's suggested one)")
+    c.add_argument("--threshold", type=float, help="match threshold (default: the bundle's, precision 0.99 on its calibration copies)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_compare)
 
@@ -420,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(ib)
     _add_bundle_arg(ib)
     ib.add_argument("--factory", default="Flat", help="FAISS factory string for a new collection: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
-    ib.add_argument("--crop-views", action="store_true", help=CROP_VIEWS_HELP)
-    ib.add_argument("--verify", action="store_true", help=VERIFY_HELP)
+    ib.add_argument("--crop-views", action=argparse.BooleanOptionalAction, default=True, help=CROP_VIEWS_HELP)
+    ib.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help=VERIFY_HELP)
     ib.add_argument("--batch", type=int, default=64)
     ib.add_argument("--workers", type=int, help="lanes: pipelines that each decode and embed a whole batch, one engine session each (default: one per core)")
     ib.add_argument("--quiet", action="store_true")
@@ -516,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-collections", type=int, help="refuse to create collections past this many (default 100): each open one holds files and memory")
     sv.add_argument("--decode-budget-mb", dest="decode_budget_mb", type=int, help="decoded pixels in flight, server-wide (default 384): past it, large decodes wait their turn")
     sv.add_argument("--factory", help="FAISS factory for new collections (default Flat)")
-    sv.add_argument("--crop-views", dest="crop_views", action="store_true", default=None, help=CROP_VIEWS_HELP)
-    sv.add_argument("--verify", action="store_true", default=None, help=VERIFY_HELP)
+    sv.add_argument("--crop-views", dest="crop_views", action=argparse.BooleanOptionalAction, default=None, help=CROP_VIEWS_HELP)
+    sv.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None, help=VERIFY_HELP)
     sv.add_argument("--token", help="require 'authorization: Bearer TOKEN' (health and reflection stay open)")
     sv.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain (enables TLS)")
     sv.add_argument("--tls-key", dest="tls_key", help="PEM private key")

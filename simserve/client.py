@@ -113,6 +113,7 @@ class Client:
             {
                 "key": n.key,
                 "score": n.score,
+                "cosine": n.cosine,
                 "head_score": n.head_score if n.HasField("head_score") else None,
                 "inliers": n.inliers if n.HasField("inliers") else None,
                 "metadata": json.loads(n.metadata_json) if n.metadata_json else None,

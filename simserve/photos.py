@@ -24,6 +24,19 @@ PACKAGES = {
     "lomiri-wallpapers": ("/usr/share/backgrounds", "CC-BY-4.0 / CC-BY-SA-3.0 / CC-BY-SA-4.0 / CC0-1.0, per file (authors in the file names)"),
     "gnome-backgrounds": ("/usr/share/backgrounds/gnome", "CC-BY-SA-3.0 (GNOME Project)"),
 }
+# Scenes that are camera photographs, judged by eye; the rest are drawn or rendered artwork
+# (gradients, flat shapes), where a tile can be as featureless as a patch of sky. The benchmark
+# reports photographs apart: they are what users index.
+PHOTOGRAPHS = frozenset({
+    # eval
+    "ColdRipple", "Dragonfly_by_Bolly", "Infinite-Sea_by_Aury88", "Kleiber_by_Lukas_Baubkus", "Picture_1A_by_freespace",
+    "free_by_Peter_Nerlich", "picosdeeuropa_by_Aitzol_Berasategi", "sunset_by_Aitzol_Berasategi",
+    # train
+    "Bridge_by_Sander_Klootwijk", "BytheWater", "DarkestHour", "EveningGlow", "FallenLeaf", "Kite", "OneStandsOut", "Path",
+    "Picture_0B_by_freespace", "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi", "analogpattern_by_Peter_Nerlich",
+    "friends_by_Aitzol_Berasategi", "greentock_by_Peter_Nerlich", "life_by_Aitzol_Berasategi", "seeding_by_Clements_Engelhardt",
+    "summer_1am",
+})
 EVAL_SHARE = 3  # one scene in three is the benchmark's; the rest may be trained on
 _EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -38,6 +51,10 @@ class Scene:
     @property
     def split(self) -> str:
         return split_of(self.name)
+
+    @property
+    def photograph(self) -> bool:
+        return self.name in PHOTOGRAPHS
 
 
 def split_of(name: str) -> str:

@@ -19,7 +19,7 @@ from simserve.inference.decode import decode_image
 from simserve.inference.engine import load_engine
 from simserve.jobs.index_folder import index_folder
 from simserve.ranking import verify
-from simserve.ranking.scores import INLIER_WEIGHT
+from simserve.ranking.calibration import evidence_key
 from simserve.serve.app import ServerConfig, start
 from simserve.serve.service import ImageRef, Service
 from tests.conftest import old_store
@@ -79,7 +79,7 @@ def test_keypoints_pack_both_detectors_and_a_bad_blob_is_refused(photos):
 def test_missing_opencv_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
     monkeypatch.setattr(verify, "_local", __import__("threading").local())  # no detectors made yet
-    with pytest.raises(verify.VerifyUnavailable, match=r"pip install 'simserve\[verify\]'"):
+    with pytest.raises(verify.VerifyUnavailable, match=r"pip install opencv-python-headless"):
         verify.require()
     with pytest.raises(verify.VerifyUnavailable):
         start(ServerConfig(port=0, verify=True))
@@ -92,9 +92,11 @@ def _crop_query(path: Path) -> bytes:
     return buf.getvalue()
 
 
-def test_a_verifying_collection_orders_its_hits_by_score_plus_inliers(stamp_folder, tmp_path):
+def test_a_verifying_collection_finds_the_copy_first_with_its_inliers_in_the_score(stamp_folder, tmp_path):
     """The default model, real stamps added through the service: a mirrored, rotated crop of one
-    is found first with many inliers; every hit carries its count and the order is the verified score."""
+    is found first with many inliers. Verification goes down the shortlist best-first and stops at
+    a certain copy; the score is P(copy) from the bundle's calibration, so the copy scores above
+    the bundle's threshold and the rest are ordered by it."""
     engine = load_engine()
     rt = Service(engine, Collections(tmp_path / "rt"), ServerConfig(collection="v", verify=True))
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")
@@ -108,18 +110,20 @@ def test_a_verifying_collection_orders_its_hits_by_score_plus_inliers(stamp_fold
     target = files[7]
     hits = asyncio.run(rt.search(ImageRef(data=_crop_query(target)), "v", k=5, rerank=0, where={}, timeout=30))
     assert hits[0].key == target.name and hits[0].inliers >= 8, [(h.key, h.score, h.inliers) for h in hits]
-    assert all(h.inliers is not None for h in hits)
-    ranks = [h.score + INLIER_WEIGHT * h.inliers for h in hits]
-    assert ranks == sorted(ranks, reverse=True)
+    cal = rt.calibrations[evidence_key(col.config.crop_views, True)]
+    assert hits[0].score == pytest.approx(float(cal.probability(hits[0].cosine, hits[0].inliers)))
+    assert hits[0].score >= cal.threshold and all(0.0 <= h.score <= 1.0 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert all(h.score < cal.threshold for h in hits[1:]), [(h.key, h.score, h.inliers) for h in hits]
     # with the head as well, the head fuses with the verified score, not the bare cosine
     fused = asyncio.run(rt.search(ImageRef(data=_crop_query(target)), "v", k=5, rerank=20, where={}, timeout=30))
     assert fused[0].key == target.name and fused[0].head_score is not None and fused[0].inliers == hits[0].inliers
     # a stored query verifies with its own stored keypoints (and never finds itself)
     by_key = asyncio.run(rt.search(ImageRef(key=target.name), "v", k=3, rerank=0, where={}, timeout=30))
-    assert target.name not in [h.key for h in by_key] and all(h.inliers is not None for h in by_key)
+    assert target.name not in [h.key for h in by_key] and by_key[0].inliers is not None
     rt.close()
 
-    plain = Service(engine, Collections(tmp_path / "plain"), ServerConfig(collection="p"))
+    plain = Service(engine, Collections(tmp_path / "plain"), ServerConfig(collection="p", crop_views=False, verify=False))
     asyncio.run(plain.add("p", [(f.name, f.read_bytes(), None) for f in files[:10]], timeout=60))
     assert plain.collection("p").store.keypoints([1, 2]) == {}  # plain collections keep no keypoints
     assert all(h.inliers is None for h in asyncio.run(plain.search(ImageRef(data=_crop_query(target)), "p", k=3, rerank=0, where={}, timeout=30)))

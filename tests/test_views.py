@@ -109,15 +109,15 @@ def test_a_crop_views_search_rescores_its_candidates_by_the_stored_views(stamp_f
     assert all(views[i].shape == (N_VIEWS, engine.bundle.embedding_dim) for i in ids)
     pooled = np.array([col.store.get_ids([i])[i].vector @ q for i in ids], np.float32)
     expected = view_scores(q, pooled, np.stack([views[i] for i in ids]))
-    assert np.allclose([h.score for h in hits], expected, atol=2e-3)  # views are stored as float16
+    assert np.allclose([h.cosine for h in hits], expected, atol=2e-3)  # views are stored as float16
     assert np.abs(expected - pooled).max() > 1e-3  # so the check above can tell re-scored from pooled
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert [h.cosine for h in hits] == sorted((h.cosine for h in hits), reverse=True)
 
     plain = Collections(tmp_path / "p").create("p", engine.bundle.embedding_dim)
     index_folder(engine, plain, stamp_folder, progress=False)
     hit = search(plain, Query(q), 1)[0]
     assert stored_views(plain.store, [hit.id]) == {}  # plain collections store no views and score by cosine
-    assert hit.score == pytest.approx(float(plain.store.get_ids([hit.id])[hit.id].vector @ q), abs=1e-5)
+    assert hit.cosine == pytest.approx(float(plain.store.get_ids([hit.id])[hit.id].vector @ q), abs=1e-5)
 
 
 def test_a_store_from_before_view_embeddings_opens_and_keeps_its_items(tmp_path):

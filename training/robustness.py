@@ -28,7 +28,7 @@ from simserve.ranking.scores import fused_scores, verified_score
 from simserve.ranking.views import RESCORE_DEPTH, view_scores
 from training.augment import CopyAugment
 from training.evaluate import embed_images, evaluate_copy, head_scores
-from training.recipe import Recipe
+from training.recipe import Recipe, load_recipe
 from training.sources import ImageSet
 from training.trainer import load_data
 
@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("path", type=Path, help="a training run (its model.pt) or an exported bundle")
     ap.add_argument("--out", type=Path, help="where the JSON goes (default PATH/robustness.json)")
     ap.add_argument("--draws", default="", help="more query seeds (e.g. 99,7) for the training-distribution crop-views rows: one draw of 1,000 queries moves recall@1 by ~0.01")
+    ap.add_argument("--recipe", help="evaluate on this recipe's held-out images (e.g. default) instead of the model's own: two models, one test set")
     args = ap.parse_args(argv)
     model, recipe = model_and_recipe(args.path)
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
     data = load_data(recipe, model.cfg)
     n = recipe.eval.queries
     rows = {}

@@ -29,11 +29,12 @@ from typing import Sequence
 import numpy as np
 
 from simserve.bench.copyset import TRANSFORMS, CopySet, Query, build
+from simserve.ranking.calibration import evidence_key
 
 CONFIGS = {
-    "plain": {},  # what `simserve serve` gives today
-    "crop-views": {"crop_views": True},
-    "crop-views+verify": {"crop_views": True, "verify": True},
+    "plain": {"crop_views": False, "verify": False},  # the embedding alone
+    "crop-views": {"crop_views": True, "verify": False},
+    "crop-views+verify": {"crop_views": True, "verify": True},  # what `simserve serve` gives
 }
 PRECISION = 0.99
 
@@ -57,8 +58,10 @@ def micro_ap(queries: Sequence[Query], hits: Sequence[Sequence[tuple[str, float]
     }
 
 
-def score(queries: Sequence[Query], hits: Sequence[Sequence[tuple[str, float]]]) -> dict:
-    """Every quality figure of one configuration from its ranked hits (key, returned score) per query."""
+def score(queries: Sequence[Query], hits: Sequence[Sequence[tuple[str, float]]], photographs: frozenset[str] = frozenset(), threshold: float | None = None) -> dict:
+    """Every quality figure of one configuration from its ranked hits (key, returned score) per
+    query; the headline figures again over the scenes in ``photographs`` alone; and, given the
+    bundle's ``threshold`` for this configuration, the precision and recall a user gets there."""
     rows = [(q, hs) for q, hs in zip(queries, hits) if q.truth is not None]
     first = {q.name: bool(hs) and hs[0][0] == q.truth for q, hs in rows}
     out = {
@@ -76,10 +79,31 @@ def score(queries: Sequence[Query], hits: Sequence[Sequence[tuple[str, float]]])
     out["per_transform_recall@1"] = {
         t: float(np.mean([first[q.name] for q, _ in rows if q.transform == t])) for t in dict.fromkeys(q.transform for q, _ in rows)
     }
+    if threshold is not None:
+        out["at_bundle_threshold"] = at_threshold(queries, hits, threshold)
+    photo = [(q, hs) for q, hs in zip(queries, hits) if q.name.split("/")[0] in photographs]
+    if photo:
+        sub = score([q for q, _ in photo], [hs for _, hs in photo], threshold=threshold)
+        out["photographs"] = {k: sub[k] for k in ("recall@1", "recall@10", "micro_ap", f"recall_at_p{PRECISION}", "at_bundle_threshold") if k in sub}
+        out["photographs"]["queries"] = len(photo)
     return out
 
 
-async def _measure(bundle: str | None, cs: CopySet, options: dict, k: int, progress: bool) -> dict:
+def at_threshold(queries: Sequence[Query], hits: Sequence[Sequence[tuple[str, float]]], threshold: float) -> dict:
+    """What a user thresholding each query's first hit at ``threshold`` gets: precision, recall,
+    and how many copy-less queries (look-alikes and transformed look-alikes) pass."""
+    passed = [(q, hs[0][0] == q.truth) for q, hs in zip(queries, hits) if hs and hs[0][1] >= threshold]
+    positives = sum(q.truth is not None for q in queries)
+    none = [hs for q, hs in zip(queries, hits) if q.truth is None]
+    return {
+        "threshold": threshold,
+        "precision": float(np.mean([ok for _, ok in passed])) if passed else None,
+        "recall": sum(ok for _, ok in passed) / max(1, positives),
+        "copyless_passing": float(np.mean([bool(hs) and hs[0][1] >= threshold for hs in none])) if none else None,
+    }
+
+
+async def _measure(bundle: str | None, cs: CopySet, options: dict, k: int, progress: bool, photographs: frozenset[str]) -> dict:
     from simserve.index.collection import Collections
     from simserve.inference.engine import load_engine
     from simserve.serve.config import ServerConfig
@@ -101,10 +125,12 @@ async def _measure(bundle: str | None, cs: CopySet, options: dict, k: int, progr
             times.append((time.perf_counter() - t) * 1000)
             hits.append([(h.key, h.score) for h in found])
             _tick(progress, f"searching {i + 1}/{len(cs.queries)}")
+        cal = svc.calibrations.get(evidence_key(bool(options.get("crop_views")), bool(options.get("verify"))))
         svc.close()
         stored = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file() and f.suffix != ".faiss")
     return {
-        **score(cs.queries, hits),
+        **score(cs.queries, hits, photographs, cal.threshold if cal else None),
+        "calibrated": cal is not None,
         "search_p50_ms": statistics.median(times),
         "search_p99_ms": float(np.percentile(times, 99)),
         "add_ms_per_image": add_ms,
@@ -167,6 +193,7 @@ def run(
     if bad:
         raise ValueError(f"unknown configuration {bad[0]!r}; choose from {', '.join(CONFIGS)}")
     chosen = scenes if scenes is not None else photo_scenes("eval")
+    photographs = frozenset(s.name for s in chosen if getattr(s, "photograph", False))
     if not chosen:
         raise SystemExit("no benchmark photos installed: run scripts/install-data.sh --photos")
     t0 = time.perf_counter()
@@ -177,14 +204,14 @@ def run(
             "scenes": len(chosen), "references": len(cs.references), "distractors": len(cs.distractors),
             "queries": len(cs.queries), "queries_with_a_copy": sum(q.truth is not None for q in cs.queries),
             "lookalike_queries": sum(q.transform == "lookalike" for q in cs.queries), "transforms": list(transforms), "seed": seed,
-            "sources": cs.scenes,
+            "sources": cs.scenes, "photograph_scenes": sorted(photographs),
         },
         "pairs": asyncio.run(_pairs(bundle, cs)),
         "configs": {},
     }
     for name in configs:
         _tick(progress, f"{name}: ")
-        out["configs"][name] = asyncio.run(_measure(bundle, cs, CONFIGS[name], k, progress))
+        out["configs"][name] = asyncio.run(_measure(bundle, cs, CONFIGS[name], k, progress, photographs))
     if progress:
         print(file=sys.stderr)
     out["seconds"] = time.perf_counter() - t0
@@ -204,6 +231,12 @@ def table(result: dict) -> str:
         vals = [result["configs"][c][key] for c in cols]
         vals = [v / 1024 if key == "stored_bytes_per_item" else v for v in vals]
         lines.append(f"| {label} | " + " | ".join(fmt.format(v) if v is not None else "-" for v in vals) + " |")
+    for label, key in (("photographs: recall@1", "recall@1"), ("photographs: µAP, first hit", "micro_ap")):
+        vals = [result["configs"][c].get("photographs", {}).get(key) for c in cols]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    for label, key in (("at the bundle's threshold: precision", "precision"), ("at the bundle's threshold: recall", "recall"), ("at the bundle's threshold: copy-less queries passing", "copyless_passing")):
+        vals = [result["configs"][c].get("at_bundle_threshold", {}).get(key) for c in cols]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
     for t in result["set"]["transforms"]:
         lines.append(f"| recall@1: {t} | " + " | ".join(f"{result['configs'][c]['per_transform_recall@1'][t]:.3f}" for c in cols) + " |")
     return "\n".join(lines) + "\n"

@@ -4,8 +4,9 @@ queries (copies of a reference, or of nothing), and distinct look-alikes.
 Built from the benchmark's scenes only (``simserve.photos``, split 'eval'), which no training
 run sees. Each scene is cut into a grid of square tiles, so images never overlap unless they are
 meant to: per scene, some tiles are references, one is a look-alike (same scene, other place:
-queried as it is and transformed, it has no copy in the index), and the rest are the regions
-distractors are cut from. Everything is drawn from one seed.
+queried as it is and transformed, it has no copy in the index), one is a background (what
+references are pasted into: never indexed, or the query would hold a copy of a distractor), and
+the rest are the regions distractors are cut from. Everything is drawn from one seed.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _paste(img: Image.Image, rng: random.Random, background: Image.Image) -> Ima
 
 
 Transform = Callable[[Image.Image, random.Random, Image.Image], Image.Image]
-# name -> (image, rng, a background that is no reference) -> the copy
+# name -> (image, rng, a background that is in no indexed image) -> the copy
 TRANSFORMS: dict[str, Transform] = {
     "crop_50": lambda im, r, bg: _crop(im, r, 0.5),
     "crop_25": lambda im, r, bg: _crop(im, r, 0.25),
@@ -133,18 +134,20 @@ def build(scenes: list, *, refs_per_scene: int = 5, distractors: int = 10_000, t
     ref_tiles: list[tuple[str, Image.Image]] = []
     lookalikes: list[tuple[str, Image.Image]] = []
     regions: list[tuple[str, Image.Image]] = []
+    backgrounds: list[Image.Image] = []
     for s in scenes:
         progress(f"cutting {s.name}")
         tiles = _grid(Image.open(s.path).convert("RGB"))
-        if len(tiles) < refs_per_scene + 2:
-            raise ValueError(f"scene {s.name}: {len(tiles)} tiles, fewer than {refs_per_scene} references + a look-alike + a region")
+        if len(tiles) < refs_per_scene + 3:
+            raise ValueError(f"scene {s.name}: {len(tiles)} tiles, fewer than {refs_per_scene} references + a look-alike + a background + a region")
         order = rng.sample(range(len(tiles)), len(tiles))
         for n, t in enumerate(order[:refs_per_scene]):
             key = f"{s.name}/ref{n}"
             references[key] = _jpeg(tiles[t], 95)
             ref_tiles.append((key, tiles[t]))
         lookalikes.append((f"{s.name}/lookalike", tiles[order[refs_per_scene]]))
-        regions += [(s.name, tiles[t]) for t in order[refs_per_scene + 1 :]]
+        backgrounds.append(tiles[order[refs_per_scene + 1]])
+        regions += [(s.name, tiles[t]) for t in order[refs_per_scene + 2 :]]
     progress(f"cutting {distractors} distractors")
     dist = {}
     for i in range(distractors):
@@ -159,6 +162,6 @@ def build(scenes: list, *, refs_per_scene: int = 5, distractors: int = 10_000, t
         if truth is None:
             queries.append(Query(key, _jpeg(tile, 90), "lookalike", None))
         for name in transforms:
-            out = TRANSFORMS[name](tile, rng, rng.choice(regions)[1])
+            out = TRANSFORMS[name](tile, rng, rng.choice(backgrounds))
             queries.append(Query(f"{key}~{name}", _jpeg(out, JPEG_QUALITY.get(name, 75)), name, truth))
     return CopySet(references, dist, queries, [{"name": s.name, "package": getattr(s, "package", ""), "licence": getattr(s, "licence", "")} for s in scenes])

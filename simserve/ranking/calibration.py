@@ -1,10 +1,15 @@
-"""Operating points from scores: where to put a threshold, and what it keeps.
+"""Operating points from scores, and scores that are probabilities.
 
-numpy only: training picks a bundle's threshold with it, the benchmarks
-compare methods with it.
+numpy only: training picks a bundle's threshold with it, the benchmarks compare methods with it,
+and a search turns its evidence about a candidate into P(copy) with a bundle's ``Calibration``.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,3 +30,89 @@ def threshold_at_precision(scores: np.ndarray, labels: np.ndarray, target: float
         return {"threshold": float(s[0]) + 1e-6, "precision": 1.0, "recall": 0.0}
     i = last[ok[-1]]
     return {"threshold": float(s[i]), "precision": float(tp[i] / (i + 1)), "recall": float(tp[i] / max(1, y.sum()))}
+
+
+# What a search knows about a candidate, by collection configuration: the embedding score
+# (pooled, or re-scored by crop views) and, when verified, the inlier count.
+def evidence_key(crop_views: bool, inliers: bool) -> str:
+    return ("views" if crop_views else "pooled") + ("+inliers" if inliers else "")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """P(the candidate is a copy of the query) from the evidence a search has about it:
+    logistic in the score and the inlier count, fitted on copies of photos no benchmark uses
+    (``simserve calibrate``). ``threshold``: the lowest probability at precision 0.99 there.
+
+    Linear in the count: the chance that n matches agree with one affine map by accident falls
+    geometrically with n, so each inlier multiplies the odds alike; log1p(n) and sqrt(n) ranked
+    copies worse (docs/decisions/calibrated-score.md)."""
+
+    bias: float
+    score: float
+    inliers: float = 0.0
+    threshold: float = 0.5
+
+    def probability(self, score: float | np.ndarray, inliers: int | np.ndarray | None = None) -> np.ndarray:
+        z = self.bias + self.score * np.asarray(score, np.float64)
+        if inliers is not None:
+            z = z + self.inliers * np.maximum(np.asarray(inliers, np.float64), 0)
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"bias": self.bias, "score": self.score, "inliers": self.inliers, "threshold": self.threshold}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
+        vals = {k: d.get(k, 0.0) for k in ("bias", "score", "inliers")}
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals.values()):
+            raise ValueError(f"calibration {d!r}: bias, score and inliers must be finite numbers")
+        thr = d.get("threshold", 0.5)
+        if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 <= thr <= 1.0:
+            raise ValueError(f"calibration threshold {thr!r} must be a number in [0, 1]")
+        return cls(float(vals["bias"]), float(vals["score"]), float(vals["inliers"]), float(thr))
+
+
+def fit(score: np.ndarray, inliers: np.ndarray | None, labels: np.ndarray, l2: float = 1.0) -> Calibration:
+    """Logistic regression by Newton's method (a handful of steps; three weights), and the
+    threshold at precision 0.99 of the probabilities it gives on the same candidates."""
+    y = np.asarray(labels, np.float64)
+    cols = [np.ones_like(y), np.asarray(score, np.float64)]
+    if inliers is not None:
+        cols.append(np.maximum(np.asarray(inliers, np.float64), 0))
+    x = np.stack(cols, axis=1)
+    w = np.zeros(x.shape[1])
+    # Ridge on the weights, not the bias: copies are often perfectly separable by inliers, where
+    # unpenalised weights grow without bound and every probability becomes 0 or 1.
+    ridge = l2 * np.diag([0.0] + [1.0] * (x.shape[1] - 1))
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50, 50)))
+        grad = x.T @ (p - y) + ridge @ w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + ridge + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    cal = Calibration(float(w[0]), float(w[1]), float(w[2]) if inliers is not None else 0.0)
+    op = threshold_at_precision(cal.probability(score, inliers), y, 0.99)
+    return dataclasses.replace(cal, threshold=min(1.0, op["threshold"]))
+
+
+Calibrations = dict[str, Calibration]  # by evidence_key
+
+
+def from_manifest(manifest: dict[str, Any]) -> Calibrations:
+    """A bundle manifest's calibrations (none for a bundle never calibrated); raises ValueError
+    for a malformed one, so a server refuses it at start-up rather than mis-scoring every hit."""
+    raw = manifest.get("calibration") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"calibration must be an object, got {type(raw).__name__}")
+    known = {evidence_key(v, i) for v in (False, True) for i in (False, True)}
+    out = {}
+    for key, d in raw.items():
+        if key not in known:
+            continue  # notes and provenance sit beside the fitted models
+        if not isinstance(d, dict):
+            raise ValueError(f"calibration[{key!r}] must be an object")
+        out[key] = Calibration.from_dict(d)
+    return out

@@ -1,17 +1,19 @@
-"""The one search pipeline: ANN -> view re-score -> geometric verification -> head fusion.
+"""The one search pipeline: ANN -> view re-score -> geometric verification -> calibration ->
+head fusion.
 
-Each stage re-orders the shortlist the stage before it left. The index finds candidates by
-the embedding; a crop-views collection re-scores them by their stored views; a verifying one
-adds the inliers one affine map gives between the query's keypoints and each candidate's; with
-``rerank`` the fusion head, which compares feature maps and so cannot be pre-indexed, fuses its
-log-odds with that score. Whatever evidence the stages need is read with the candidates, in one
-query of the store. ``simserve index search`` and the server both search through here.
+The index finds a deep shortlist by the embedding; a crop-views collection re-scores it by the
+stored views; a verifying one counts, best first, the inliers one affine map gives between the
+query's keypoints and each candidate's, until one is certain; the bundle's calibration turns
+each candidate's evidence into P(copy), the score returned and ordered by; with ``rerank`` the
+fusion head, which compares feature maps and so cannot be pre-indexed, fuses its log-odds in.
+Whatever evidence the stages need is read with the candidates, in one query of the store.
+``simserve index search`` and the server both search through here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -19,24 +21,39 @@ from simserve.index.collection import Collection
 from simserve.index.store import Candidate
 from simserve.inference.engine import Engine
 from simserve.ranking import verify
+from simserve.ranking.calibration import Calibration, Calibrations, evidence_key
 from simserve.ranking.scores import fused_scores, verified_score
-from simserve.ranking.views import RESCORE_DEPTH, view_scores
+from simserve.ranking.views import view_scores
+
+# Candidates a crop-views or verifying search reads from the index and re-scores by views.
+SHORTLIST = 100
+# At most this many are verified, best view score first (docs/decisions/deep-shortlist.md).
+VERIFY_MAX = 30
+# Verification stops at a candidate this sure to be a copy (calibrated; the shipped threshold at
+# precision 0.99 is ~0.94), or with this many inliers (uncalibrated: at most 12 were seen on a
+# non-copy photo).
+CERTAIN = 0.99
+CERTAIN_INLIERS = 25
 
 
 @dataclass
 class Hit:
     key: str
-    # Cosine of the embeddings; in a crop-views collection, the mean of that and the best view's.
+    # What the caller thresholds on: with a calibrated bundle, P(copy) given every piece of
+    # evidence below; without one, the cosine (plus the inliers' worth when verified).
     score: float
     id: int
     metadata: dict[str, Any] | None = None
     head_score: float | None = None  # set when re-ranked by the fusion head
-    inliers: int | None = None  # set by a verifying collection
+    inliers: int | None = None  # set when verified
+    # The embedding's evidence: cosine of the pooled vectors; in a crop-views collection, the
+    # mean of that and the best view's.
+    cosine: float = 0.0
 
     @property
     def rank(self) -> float:
         """What orders hits before any head re-ranking: the score, plus the inliers' worth when verified."""
-        return verified_score(self.score, self.inliers)
+        return verified_score(self.cosine, self.inliers)
 
 
 @dataclass
@@ -47,27 +64,75 @@ class Query:
     exclude_id: int | None = None  # a stored item used as the query is not its own neighbour
 
 
-def search(collection: Collection, query: Query, k: int, *, rerank: int = 0, where: dict[str, Any] | None = None, engine: Engine | None = None) -> list[Hit]:
-    """The top k for one query. With ``rerank`` > 0 (query features and an engine given), the
-    top max(k, rerank) are re-ordered by ``fused_scores`` and carry the head's score too."""
+def search(
+    collection: Collection,
+    query: Query,
+    k: int,
+    *,
+    rerank: int = 0,
+    where: dict[str, Any] | None = None,
+    engine: Engine | None = None,
+    calibrations: Calibrations | None = None,
+) -> list[Hit]:
+    """The top k for one query, each scored by ``calibrations`` (the bundle's) when it has one for
+    this collection's evidence. With ``rerank`` > 0 (query features and an engine given), the top
+    max(k, rerank) are re-ordered by ``fused_scores`` and carry the head's score too."""
     cfg = collection.config
-    verifying = cfg.verify and query.keypoints is not None
     fusing = rerank > 0 and query.features is not None and engine is not None
     keep = max(k, rerank) if fusing else k
-    depth = max(keep, RESCORE_DEPTH) if cfg.crop_views or verifying else keep
-    exclude = () if query.exclude_id is None else (query.exclude_id,)
-    found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, keypoints=verifying, features=fusing)[0]
-    hits = [Hit(c.key, c.score, c.id, c.metadata) for c in found]
-    evidence = {c.id: c for c in found}
-    if cfg.crop_views:
-        hits = _rescore_views(query.embedding, hits, evidence)
-    if verifying:
-        # Only the top RESCORE_DEPTH: the rest score below all of them even before their inliers count.
-        hits = _verify(query.keypoints, hits[:RESCORE_DEPTH], evidence) + hits[RESCORE_DEPTH:]
+    cal = calibrations or {}
+    plain, verified = cal.get(evidence_key(cfg.crop_views, False)), cal.get(evidence_key(cfg.crop_views, True))
+    if plain is None or (cfg.verify and verified is None):
+        plain = verified = None  # half a calibration would order hits by two scales at once
+    hits, evidence = shortlist(collection, query, keep, where=where, features=fusing, certain=_certainty(verified))
+    # A verifying search scores every hit with the inliers model, an unverified one as if it had
+    # none: it ranked below the verified ones by cosine, and the embedding-only model's scale
+    # would put it above verified candidates that found nothing (recall@1 0.66 -> 0.54).
+    use = verified if any(h.inliers is not None for h in hits) else plain
+    for h in hits:
+        if use is not None:
+            h.score = float(use.probability(h.cosine, 0 if h.inliers is None else h.inliers) if use is verified else use.probability(h.cosine))
+        else:
+            h.score = h.cosine
+    # Uncalibrated, the inliers' worth orders a verified shortlist, as before calibration.
+    hits.sort(key=lambda h: -(h.score if plain is not None else h.rank))
     hits = hits[:keep]
     if fusing:
         hits = _fuse(engine, query.features, hits, evidence, cfg.feature_shape)
     return hits[:k]
+
+
+def shortlist(
+    collection: Collection,
+    query: Query,
+    k: int,
+    *,
+    where: dict[str, Any] | None = None,
+    features: bool = False,
+    certain: Callable[[Hit], bool] | None = None,
+) -> tuple[list[Hit], dict[int, Candidate]]:
+    """The candidates and the evidence about them, best embedding (or view) score first: the top
+    k, or in a crop-views or verifying collection the top SHORTLIST, re-scored by views; the first
+    VERIFY_MAX verified, stopping after the first that ``certain`` accepts (None: never stop).
+    Scores are left to the caller: ``search`` calibrates them, ``simserve calibrate`` fits on them."""
+    cfg = collection.config
+    verifying = cfg.verify and query.keypoints is not None
+    depth = max(k, SHORTLIST) if cfg.crop_views or verifying else k
+    exclude = () if query.exclude_id is None else (query.exclude_id,)
+    found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, keypoints=verifying, features=features)[0]
+    hits = [Hit(c.key, c.score, c.id, c.metadata, cosine=c.score) for c in found]
+    evidence = {c.id: c for c in found}
+    if cfg.crop_views:
+        hits = _rescore_views(query.embedding, hits, evidence)
+    if verifying:
+        _verify(query.keypoints, hits, evidence, certain or (lambda h: False))
+    return hits, evidence
+
+
+def _certainty(calibration: Calibration | None) -> Callable[[Hit], bool]:
+    if calibration is None:
+        return lambda h: h.inliers is not None and h.inliers >= CERTAIN_INLIERS
+    return lambda h: h.inliers is not None and calibration.probability(h.cosine, h.inliers) >= CERTAIN
 
 
 def stored_keypoints(collection: Collection, id: int) -> list[verify.LocalFeatures] | None:
@@ -82,20 +147,23 @@ def _rescore_views(query: np.ndarray, hits: list[Hit], evidence: dict[int, Candi
     have = [h for h in hits if evidence[h.id].views is not None]
     if have:
         q = np.asarray(query, np.float32).reshape(-1)
-        new = view_scores(q, np.array([h.score for h in have], np.float32), np.stack([evidence[h.id].views for h in have]))
+        new = view_scores(q, np.array([h.cosine for h in have], np.float32), np.stack([evidence[h.id].views for h in have]))
         for h, s in zip(have, new):
-            h.score = float(s)
-    return sorted(hits, key=lambda h: -h.score)
+            h.cosine = float(s)
+    return sorted(hits, key=lambda h: -h.cosine)
 
 
-def _verify(query: Sequence[verify.LocalFeatures], hits: list[Hit], evidence: dict[int, Candidate]) -> list[Hit]:
-    """Hits with their inlier counts, re-ordered by ``verified_score`` (items added without
-    keypoints keep no count and their plain score)."""
-    for h in hits:
+def _verify(query: Sequence[verify.LocalFeatures], hits: list[Hit], evidence: dict[int, Candidate], certain: Callable[[Hit], bool]) -> None:
+    """Counts inliers for the best-scored hits, in order, until one is certain or VERIFY_MAX are
+    done: a copy is nearly always found among the first few, and each costs a millisecond or more.
+    Hits past that, and items added without keypoints, keep no count."""
+    for h in hits[:VERIFY_MAX]:
         blob = evidence[h.id].keypoints
-        if blob is not None:
-            h.inliers = verify.inliers(query, verify.unpack(blob))
-    return sorted(hits, key=lambda h: -h.rank)
+        if blob is None:
+            continue
+        h.inliers = verify.inliers(query, verify.unpack(blob))
+        if certain(h):
+            break
 
 
 def _fuse(engine: Engine, features: np.ndarray, hits: list[Hit], evidence: dict[int, Candidate], shape: Sequence[int]) -> list[Hit]:

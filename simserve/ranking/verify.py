@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import threadpoolctl
 from PIL import Image, ImageOps
 
 from simserve.inference.decode import DEFAULT_MAX_PIXELS, decode_image
@@ -27,6 +28,9 @@ RATIO = 0.8  # Lowe's ratio test, both detectors (0.7 / 0.75 / 0.85 matched fewe
 RANSAC_PX = 0.02  # reprojection error an inlier may have, as a fraction of the longer side
 MIN_SIDE = 16  # below this many pixels on the short side (at SIDE on the long one) an image has no keypoints
 MIN_MATCHES = 4  # below this RANSAC fits noise: an affine map passes through any three points
+# A first pass matches only the strongest keypoints (stored strongest first); the full match, ~20x
+# the cost, runs only where that pass found COARSE_MIN inliers (docs/decisions/deep-shortlist.md).
+COARSE_SIFT, COARSE_ORB, COARSE_MIN = 100, 200, 5
 
 SIFT_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (128,))])  # 132 bytes
 ORB_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (32,))])  # 36 bytes
@@ -41,7 +45,7 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        raise VerifyUnavailable("geometric verification needs OpenCV: pip install 'simserve[verify]' (opencv-python-headless)") from None
+        raise VerifyUnavailable("geometric verification needs OpenCV, which simserve's install brings: pip install opencv-python-headless") from None
     return cv2
 
 
@@ -58,6 +62,8 @@ def _tools():
     if t is None:
         cv2 = _cv2()
         cv2.setNumThreads(1)  # callers run one image per thread; OpenCV's own pool would oversubscribe
+        # So would OpenBLAS's, on the small descriptor products: 0.35 ms alone, 16 ms beside other work.
+        threadpoolctl.threadpool_limits(1, user_api="blas")
         t = _local.tools = (
             cv2.SIFT_create(nfeatures=MAX_SIFT),
             cv2.ORB_create(nfeatures=MAX_ORB, fastThreshold=ORB_FAST_THRESHOLD, edgeThreshold=15),
@@ -84,10 +90,12 @@ def _grey(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def _points(dtype: np.dtype, keypoints, desc) -> np.ndarray:
+    """Keypoints as stored: strongest first, so a prefix is the strongest few (the coarse pass)."""
     out = np.zeros(len(keypoints), dtype)
     if len(keypoints):
-        out["xy"] = np.float32([k.pt for k in keypoints]) / SIDE
-        out["desc"] = np.clip(np.rint(desc), 0, 255)  # SIFT's are whole numbers below 256, ORB's bytes
+        order = np.argsort([-k.response for k in keypoints], kind="stable")
+        out["xy"] = (np.float32([k.pt for k in keypoints]) / SIDE)[order]
+        out["desc"] = np.clip(np.rint(desc), 0, 255)[order]  # SIFT's are whole numbers below 256, ORB's bytes
     return out
 
 
@@ -100,13 +108,21 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 def keypoints(image: Image.Image | np.ndarray) -> bytes:
     """An RGB or grey image -> its keypoints, as the bytes a verifying collection stores
     (up to 400 x 132 + 1,000 x 36 bytes; a drawing at 256 px has far fewer)."""
-    sift, orb, _ = _tools()
-    grey = _grey(image)
-    if min(grey.shape) < MIN_SIDE:  # a strip (1000 x 4 is 256 x 1 here): nothing to find, and OpenCV asserts
-        return np.array([0], _HEADER).tobytes()
-    s = _points(SIFT_POINT, *sift.detectAndCompute(grey, None))
-    o = _points(ORB_POINT, *orb.detectAndCompute(grey, None))
+    s, o = _detect(_grey(image))
+    return _pack(s, o)
+
+
+def _pack(s: np.ndarray, o: np.ndarray) -> bytes:
     return np.array([len(s)], _HEADER).tobytes() + s.tobytes() + o.tobytes()
+
+
+def _detect(grey: np.ndarray, sift: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT (unless not wanted) and ORB points of a grey image at SIDE."""
+    detect_sift, orb, _ = _tools()
+    if min(grey.shape) < MIN_SIDE:  # a strip (1000 x 4 is 256 x 1 here): nothing to find, and OpenCV asserts
+        return np.zeros(0, SIFT_POINT), np.zeros(0, ORB_POINT)
+    s = _points(SIFT_POINT, *detect_sift.detectAndCompute(grey, None)) if sift else np.zeros(0, SIFT_POINT)
+    return s, _points(ORB_POINT, *orb.detectAndCompute(grey, None))
 
 
 def unpack(blob: bytes) -> LocalFeatures:
@@ -123,16 +139,44 @@ def unpack(blob: bytes) -> LocalFeatures:
     return LocalFeatures(s["xy"].astype(np.float32).reshape(-1, 2), d, o["xy"].astype(np.float32).reshape(-1, 2), np.ascontiguousarray(o["desc"]).reshape(-1, 32))
 
 
+def _mirror_permutation() -> np.ndarray:
+    """Where each bin of a SIFT descriptor goes when the image is mirrored: in the keypoint's own
+    frame (its angle mirrors too) the 4 x 4 grid's rows swap and orientation o becomes -o."""
+    idx = np.arange(128).reshape(4, 4, 8)
+    return np.array([idx[3 - r, c, (8 - o) % 8] for r in range(4) for c in range(4) for o in range(8)])
+
+
+_MIRROR = _mirror_permutation()
+
+
 def query_features(image: Image.Image | np.ndarray) -> list[LocalFeatures]:
-    """A query image -> its features as given and mirrored (copies are often flipped)."""
-    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    return [unpack(keypoints(img)), unpack(keypoints(ImageOps.mirror(img)))]
+    """A query image -> its features as given and mirrored (copies are often flipped). The
+    mirrored SIFT is the given one re-arranged (_MIRROR), not detected again: SIFT is two thirds
+    of a query's detection time. ORB's binary tests have no such symmetry, so it runs twice."""
+    grey = _grey(image)
+    s, o = _detect(grey)
+    flipped = np.ascontiguousarray(grey[:, ::-1])
+    ms = s.copy()
+    ms["xy"][:, 0] = (grey.shape[1] / SIDE - s["xy"][:, 0].astype(np.float32)).astype(np.float16)
+    ms["desc"] = s["desc"][:, _MIRROR]
+    _, mo = _detect(flipped, sift=False)
+    return [unpack(_pack(s, o)), unpack(_pack(ms, mo))]
 
 
 def inliers(query: Sequence[LocalFeatures], stored: LocalFeatures) -> int:
     """Distinct places in the stored image that one affine map carries the query's SIFT and ORB
-    matches onto (RANSAC), the best over the query's orientations."""
-    return max((_inliers(q, stored) for q in query), default=0)
+    matches onto (RANSAC), the best over the query's orientations. Each orientation is matched on
+    the strongest keypoints first, and in full only if that found some agreement."""
+    best = 0
+    strong = _strongest(stored)
+    for q in query:
+        coarse = _inliers(_strongest(q), strong)
+        best = max(best, coarse, _inliers(q, stored) if coarse >= COARSE_MIN else 0)
+    return best
+
+
+def _strongest(f: LocalFeatures) -> LocalFeatures:
+    return LocalFeatures(f.sift_xy[:COARSE_SIFT], f.sift[:COARSE_SIFT], f.orb_xy[:COARSE_ORB], f.orb[:COARSE_ORB])
 
 
 def _sift_pairs(q: LocalFeatures, s: LocalFeatures) -> np.ndarray:

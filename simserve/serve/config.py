@@ -36,8 +36,11 @@ class ServerConfig:
     collection: str = "default"
     max_collections: int = 100  # each open one holds SQLite connections (one per thread that used it) and its index
     factory: str = "Flat"
-    crop_views: bool = False  # new collections index whole image + 5 crops (inference/crops.py)
-    verify: bool = False  # new collections keep keypoints and verify their searches (ranking/verify.py)
+    # The accurate configuration is the default (docs/decisions/deep-shortlist.md): new collections
+    # index the whole image + 5 crops (inference/crops.py) and keep keypoints to verify their
+    # searches (ranking/verify.py).
+    crop_views: bool = True
+    verify: bool = True
     token: str = ""
     tls_cert: str = ""
     tls_key: str = ""

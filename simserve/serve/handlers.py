@@ -134,7 +134,7 @@ class SimilarityService(pb_grpc.SimilarityServicer):
         hits = await self.service.search(_ref(request.query), request.collection or None, request.k, request.rerank, dict(request.filter), _timeout(context))
         return pb.SearchResponse(
             neighbors=[
-                pb.Neighbor(key=h.key, score=h.score, metadata_json=json.dumps(h.metadata) if h.metadata else "", head_score=h.head_score, inliers=h.inliers)
+                pb.Neighbor(key=h.key, score=h.score, cosine=h.cosine, metadata_json=json.dumps(h.metadata) if h.metadata else "", head_score=h.head_score, inliers=h.inliers)
                 for h in hits
             ]
         )

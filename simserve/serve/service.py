@@ -22,12 +22,12 @@ from PIL import Image
 
 from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, Collections
 from simserve.index.store import NewItem, StoredItem, valid_filter_field
-from simserve.inference.bundle import Bundle
+from simserve.inference.bundle import Bundle, BundleError
 from simserve.inference.crops import collapse_views
 from simserve.inference.decode import DecodeError, declared_pixels
 from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import Engine
-from simserve.ranking import pipeline, verify
+from simserve.ranking import calibration, pipeline, verify
 from simserve.serve.batcher import MicroBatcher
 from simserve.serve.budget import DecodeBudget
 from simserve.serve.config import ServerConfig
@@ -71,6 +71,10 @@ class Service:
         self.engine, self.collections = engine, collections
         self.config = cfg = config or ServerConfig()
         self.bundle: Bundle = engine.bundle
+        try:
+            self.calibrations = calibration.from_manifest(self.bundle.manifest)
+        except ValueError as e:
+            raise BundleError(f"{self.bundle.root}: {e}") from None
         self.batcher: MicroBatcher[np.ndarray, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
             self._embed_batch, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue, name="engine-batcher", on_batch=on_batch
         )
@@ -127,7 +131,7 @@ class Service:
         def scan() -> list[pipeline.Hit]:  # query keypoints, the index, the store: all off the loop
             keypoints = self._query_keypoints(col, query, got.ids[0]) if col.config.verify else None
             q = pipeline.Query(got.embeddings[0], feats, keypoints, got.ids[0])
-            return pipeline.search(col, q, k, rerank=rerank, where=where or None, engine=self.engine)
+            return pipeline.search(col, q, k, rerank=rerank, where=where or None, engine=self.engine, calibrations=self.calibrations)
 
         return await asyncio.to_thread(scan)
 
@@ -156,7 +160,7 @@ class Service:
         decoded = await self._decode_all([(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)], True, deadline, views)
         flat = [v for d in decoded for v in d] if views else decoded
         results = await self.batcher.run_async(flat, _left(deadline)) if flat else []
-        if views:
+        if views and results:
             results = list(zip(*collapse_views(np.stack([f for f, _ in results]), np.stack([e for _, e in results]))))
         else:
             results = [(f, e, None) for f, e in results]

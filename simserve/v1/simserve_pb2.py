@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asimserve/v1/simserve.proto\x12\x0bsimserve.v1\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"D\n\x04Pair\x12\x1d\n\x01\x61\x18\x01 \x01(\x0b\x32\x12.simserve.v1.Image\x12\x1d\n\x01\x62\x18\x02 \x01(\x0b\x32\x12.simserve.v1.Image\"\\\n\x11ScorePairsRequest\x12 \n\x05pairs\x18\x01 \x03(\x0b\x32\x11.simserve.v1.Pair\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tthreshold\x18\x03 \x01(\x02\"9\n\tPairScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05match\x18\x02 \x01(\x08\x12\x0e\n\x06\x63osine\x18\x03 \x01(\x02\"^\n\x12ScorePairsResponse\x12&\n\x06scores\x18\x01 \x03(\x0b\x32\x16.simserve.v1.PairScore\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\r\n\x05model\x18\x03 \x01(\t\"F\n\x0c\x45mbedRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.simserve.v1.Image\x12\x12\n\ncollection\x18\x02 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"W\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.simserve.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\"\xc8\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12!\n\x05query\x18\x02 \x01(\x0b\x32\x12.simserve.v1.Image\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x0e\n\x06rerank\x18\x04 \x01(\x05\x12\x36\n\x06\x66ilter\x18\x05 \x03(\x0b\x32&.simserve.v1.SearchRequest.FilterEntry\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x01\n\x08Neighbor\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\nhead_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\x14\n\x07inliers\x18\x05 \x01(\x05H\x01\x88\x01\x01\x42\r\n\x0b_head_scoreB\n\n\x08_inliers\":\n\x0eSearchResponse\x12(\n\tneighbors\x18\x01 \x03(\x0b\x32\x15.simserve.v1.Neighbor\"<\n\x07\x41\x64\x64Item\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\"E\n\nAddRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.simserve.v1.AddItem\"*\n\x0b\x41\x64\x64Response\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x0c\n\x04keys\x18\x02 \x03(\t\"1\n\rRemoveRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"4\n\x0eRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x05\x12\x11\n\tnot_found\x18\x02 \x03(\t\"G\n\nGetRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\"N\n\x04Item\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x12\n\nadded_unix\x18\x04 \x01(\x01\"B\n\x0bGetResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.simserve.v1.Item\x12\x11\n\tnot_found\x18\x02 \x03(\t\"\"\n\x0cStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\xda\x01\n\rStatsResponse\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x01(\x03\x12\x0f\n\x07indexed\x18\x03 \x01(\x03\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x0f\n\x07\x66\x61\x63tory\x18\x05 \x01(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x13\n\x0bindex_bytes\x18\x07 \x01(\x03\x12\x18\n\x10pending_training\x18\x08 \x01(\x08\x12\x10\n\x08\x62uffered\x18\t \x01(\x03\x12\x12\n\ncrop_views\x18\n \x01(\x08\x12\x0e\n\x06verify\x18\x0b \x01(\x08\"\x18\n\x16ListCollectionsRequest\".\n\x17ListCollectionsResponse\x12\x13\n\x0b\x63ollections\x18\x01 \x03(\t2\xde\x01\n\nSimilarity\x12M\n\nScorePairs\x12\x1e.simserve.v1.ScorePairsRequest\x1a\x1f.simserve.v1.ScorePairsResponse\x12>\n\x05\x45mbed\x12\x19.simserve.v1.EmbedRequest\x1a\x1a.simserve.v1.EmbedResponse\x12\x41\n\x06Search\x12\x1a.simserve.v1.SearchRequest\x1a\x1b.simserve.v1.SearchResponse2\x9e\x03\n\x05Index\x12\x38\n\x03\x41\x64\x64\x12\x17.simserve.v1.AddRequest\x1a\x18.simserve.v1.AddResponse\x12@\n\tAddStream\x12\x17.simserve.v1.AddRequest\x1a\x18.simserve.v1.AddResponse(\x01\x12\x41\n\x06Remove\x12\x1a.simserve.v1.RemoveRequest\x1a\x1b.simserve.v1.RemoveResponse\x12\x38\n\x03Get\x12\x17.simserve.v1.GetRequest\x1a\x18.simserve.v1.GetResponse\x12>\n\x05Stats\x12\x19.simserve.v1.StatsRequest\x1a\x1a.simserve.v1.StatsResponse\x12\\\n\x0fListCollections\x12#.simserve.v1.ListCollectionsRequest\x1a$.simserve.v1.ListCollectionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asimserve/v1/simserve.proto\x12\x0bsimserve.v1\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"D\n\x04Pair\x12\x1d\n\x01\x61\x18\x01 \x01(\x0b\x32\x12.simserve.v1.Image\x12\x1d\n\x01\x62\x18\x02 \x01(\x0b\x32\x12.simserve.v1.Image\"\\\n\x11ScorePairsRequest\x12 \n\x05pairs\x18\x01 \x03(\x0b\x32\x11.simserve.v1.Pair\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tthreshold\x18\x03 \x01(\x02\"9\n\tPairScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05match\x18\x02 \x01(\x08\x12\x0e\n\x06\x63osine\x18\x03 \x01(\x02\"^\n\x12ScorePairsResponse\x12&\n\x06scores\x18\x01 \x03(\x0b\x32\x16.simserve.v1.PairScore\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\r\n\x05model\x18\x03 \x01(\t\"F\n\x0c\x45mbedRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.simserve.v1.Image\x12\x12\n\ncollection\x18\x02 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"W\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.simserve.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\"\xc8\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12!\n\x05query\x18\x02 \x01(\x0b\x32\x12.simserve.v1.Image\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x0e\n\x06rerank\x18\x04 \x01(\x05\x12\x36\n\x06\x66ilter\x18\x05 \x03(\x0b\x32&.simserve.v1.SearchRequest.FilterEntry\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x08Neighbor\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\nhead_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\x14\n\x07inliers\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x06\x63osine\x18\x06 \x01(\x02\x42\r\n\x0b_head_scoreB\n\n\x08_inliers\":\n\x0eSearchResponse\x12(\n\tneighbors\x18\x01 \x03(\x0b\x32\x15.simserve.v1.Neighbor\"<\n\x07\x41\x64\x64Item\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\"E\n\nAddRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.simserve.v1.AddItem\"*\n\x0b\x41\x64\x64Response\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x0c\n\x04keys\x18\x02 \x03(\t\"1\n\rRemoveRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"4\n\x0eRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x05\x12\x11\n\tnot_found\x18\x02 \x03(\t\"G\n\nGetRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\"N\n\x04Item\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x12\n\nadded_unix\x18\x04 \x01(\x01\"B\n\x0bGetResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.simserve.v1.Item\x12\x11\n\tnot_found\x18\x02 \x03(\t\"\"\n\x0cStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\xda\x01\n\rStatsResponse\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x01(\x03\x12\x0f\n\x07indexed\x18\x03 \x01(\x03\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x0f\n\x07\x66\x61\x63tory\x18\x05 \x01(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x13\n\x0bindex_bytes\x18\x07 \x01(\x03\x12\x18\n\x10pending_training\x18\x08 \x01(\x08\x12\x10\n\x08\x62uffered\x18\t \x01(\x03\x12\x12\n\ncrop_views\x18\n \x01(\x08\x12\x0e\n\x06verify\x18\x0b \x01(\x08\"\x18\n\x16ListCollectionsRequest\".\n\x17ListCollectionsResponse\x12\x13\n\x0b\x63ollections\x18\x01 \x03(\t2\xde\x01\n\nSimilarity\x12M\n\nScorePairs\x12\x1e.simserve.v1.ScorePairsRequest\x1a\x1f.simserve.v1.ScorePairsResponse\x12>\n\x05\x45mbed\x12\x19.simserve.v1.EmbedRequest\x1a\x1a.simserve.v1.EmbedResponse\x12\x41\n\x06Search\x12\x1a.simserve.v1.SearchRequest\x1a\x1b.simserve.v1.SearchResponse2\x9e\x03\n\x05Index\x12\x38\n\x03\x41\x64\x64\x12\x17.simserve.v1.AddRequest\x1a\x18.simserve.v1.AddResponse\x12@\n\tAddStream\x12\x17.simserve.v1.AddRequest\x1a\x18.simserve.v1.AddResponse(\x01\x12\x41\n\x06Remove\x12\x1a.simserve.v1.RemoveRequest\x1a\x1b.simserve.v1.RemoveResponse\x12\x38\n\x03Get\x12\x17.simserve.v1.GetRequest\x1a\x18.simserve.v1.GetResponse\x12>\n\x05Stats\x12\x19.simserve.v1.StatsRequest\x1a\x1a.simserve.v1.StatsResponse\x12\\\n\x0fListCollections\x12#.simserve.v1.ListCollectionsRequest\x1a$.simserve.v1.ListCollectionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,35 +54,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHREQUEST_FILTERENTRY']._serialized_start=758
   _globals['_SEARCHREQUEST_FILTERENTRY']._serialized_end=803
   _globals['_NEIGHBOR']._serialized_start=806
-  _globals['_NEIGHBOR']._serialized_end=941
-  _globals['_SEARCHRESPONSE']._serialized_start=943
-  _globals['_SEARCHRESPONSE']._serialized_end=1001
-  _globals['_ADDITEM']._serialized_start=1003
-  _globals['_ADDITEM']._serialized_end=1063
-  _globals['_ADDREQUEST']._serialized_start=1065
-  _globals['_ADDREQUEST']._serialized_end=1134
-  _globals['_ADDRESPONSE']._serialized_start=1136
-  _globals['_ADDRESPONSE']._serialized_end=1178
-  _globals['_REMOVEREQUEST']._serialized_start=1180
-  _globals['_REMOVEREQUEST']._serialized_end=1229
-  _globals['_REMOVERESPONSE']._serialized_start=1231
-  _globals['_REMOVERESPONSE']._serialized_end=1283
-  _globals['_GETREQUEST']._serialized_start=1285
-  _globals['_GETREQUEST']._serialized_end=1356
-  _globals['_ITEM']._serialized_start=1358
-  _globals['_ITEM']._serialized_end=1436
-  _globals['_GETRESPONSE']._serialized_start=1438
-  _globals['_GETRESPONSE']._serialized_end=1504
-  _globals['_STATSREQUEST']._serialized_start=1506
-  _globals['_STATSREQUEST']._serialized_end=1540
-  _globals['_STATSRESPONSE']._serialized_start=1543
-  _globals['_STATSRESPONSE']._serialized_end=1761
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1763
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1787
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1789
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1835
-  _globals['_SIMILARITY']._serialized_start=1838
-  _globals['_SIMILARITY']._serialized_end=2060
-  _globals['_INDEX']._serialized_start=2063
-  _globals['_INDEX']._serialized_end=2477
+  _globals['_NEIGHBOR']._serialized_end=957
+  _globals['_SEARCHRESPONSE']._serialized_start=959
+  _globals['_SEARCHRESPONSE']._serialized_end=1017
+  _globals['_ADDITEM']._serialized_start=1019
+  _globals['_ADDITEM']._serialized_end=1079
+  _globals['_ADDREQUEST']._serialized_start=1081
+  _globals['_ADDREQUEST']._serialized_end=1150
+  _globals['_ADDRESPONSE']._serialized_start=1152
+  _globals['_ADDRESPONSE']._serialized_end=1194
+  _globals['_REMOVEREQUEST']._serialized_start=1196
+  _globals['_REMOVEREQUEST']._serialized_end=1245
+  _globals['_REMOVERESPONSE']._serialized_start=1247
+  _globals['_REMOVERESPONSE']._serialized_end=1299
+  _globals['_GETREQUEST']._serialized_start=1301
+  _globals['_GETREQUEST']._serialized_end=1372
+  _globals['_ITEM']._serialized_start=1374
+  _globals['_ITEM']._serialized_end=1452
+  _globals['_GETRESPONSE']._serialized_start=1454
+  _globals['_GETRESPONSE']._serialized_end=1520
+  _globals['_STATSREQUEST']._serialized_start=1522
+  _globals['_STATSREQUEST']._serialized_end=1556
+  _globals['_STATSRESPONSE']._serialized_start=1559
+  _globals['_STATSRESPONSE']._serialized_end=1777
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1779
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1803
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1805
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1851
+  _globals['_SIMILARITY']._serialized_start=1854
+  _globals['_SIMILARITY']._serialized_end=2076
+  _globals['_INDEX']._serialized_start=2079
+  _globals['_INDEX']._serialized_end=2493
 # @@protoc_insertion_point(module_scope)

@@ -98,18 +98,20 @@ class SearchRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., query: _Optional[_Union[Image, _Mapping]] = ..., k: _Optional[int] = ..., rerank: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Neighbor(_message.Message):
-    __slots__ = ("key", "score", "head_score", "metadata_json", "inliers")
+    __slots__ = ("key", "score", "head_score", "metadata_json", "inliers", "cosine")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     HEAD_SCORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     INLIERS_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
     key: str
     score: float
     head_score: float
     metadata_json: str
     inliers: int
-    def __init__(self, key: _Optional[str] = ..., score: _Optional[float] = ..., head_score: _Optional[float] = ..., metadata_json: _Optional[str] = ..., inliers: _Optional[int] = ...) -> None: ...
+    cosine: float
+    def __init__(self, key: _Optional[str] = ..., score: _Optional[float] = ..., head_score: _Optional[float] = ..., metadata_json: _Optional[str] = ..., inliers: _Optional[int] = ..., cosine: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("neighbors",)
