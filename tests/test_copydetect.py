@@ -134,13 +134,13 @@ def test_the_shipped_default_finds_a_photo_copy_first_and_keeps_a_lookalike_belo
     look-alike: same light, same subject, no shared pixels) scores below the bundle's threshold.
     (Such a copy need not pass the threshold itself: at precision 0.99 it keeps half the copies
     of photos; docs/decisions/calibrated-score.md.)"""
+    import random
+
     from simserve.bench.copyset import _colour, _crop, _jpeg, _text
     from simserve.index.collection import Collections
     from simserve.inference.engine import load_engine
     from simserve.ranking.calibration import evidence_key
     from simserve.serve.service import ImageRef, Service
-
-    import random
 
     svc = Service(load_engine(), Collections(tmp_path / "c"))
     assert svc.config.crop_views and svc.config.verify
