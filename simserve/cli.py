@@ -271,8 +271,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     try:
         if args.action == "score":
             s = c.score([(image(args.a), image(args.b))], collection=args.collection)[0]
-            out: Any = {"score": s.score, "match": s.match, "cosine": s.cosine}
-            text = f"score {s.score:.4f} ({'match' if s.match else 'different'}), cosine {s.cosine:.4f}"
+            out: Any = {"score": s.score, "match": s.match, "cosine": s.cosine, "head_score": s.head_score}
+            text = f"score {s.score:.4f} ({'match' if s.match else 'different'}), cosine {s.cosine:.4f}, head {s.head_score:.4f}"
         elif args.action == "search":
             out = c.search(image(args.image), k=args.k, rerank=args.rerank, collection=args.collection, where=_where(args.where))
             text = _hit_lines(out)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from simserve.client import Client
+from simserve.client import Client, Key
 from simserve.index.collection import Collections
 from simserve.inference.decode import decode_image
 from simserve.inference.engine import load_engine
@@ -191,3 +191,21 @@ def test_a_strip_has_no_keypoints_and_no_error():
     stored = verify.unpack(blob)
     assert len(stored.sift) == len(stored.orb) == 0
     assert verify.inliers(verify.query_features(Image.new("RGB", (4, 1000))), stored) == 0
+
+
+def test_score_pairs_with_the_shipped_model_decides_by_the_calibrated_probability(tmp_path):
+    """ScorePairs through a real server and the shipped (calibrated) model: a re-posted copy is a
+    match with its inliers in the score, two different drawings are not whatever the head says,
+    the score is the same either way round, and a stored key scores with its stored keypoints."""
+    srv = start(ServerConfig(port=0, data_dir=str(tmp_path)))
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            seagull, copy, bee = (ROOT / "examples" / n for n in ("seagull.png", "seagull-copy.jpg", "bee.png"))
+            s = c.score([(seagull, copy), (copy, seagull), (seagull, bee)])
+            assert s[0].match and s[0].score > 0.99 and not s[2].match and s[2].score < 0.05, s
+            assert abs(s[0].score - s[1].score) < 1e-6 and 0.0 <= s[2].head_score <= 1.0
+            c.add({"gull": seagull})
+            by_key = c.score([(Key("gull"), copy)])[0]
+            assert by_key.match and by_key.score > 0.99
+    finally:
+        srv.stop(2)

@@ -140,7 +140,8 @@ async def _measure(bundle: str | None, cs: CopySet, options: dict, k: int, progr
 
 
 async def _pairs(bundle: str | None, cs: CopySet) -> dict:
-    """ScorePairs (the head, what `compare` and `match` decide by) at the bundle's threshold."""
+    """ScorePairs at the threshold it decides by: P(copy) at the calibration's with a calibrated
+    bundle, else the head's score at the bundle's; and the head at its own threshold, beside it."""
     from simserve.index.collection import Collections
     from simserve.inference.engine import load_engine
     from simserve.serve.service import ImageRef, Service
@@ -153,21 +154,27 @@ async def _pairs(bundle: str | None, cs: CopySet) -> dict:
             for q in cs.queries if q.transform == "lookalike"
             for key, data in cs.references.items() if key.split("/")[0] == q.name.split("/")[0]
         ]
-        copy_scores, thr = await _scores(svc, copies)
-        look_scores, _ = await _scores(svc, looks)
+        (copy_scores, copy_head), thr = await _scores(svc, copies)
+        (look_scores, look_head), _ = await _scores(svc, looks)
+        head_thr = svc.bundle.threshold
         svc.close()
     return {
-        "bundle_threshold": float(thr),
+        "threshold": float(thr),
         "copy_pairs_matched": float(np.mean(copy_scores >= thr)),
         "lookalike_pairs": len(looks),
         "lookalike_pairs_matched": float(np.mean(look_scores >= thr)) if len(looks) else None,
+        "head_threshold": float(head_thr),
+        "head_copy_pairs_matched": float(np.mean(copy_head >= head_thr)),
+        "head_lookalike_pairs_matched": float(np.mean(look_head >= head_thr)) if len(looks) else None,
     }
 
 
-async def _scores(svc, pairs: list) -> tuple[np.ndarray, float]:
-    """Head scores of many pairs, a request's worth at a time; and the bundle's threshold."""
+async def _scores(svc, pairs: list) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """(scores, head scores) of many pairs, a request's worth at a time; and the threshold ScorePairs decides by."""
     parts = [await svc.score_pairs(pairs[s : s + 256], None, 0.0, None) for s in range(0, len(pairs), 256)]
-    return np.concatenate([p[0] for p in parts]) if parts else np.zeros(0), svc.bundle.threshold
+    if not parts:
+        return (np.zeros(0), np.zeros(0)), svc.bundle.threshold
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])), parts[0][3]
 
 
 def _tick(progress: bool, text: str) -> None:

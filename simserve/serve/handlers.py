@@ -115,9 +115,9 @@ class SimilarityService(pb_grpc.SimilarityServicer):
     @_guard
     async def ScorePairs(self, request, context):
         pairs = [(_ref(p.a), _ref(p.b)) for p in request.pairs]
-        scores, cosine, thr = await self.service.score_pairs(pairs, request.collection or None, request.threshold, _timeout(context))
+        scores, head, cosine, thr = await self.service.score_pairs(pairs, request.collection or None, request.threshold, _timeout(context))
         return pb.ScorePairsResponse(
-            scores=[pb.PairScore(score=float(s), match=bool(s >= thr), cosine=float(c)) for s, c in zip(scores, cosine)],
+            scores=[pb.PairScore(score=float(s), match=bool(s >= thr), cosine=float(c), head_score=float(h)) for s, h, c in zip(scores, head, cosine)],
             threshold=thr,
             model=self.service.model_name,
         )

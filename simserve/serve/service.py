@@ -90,8 +90,12 @@ class Service:
         return list(zip(feats, embs))
 
     # -- operations ----------------------------------------------------------------------
-    async def score_pairs(self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float, timeout: float | None) -> tuple[np.ndarray, np.ndarray, float]:
-        """(head scores, cosines, the threshold that decides a match) for each pair."""
+    async def score_pairs(
+        self, pairs: Sequence[tuple[ImageRef, ImageRef]], collection: str | None, threshold: float, timeout: float | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(scores, head scores, cosines, the threshold that decides a match) for each pair. With a
+        calibrated bundle the score is P(copy) given the cosine and the inliers between the two
+        images; otherwise the head's score."""
         deadline = _deadline(timeout)
         self._check_count(2 * len(pairs), f"images ({len(pairs)} pairs)")  # the limit counts images: a pair is two
         if not pairs:
@@ -102,9 +106,14 @@ class Service:
         got = await self._embed_refs(refs, where, collection, heavy, deadline)
         if np.isnan(got.features).any():
             raise RequestError("precondition", "an item referenced by key was stored without head features; pass its image bytes")
-        scores = await _off_loop(heavy, self.engine.fuse, got.features[0::2], got.features[1::2])
+        head = await _off_loop(heavy, self.engine.fuse, got.features[0::2], got.features[1::2])
         cosine = np.einsum("ij,ij->i", got.embeddings[0::2], got.embeddings[1::2])
-        return scores, cosine, threshold if threshold > 0 else self.bundle.threshold
+        cal = self.calibrations.get(calibration.evidence_key(False, True))
+        if cal is None:  # an uncalibrated bundle: the head decides, at its own threshold
+            return head, head, cosine, threshold if threshold > 0 else self.bundle.threshold
+        # P(copy) from the cosine and the inliers, as a search scores a hit (OpenCV: off the loop).
+        inliers = await asyncio.to_thread(self._pair_inliers, refs, where, got.ids, collection)
+        return cal.probability(cosine, inliers), head, cosine, threshold if threshold > 0 else cal.threshold
 
     async def embed(self, refs: Sequence[ImageRef], collection: str | None, timeout: float | None) -> np.ndarray:
         if not refs:
@@ -262,6 +271,29 @@ class Service:
             it = items[key]
             out.embeddings[i], out.ids[i] = it.vector, it.id
             out.features[i] = fmap[it.id] if it.id in fmap else np.nan  # no features stored: no head scores
+
+    def _pair_inliers(self, refs: Sequence[ImageRef], where: Sequence[str], ids: Sequence[int | None], collection: str | None) -> np.ndarray:
+        """Inliers of each pair (refs in pairs), the better of both directions, so (a, b) and (b, a)
+        agree. Bytes are described as given and mirrored; a stored item by its stored keypoints
+        (none stored: 0 inliers, as a search scores a hit it did not verify)."""
+        stored = {}
+        if any(i is not None for i in ids):
+            stored = self.collection(collection).keypoints([i for i in ids if i is not None])
+        feats: list[tuple[list[verify.LocalFeatures], verify.LocalFeatures] | None] = []
+        for r, w, i in zip(refs, where, ids):
+            if r.data is not None:
+                q = verify.query_features(self.verify_image(r.data, w))
+                feats.append((q, q[0]))
+            elif i in stored:
+                s = verify.unpack(stored[i])
+                feats.append(([s], s))
+            else:
+                feats.append(None)
+        out = np.zeros(len(refs) // 2)
+        for n, (a, b) in enumerate(zip(feats[0::2], feats[1::2])):
+            if a is not None and b is not None:
+                out[n] = max(verify.inliers(a[0], b[1]), verify.inliers(b[0], a[1]))
+        return out
 
     def _query_keypoints(self, col: Collection, query: ImageRef, stored_id: int | None) -> list[verify.LocalFeatures] | None:
         """A verifying collection's query keypoints: from the image bytes, or a stored query's own

@@ -33,14 +33,16 @@ class ScorePairsRequest(_message.Message):
     def __init__(self, pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., collection: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class PairScore(_message.Message):
-    __slots__ = ("score", "match", "cosine")
+    __slots__ = ("score", "match", "cosine", "head_score")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SCORE_FIELD_NUMBER: _ClassVar[int]
     score: float
     match: bool
     cosine: float
-    def __init__(self, score: _Optional[float] = ..., match: _Optional[bool] = ..., cosine: _Optional[float] = ...) -> None: ...
+    head_score: float
+    def __init__(self, score: _Optional[float] = ..., match: _Optional[bool] = ..., cosine: _Optional[float] = ..., head_score: _Optional[float] = ...) -> None: ...
 
 class ScorePairsResponse(_message.Message):
     __slots__ = ("scores", "threshold", "model")
