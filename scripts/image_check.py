@@ -129,8 +129,8 @@ def check(image: str, workdir: Path) -> dict:
         result["search_top"] = hits[0]["key"]
         result["scores"] = {"copy": round(same.score, 4), "different": round(diff.score, 4)}
         result["sigterm_exit_code"] = run.stop()
-        # Restarted with geometric verification asked for explicitly (the default since session 15;
-        # the image ships OpenCV): the old collection keeps its settings, a new one verifies.
+        # Restarted with geometric verification asked for explicitly (the default too; the image
+        # ships OpenCV): the old collection keeps its settings, a new one verifies.
         run = Container(ctr, entrypoint, data, port, log, env=("SIMSERVE_VERIFY=1",))
         result["restart_s"] = round(run.wait_serving(), 2)
         with Client(f"127.0.0.1:{port}", timeout=30) as c:

@@ -92,8 +92,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     cal = from_manifest(engine.bundle.manifest).get(evidence_key(False, True))
     result: dict[str, Any] = {"cosine": cosine, "head": head}
     if cal is not None:
-        # P(copy) from the cosine and the inliers, as a search scores a hit; both ways, so (a, b) = (b, a).
-        inliers = max(verify.inliers(verify.query_features(x), verify.unpack(verify.keypoints(y))) for x, y in ((a, b), (b, a)))
+        # P(copy) from the cosine and the inliers, as a search scores a hit and ScorePairs a pair.
+        inliers = verify.pair_inliers(verify.query_features(a), verify.query_features(b))
         score, default_threshold = float(cal.probability(cosine, inliers)), cal.threshold
         result["inliers"] = inliers
     else:  # an uncalibrated bundle: the head decides, at its own threshold

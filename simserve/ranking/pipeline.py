@@ -90,10 +90,7 @@ def search(
     # would put it above verified candidates that found nothing (recall@1 0.66 -> 0.54).
     use = verified if any(h.inliers is not None for h in hits) else plain
     for h in hits:
-        if use is not None:
-            h.score = float(use.probability(h.cosine, 0 if h.inliers is None else h.inliers) if use is verified else use.probability(h.cosine))
-        else:
-            h.score = h.cosine
+        h.score = h.cosine if use is None else float(use.probability(h.cosine, h.inliers or 0))
     # Uncalibrated, the inliers' worth orders a verified shortlist, as before calibration.
     hits.sort(key=lambda h: -(h.score if plain is not None else h.rank))
     hits = hits[:keep]

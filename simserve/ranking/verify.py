@@ -175,6 +175,13 @@ def inliers(query: Sequence[LocalFeatures], stored: LocalFeatures) -> int:
     return best
 
 
+def pair_inliers(a: Sequence[LocalFeatures], b: Sequence[LocalFeatures]) -> int:
+    """Inliers between two images, each described as a query is (``query_features``, or a stored
+    item's one orientation): the better of both directions, so (a, b) and (b, a) agree. A query's
+    first orientation is the image as given, which is what a stored item keeps."""
+    return max(inliers(a, b[0]), inliers(b, a[0]))
+
+
 def _strongest(f: LocalFeatures) -> LocalFeatures:
     return LocalFeatures(f.sift_xy[:COARSE_SIFT], f.sift[:COARSE_SIFT], f.orb_xy[:COARSE_ORB], f.orb[:COARSE_ORB])
 

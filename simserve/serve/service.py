@@ -279,21 +279,14 @@ class Service:
         stored = {}
         if any(i is not None for i in ids):
             stored = self.collection(collection).keypoints([i for i in ids if i is not None])
-        feats: list[tuple[list[verify.LocalFeatures], verify.LocalFeatures] | None] = []
+        feats: list[list[verify.LocalFeatures] | None] = []
         for r, w, i in zip(refs, where, ids):
             if r.data is not None:
-                q = verify.query_features(self.verify_image(r.data, w))
-                feats.append((q, q[0]))
-            elif i in stored:
-                s = verify.unpack(stored[i])
-                feats.append(([s], s))
+                feats.append(verify.query_features(self.verify_image(r.data, w)))
             else:
-                feats.append(None)
-        out = np.zeros(len(refs) // 2)
-        for n, (a, b) in enumerate(zip(feats[0::2], feats[1::2])):
-            if a is not None and b is not None:
-                out[n] = max(verify.inliers(a[0], b[1]), verify.inliers(b[0], a[1]))
-        return out
+                feats.append([verify.unpack(stored[i])] if i in stored else None)
+        pairs = zip(feats[0::2], feats[1::2])
+        return np.array([verify.pair_inliers(a, b) if a is not None and b is not None else 0 for a, b in pairs], np.float64)
 
     def _query_keypoints(self, col: Collection, query: ImageRef, stored_id: int | None) -> list[verify.LocalFeatures] | None:
         """A verifying collection's query keypoints: from the image bytes, or a stored query's own
