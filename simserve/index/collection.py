@@ -171,11 +171,10 @@ class Collection:
         exclude_ids: Sequence[int] = (),
         *,
         views: bool = False,
-        keypoints: bool = False,
         features: bool = False,
     ) -> list[list[Candidate]]:
         """Top k per query vector by the index, each with the stored evidence asked for
-        (views, keypoints, head features) read in the same query of the store."""
+        (views, head features) read in the same query of the store."""
         allow = self.store.ids_matching(where) if where else None
         if allow is not None and not len(allow):
             return [[] for _ in range(len(vectors))]
@@ -184,7 +183,7 @@ class Collection:
         skip = {int(i) for i in exclude_ids}
         rows = [[(int(i), float(s)) for s, i in zip(srow, irow) if i >= 0 and int(i) not in skip][:k] for srow, irow in zip(scores, ids)]
         # One read for every query's candidates; an id removed meanwhile is absent and skipped.
-        found = self.store.candidates({i: s for row in rows for i, s in row}, views=views, keypoints=keypoints, features=features)
+        found = self.store.candidates({i: s for row in rows for i, s in row}, views=views, features=features)
         return [[_rescored(found[i], s) for i, s in row if i in found] for row in rows]
 
     def keypoints(self, ids: Sequence[int]) -> dict[int, bytes]:

@@ -74,7 +74,6 @@ class Candidate:
     score: float  # the index's cosine
     metadata: dict[str, Any] | None
     views: np.ndarray | None = None  # [V, dim] float32, when asked for and stored
-    keypoints: bytes | None = None  # when asked for and stored
     features: np.ndarray | None = None  # flat float16 head features, when asked for and stored
 
 
@@ -235,18 +234,17 @@ class ItemStore:
     def get_ids(self, ids: Sequence[int]) -> dict[int, StoredItem]:
         return {int(row[0]): self._item(row) for row in _rows_in(self._conn(), ITEM_SELECT, "id", [int(i) for i in ids])}
 
-    def candidates(self, scored: dict[int, float], *, views: bool = False, keypoints: bool = False, features: bool = False) -> dict[int, Candidate]:
+    def candidates(self, scored: dict[int, float], *, views: bool = False, features: bool = False) -> dict[int, Candidate]:
         """{id: cosine} -> {id: Candidate}, with the evidence asked for, in one read (ids removed
-        meanwhile are absent)."""
-        extra = [c for c, want, have in (("views", views, self._has_views), ("keypoints", keypoints, self._has_keypoints), ("features", features, True)) if want and have]
+        meanwhile are absent). Keypoints are read apart (``keypoints``): only the few verified need them."""
+        extra = [c for c, want, have in (("views", views, self._has_views), ("features", features, True)) if want and have]
         out = {}
         for row in _rows_in(self._conn(), f"SELECT {', '.join(['id', 'key', 'metadata', *extra])} FROM items", "id", list(scored)):
             got = dict(zip(extra, row[3:]))
-            v, kp, f = got.get("views"), got.get("keypoints"), got.get("features")
+            v, f = got.get("views"), got.get("features")
             out[int(row[0])] = Candidate(
                 int(row[0]), row[1], scored[int(row[0])], json.loads(row[2]) if row[2] else None,
                 None if v is None else np.frombuffer(v, dtype=np.float16).reshape(-1, self.dim).astype(np.float32),
-                kp,
                 None if f is None else np.frombuffer(f, dtype=np.float16),
             )
         return out

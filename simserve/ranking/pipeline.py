@@ -89,8 +89,10 @@ def search(
     # none: it ranked below the verified ones by cosine, and the embedding-only model's scale
     # would put it above verified candidates that found nothing (recall@1 0.66 -> 0.54).
     use = verified if any(h.inliers is not None for h in hits) else plain
-    for h in hits:
-        h.score = h.cosine if use is None else float(use.probability(h.cosine, h.inliers or 0))
+    cosine = np.array([h.cosine for h in hits])
+    scores = cosine if use is None else use.probability(cosine, np.array([h.inliers or 0 for h in hits]))
+    for h, s in zip(hits, scores):
+        h.score = float(s)
     # Uncalibrated, the inliers' worth orders a verified shortlist, as before calibration.
     hits.sort(key=lambda h: -(h.score if plain is not None else h.rank))
     hits = hits[:keep]
@@ -116,13 +118,13 @@ def shortlist(
     verifying = cfg.verify and query.keypoints is not None
     depth = max(k, SHORTLIST) if cfg.crop_views or verifying else k
     exclude = () if query.exclude_id is None else (query.exclude_id,)
-    found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, keypoints=verifying, features=features)[0]
+    found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, features=features)[0]
     hits = [Hit(c.key, c.score, c.id, c.metadata, cosine=c.score) for c in found]
     evidence = {c.id: c for c in found}
     if cfg.crop_views:
         hits = _rescore_views(query.embedding, hits, evidence)
     if verifying:
-        _verify(query.keypoints, hits, evidence, certain or (lambda h: False))
+        _verify(query.keypoints, hits, collection, certain or (lambda h: False))
     return hits, evidence
 
 
@@ -150,17 +152,21 @@ def _rescore_views(query: np.ndarray, hits: list[Hit], evidence: dict[int, Candi
     return sorted(hits, key=lambda h: -h.cosine)
 
 
-def _verify(query: Sequence[verify.LocalFeatures], hits: list[Hit], evidence: dict[int, Candidate], certain: Callable[[Hit], bool]) -> None:
+def _verify(query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain: Callable[[Hit], bool]) -> None:
     """Counts inliers for the best-scored hits, in order, until one is certain or VERIFY_MAX are
-    done: a copy is nearly always found among the first few, and each costs a millisecond or more.
-    Hits past that, and items added without keypoints, keep no count."""
-    for h in hits[:VERIFY_MAX]:
-        blob = evidence[h.id].keypoints
-        if blob is None:
-            continue
-        h.inliers = verify.inliers(query, verify.unpack(blob))
-        if certain(h):
-            break
+    done: a copy is nearly always found among the first few, and each costs half a millisecond.
+    Keypoints (~16 KB an item) are read in rounds of 1, 2, 4, ... candidates: reading the whole
+    shortlist's would cost more than verifying the one a copy usually needs. Hits past that, and
+    items added without keypoints, keep no count."""
+    todo, size = hits[:VERIFY_MAX], 1
+    while todo:
+        part, todo, size = todo[:size], todo[size:], 2 * size
+        blobs = collection.keypoints([h.id for h in part])
+        for h in part:
+            if h.id in blobs:
+                h.inliers = verify.inliers(query, verify.unpack(blobs[h.id]))
+                if certain(h):
+                    return
 
 
 def _fuse(engine: Engine, features: np.ndarray, hits: list[Hit], evidence: dict[int, Candidate], shape: Sequence[int]) -> list[Hit]:

@@ -11,6 +11,7 @@ worker thread (``asyncio.to_thread``).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -134,12 +135,24 @@ class Service:
         if bad:
             raise RequestError("invalid", f"filter field {bad[0][:80]!r}: use 1-64 ASCII letters, digits, '_' or '-'")
         col = await asyncio.to_thread(self.collection, collection)
-        got = await self._embed_refs([query], ["query"], col.name, _heavy([query]), deadline)
+        heavy = _heavy([query])
+        # A small image's keypoints are found on a worker thread while the model embeds it (~7 ms
+        # each); a heavy one's after, so that its two decodes are never held at once.
+        early = col.config.verify and query.data is not None and not heavy
+        found = asyncio.ensure_future(asyncio.to_thread(self._query_keypoints, col, query, None)) if early else None
+        try:
+            got = await self._embed_refs([query], ["query"], col.name, heavy, deadline)
+        except BaseException:
+            if found is not None:
+                _read_later(found)
+            raise
         feats = None if rerank == 0 or np.isnan(got.features).any() else got.features[0]
+        keypoints = await found if found is not None else None
 
-        def scan() -> list[pipeline.Hit]:  # query keypoints, the index, the store: all off the loop
-            keypoints = self._query_keypoints(col, query, got.ids[0]) if col.config.verify else None
+        def scan() -> list[pipeline.Hit]:  # the index, the store, a stored query's keypoints: all off the loop
             q = pipeline.Query(got.embeddings[0], feats, keypoints, got.ids[0])
+            if col.config.verify and keypoints is None:
+                q.keypoints = self._query_keypoints(col, query, got.ids[0])
             return pipeline.search(col, q, k, rerank=rerank, where=where or None, engine=self.engine, calibrations=self.calibrations)
 
         return await asyncio.to_thread(scan)
@@ -165,19 +178,25 @@ class Service:
         views = existing.config.crop_views if existing else self.config.crop_views
         verifying = existing.config.verify if existing else self.config.verify
         features = existing.config.store_features if existing else True
-        # Always off the loop: an add commits to SQLite anyway, and crop views decode six ways.
-        decoded = await self._decode_all([(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)], True, deadline, views)
-        flat = [v for d in decoded for v in d] if views else decoded
-        results = await self.batcher.run_async(flat, _left(deadline)) if flat else []
+        blobs = [(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)]
+        # Keypoints (a decode and ~4 ms of OpenCV an image) are found on every core while the
+        # model embeds; an error in either stops the other.
+        found = asyncio.ensure_future(self._decode_all(blobs, True, deadline, self._keypoints, lanes=_cores())) if verifying else None
+        try:
+            # Always off the loop: an add commits to SQLite anyway, and crop views decode six ways.
+            decoded = await self._decode_all(blobs, True, deadline, lambda data, where: self.decode(data, where, views))
+            flat = [v for d in decoded for v in d] if views else decoded
+            results = await self.batcher.run_async(flat, _left(deadline)) if flat else []
+            kps = await found if found is not None else [None] * len(items)
+        except BaseException:
+            if found is not None:
+                found.cancel()
+                _read_later(found)
+            raise
         if views and results:
             results = list(zip(*collapse_views(np.stack([f for f, _ in results]), np.stack([e for _, e in results]))))
         else:
             results = [(f, e, None) for f, e in results]
-        if verifying:  # milliseconds of OpenCV an image: never on the loop
-            images = await self._decode_all([(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)], True, deadline, keypoints=True)
-            kps = await asyncio.to_thread(lambda: [verify.keypoints(im) for im in images])
-        else:
-            kps = [None] * len(items)
         new = [
             NewItem(key, e, meta, None, f.astype(np.float16) if features else None, v, kp)
             for (key, _, meta), (f, e, v), kp in zip(items, results, kps)
@@ -202,30 +221,35 @@ class Service:
         return await asyncio.to_thread(self.collections.names)
 
     # -- images --------------------------------------------------------------------
-    async def _decode_all(self, blobs: Sequence[tuple[bytes, str]], heavy: bool, deadline: float | None, crop_views: bool = False, keypoints: bool = False) -> list:
-        """Model pixels (or, with ``keypoints``, the images verification reads) for each (bytes, where).
-        A small request decodes on the loop; a heavy one on a worker thread, one image at a time
-        within the server's decode budget, stopping at the next image once its deadline passes or
-        its caller is gone."""
-        one = (lambda data, where: self.verify_image(data, where)) if keypoints else (lambda data, where: self.decode(data, where, crop_views))
+    async def _decode_all(self, blobs: Sequence[tuple[bytes, str]], heavy: bool, deadline: float | None, one: Callable[[bytes, str], T] | None = None, lanes: int = 1) -> list[T]:
+        """``one(bytes, where)`` (by default: model pixels) for each blob. A small request decodes
+        on the loop; a heavy one on ``lanes`` worker threads, each taking its share in turn, one
+        image at a time within the server's decode budget, stopping at the next image once its
+        deadline passes or its caller is gone."""
+        one = one or self.decode
         if not heavy:
             return [one(data, where) for data, where in blobs]
         stop = threading.Event()
 
-        def run() -> list:
+        def run(part: Sequence[tuple[bytes, str]]) -> list[T]:
             out = []
-            for data, where in blobs:
+            for data, where in part:
                 if stop.is_set():
                     raise CancelledError()
                 with self.budget.hold(declared_pixels(data), deadline, stop):
                     out.append(one(data, where))
             return out
 
+        size = max(1, -(-len(blobs) // max(1, lanes)))
         try:
-            return await asyncio.to_thread(run)
-        except asyncio.CancelledError:
-            stop.set()  # the thread stops before its next image
+            parts = await asyncio.gather(*(asyncio.to_thread(run, blobs[s : s + size]) for s in range(0, len(blobs), size)))
+        except BaseException:
+            stop.set()  # the other lanes stop before their next image
             raise
+        return [x for part in parts for x in part]
+
+    def _keypoints(self, data: bytes, where: str) -> bytes:
+        return verify.keypoints(self.verify_image(data, where))
 
     def decode(self, data: bytes, where: str, crop_views: bool = False) -> np.ndarray:
         """[C, S, S] model pixels; with ``crop_views`` [6, C, S, S] (inference/crops.py)."""
@@ -339,6 +363,15 @@ def _left(deadline: float | None) -> float | None:
 def _request_error(e: DecodeError, where: str) -> RequestError:
     kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
     return RequestError(kind, f"{where}: {e}")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _read_later(task: asyncio.Future) -> None:
+    """Marks a task's outcome read once it ends: another error is the one reported."""
+    task.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _heavy(refs: Sequence[ImageRef]) -> bool:
