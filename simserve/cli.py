@@ -76,24 +76,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from simserve.inference.decode import DecodeError, decode_file
+    import numpy as np
+
+    from simserve.inference.decode import DecodeError
+    from simserve.inference.decode_pool import pixels
     from simserve.inference.engine import load_engine
     from simserve.ranking import verify
     from simserve.ranking.calibration import evidence_key, from_manifest
 
     engine = load_engine(args.bundle, args.backend)
+    c = engine.bundle.config
+    # The server's decode and scoring, step for step, so that compare and ScorePairs agree.
     try:
-        a, b = decode_file(args.image_a), decode_file(args.image_b)
+        data = [Path(args.image_a).read_bytes(), Path(args.image_b).read_bytes()]
+        feats, emb = engine.embed(np.stack([pixels(d, c.input_size, c.in_channels) for d in data]))
     except (DecodeError, OSError) as e:
         raise SystemExit(f"simserve compare: {e}")
-    head = float(engine.score_images([(a, b)])[0])
-    _, emb = engine.embed_images([a, b])
+    head = float(engine.fuse(feats[:1], feats[1:])[0])
     cosine = float(emb[0] @ emb[1])
     cal = from_manifest(engine.bundle.manifest).get(evidence_key(False, True))
     result: dict[str, Any] = {"cosine": cosine, "head": head}
     if cal is not None:
         # P(copy) from the cosine and the inliers, as a search scores a hit and ScorePairs a pair.
-        inliers = verify.pair_inliers(verify.query_features(a), verify.query_features(b))
+        a, b = (verify.query_features(verify.decode(d)) for d in data)
+        inliers = verify.pair_inliers(a, b)
         score, default_threshold = float(cal.probability(cosine, inliers)), cal.threshold
         result["inliers"] = inliers
     else:  # an uncalibrated bundle: the head decides, at its own threshold
@@ -260,6 +266,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     import grpc
+    from tqdm import tqdm
 
     from simserve.client import Client, Key
     from simserve.jobs.files import find_images
@@ -267,7 +274,16 @@ def _cmd_client(args: argparse.Namespace) -> int:
     def image(arg: str):
         return Key(arg[4:]) if arg.startswith("key:") else arg
 
+    defaults = {
+        "target": os.environ.get("SIMSERVE_TARGET", f"127.0.0.1:{os.environ.get('SIMSERVE_PORT', '50051')}"),
+        "token": None, "tls": False, "ca_cert": None, "timeout": 30.0, "collection": "", "json": False,
+    }  # fmt: skip
+    for name, value in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+
     c = Client(args.target, token=args.token or os.environ.get("SIMSERVE_TOKEN"), tls=args.tls, ca_cert=args.ca_cert, timeout=args.timeout)
+    status = 0
     try:
         if args.action == "score":
             s = c.score([(image(args.a), image(args.b))], collection=args.collection)[0]
@@ -278,9 +294,16 @@ def _cmd_client(args: argparse.Namespace) -> int:
             text = _hit_lines(out)
         elif args.action == "add":
             root = Path(args.folder)
-            rows = [(p.relative_to(root).as_posix(), p, {"path": p.relative_to(root).as_posix()}) for p in find_images(root)]
-            out = {"added": c.add_stream(rows, collection=args.collection)}
-            text = f"added {out['added']} images to {args.collection or 'the default collection'}"
+            try:
+                rows = [(p.relative_to(root).as_posix(), p, {"path": p.relative_to(root).as_posix()}) for p in find_images(root)]
+            except NotADirectoryError as e:
+                raise SystemExit(f"simserve client add: {e}") from None
+            with tqdm(total=len(rows), unit="img", desc="adding", disable=args.quiet or args.json, file=sys.stderr) as bar:
+                report = c.add_each(rows, collection=args.collection, batch=max(1, args.batch), on_batch=bar.update)
+            out = {"added": len(report.added), "skipped": len(report.failed), "failed": report.failed}
+            where = args.collection or "the default collection"
+            text = "\n".join([f"skipped {k}: {why}" for k, why in report.failed.items()] + [f"added {out['added']} images to {where}, skipped {out['skipped']}"])
+            status = 1 if report.failed else 0
         elif args.action == "stats":
             s = c.stats(args.collection)
             out = {"collection": s.collection, "items": s.items, "indexed": s.indexed, "dim": s.dim, "factory": s.factory, "index_type": s.index_type, "index_bytes": s.index_bytes, "crop_views": s.crop_views, "verify": s.verify}
@@ -293,7 +316,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     finally:
         c.close()
     print(json.dumps(out) if args.json else text)
-    return 0
+    return status
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -448,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="score two image files",
         description="Score two images: with a calibrated bundle (the shipped one is), the probability that one is a copy of "
         "the other, from their embedding cosine and the keypoints one affine map carries between them, as a search scores a "
-        "hit; otherwise the fusion head's score. Prints the cosine, the inliers and the head's score too.",
+        "hit; otherwise the fusion head's score. Prints the cosine, the inliers and the head's score too. Decodes and scores "
+        "as the server's ScorePairs does (`simserve client score`), so both give the same numbers.",
     )
     c.add_argument("image_a")
     c.add_argument("image_b")
@@ -579,31 +603,45 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     sv.set_defaults(func=_cmd_serve)
 
-    cl = sub.add_parser("client", help="call a running server", description="Call a running simserve server. IMAGE arguments are files, or key:KEY for a stored item.")
-    cl.add_argument(
+    # The connection options are accepted before or after the action (`client --json stats` and
+    # `client stats --json`): SUPPRESS keeps a flag given in one place from being reset by the
+    # other, and _cmd_client fills in the defaults (these actions are shared: no set_defaults).
+    conn = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    conn.add_argument(
         "--target",
-        default=os.environ.get("SIMSERVE_TARGET", f"127.0.0.1:{os.environ.get('SIMSERVE_PORT', '50051')}"),
-        help="host:port (default $SIMSERVE_TARGET, else 127.0.0.1:$SIMSERVE_PORT, so a container's HEALTHCHECK follows its port)",
+        help="host:port of the server (default: $SIMSERVE_TARGET, else 127.0.0.1:$SIMSERVE_PORT, else 127.0.0.1:50051, "
+        "so a container's HEALTHCHECK follows its port)",
     )
-    cl.add_argument("--token", help="bearer token (or $SIMSERVE_TOKEN)")
-    cl.add_argument("--tls", action="store_true", help="use TLS with the system roots")
-    cl.add_argument("--ca-cert", help="PEM CA certificate to trust (implies TLS)")
-    cl.add_argument("--timeout", type=float, default=30.0)
-    cl.add_argument("--collection", default="")
-    cl.add_argument("--json", action="store_true")
+    conn.add_argument("--token", help="bearer token, when the server was started with --token (default: $SIMSERVE_TOKEN)")
+    conn.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots")
+    conn.add_argument("--ca-cert", help="PEM CA certificate to trust (implies --tls)")
+    conn.add_argument("--timeout", type=float, help="seconds each call may take (default: 30)")
+    conn.add_argument("--collection", help="collection to use (default: the server's default collection)")
+    conn.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cl = sub.add_parser(
+        "client", parents=[conn], help="call a running server",
+        description="Call a running simserve server. IMAGE arguments are files, or key:KEY for a stored item. Options may come before or after the action.",
+    )  # fmt: skip
     cls = cl.add_subparsers(dest="action", required=True, metavar="ACTION")
-    c1 = cls.add_parser("score", help="score two images")
-    c1.add_argument("a")
-    c1.add_argument("b")
-    c2 = cls.add_parser("search", help="nearest neighbours of one image")
-    c2.add_argument("image")
-    c2.add_argument("-k", type=int, default=10)
-    c2.add_argument("--rerank", type=int, default=0)
+    c1 = cls.add_parser("score", parents=[conn], help="score two images", description="Is one image a copy of the other? Prints the score the server decides by, its decision, the cosine and the fusion head's score.")
+    c1.add_argument("a", metavar="IMAGE")
+    c1.add_argument("b", metavar="IMAGE")
+    c2 = cls.add_parser("search", parents=[conn], help="nearest neighbours of one image", description="The collection's items nearest to IMAGE, best first, each with its score.")
+    c2.add_argument("image", metavar="IMAGE")
+    c2.add_argument("-k", type=int, default=10, help="how many neighbours (default: 10)")
+    c2.add_argument("--rerank", type=int, default=0, help="re-rank this many hits with the fusion head (default: 0, off)")
     c2.add_argument("--where", action="append", type=_field_value, metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
-    c3 = cls.add_parser("add", help="add every image under a folder (streamed)")
-    c3.add_argument("folder")
-    cls.add_parser("stats", help="collection statistics")
-    cls.add_parser("health", help="grpc.health.v1 status")
+    c3 = cls.add_parser(
+        "add", parents=[conn], help="add every image under a folder",
+        description="Add every image under FOLDER, keyed by its path relative to FOLDER (an existing key is replaced). "
+        "A file that cannot be read or that the server refuses is skipped and named with its reason; the rest are added. "
+        "Exit status 0 when every image was added, 1 when any was skipped.",
+    )  # fmt: skip
+    c3.add_argument("folder", metavar="FOLDER")
+    c3.add_argument("--batch", type=int, default=32, help="images per request (default: 32)")
+    c3.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cls.add_parser("stats", parents=[conn], help="collection statistics", description="Items, index type and size, and the options of the collection.")
+    cls.add_parser("health", parents=[conn], help="grpc.health.v1 status", description="The server's grpc.health.v1 status: SERVING, NOT_SERVING, ...")
     cl.set_defaults(func=_cmd_client)
 
     b = sub.add_parser("bench", help="benchmarks (medians; ratios measured side by side)", description="Run a benchmark and print JSON.")

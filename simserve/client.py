@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
@@ -53,6 +54,18 @@ def image_bytes(img: Any) -> bytes:
 
 def to_image(img: ImageLike) -> pb.Image:
     return pb.Image(key=img.key) if isinstance(img, Key) else pb.Image(data=image_bytes(img))
+
+
+@dataclass
+class AddReport:
+    """What ``Client.add_each`` did: the keys added, and each key left out with its reason."""
+
+    added: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+# A refused Add names the one item at fault: "items[3].image: not an image (...)".
+_ITEM_ERROR = re.compile(r"^items\[(\d+)\][.:]?\s*(.*)$", re.S)
 
 
 class Client:
@@ -123,13 +136,52 @@ class Client:
 
     # -- Index ------------------------------------------------------------------------------
     def add(self, items: Mapping[str, ImageLike] | Iterable[tuple[str, ImageLike, dict | None]], collection: str = "", batch: int = 64) -> int:
-        """Add or replace items (key -> image, or (key, image, metadata) tuples), ``batch`` per request."""
+        """Add or replace items (key -> image, or (key, image, metadata) tuples), ``batch`` per
+        request. All or nothing per request: one bad image raises, and that batch stores nothing
+        (the batches before it stay). ``add_each`` adds the rest and names the bad ones instead."""
         rows = [(k, v, None) for k, v in items.items()] if isinstance(items, Mapping) else list(items)
         added = 0
         for s in range(0, len(rows), batch):
             req = pb.AddRequest(collection=collection, items=[_item(*r) for r in rows[s : s + batch]])
             added += self._call(self.index.Add, req).added
         return added
+
+    def add_each(
+        self,
+        items: Iterable[tuple[str, ImageLike, dict | None]],
+        collection: str = "",
+        batch: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> AddReport:
+        """Add every item that can be added, and name each that cannot with its reason. An Add is
+        all or nothing on the server, so a batch refused for one item (the server names it:
+        ``items[3].image: ...``) is sent again without it; an unreadable file is skipped before
+        sending. Errors that are not one item's (auth, a full disk, a lost server) still raise.
+        ``on_batch(n)`` is called as each batch of n items is done (for a progress bar)."""
+        report = AddReport()
+        rows = list(items)
+        for s in range(0, len(rows), batch):
+            pending: list[tuple[str, pb.AddItem]] = []
+            for key, image, metadata in rows[s : s + batch]:
+                try:
+                    pending.append((key, _item(key, image, metadata)))
+                except (OSError, TypeError) as e:
+                    report.failed[key] = f"cannot read: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+            while pending:
+                try:
+                    resp = self._call(self.index.Add, pb.AddRequest(collection=collection, items=[it for _, it in pending]))
+                except grpc.RpcError as e:
+                    bad = _ITEM_ERROR.match(e.details() or "")
+                    if e.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) or not bad or int(bad[1]) >= len(pending):
+                        raise
+                    key, _ = pending.pop(int(bad[1]))
+                    report.failed[key] = f"{e.code().name}: {bad[2]}"
+                    continue
+                report.added.extend(resp.keys)
+                break
+            if on_batch:
+                on_batch(len(rows[s : s + batch]))
+        return report
 
     def add_stream(self, items: Iterable[tuple[str, ImageLike, dict | None]], collection: str = "", batch: int = 64) -> int:
         """Bulk load over one client-streaming call; each message is committed as it arrives."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -209,11 +210,32 @@ def test_a_failed_add_creates_nothing_and_collections_are_limited(tiny_bundle, t
         srv.stop(1)
 
 
-def test_metrics_count_requests_by_method_and_code(server, client):
+def test_metrics_count_requests_by_method_and_code(server, client, caplog):
+    from simserve.index.collection import Collections
+    from simserve.index.store import NewItem
+
+    # A collection on disk that this server has not opened since it started is counted too.
+    offline = Collections(server.config.data_dir)
+    offline.create("offline", 4).add([NewItem("a", np.ones(4, np.float32)), NewItem("b", np.ones(4, np.float32))])
+    offline.close()
     client.stats()
+    client.embed([EX / "bee.png"])
+    with caplog.at_level("INFO", logger="simserve"):
+        _code(lambda: client.search(EX / "bee.png", collection="no-such-collection"))
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     assert 'simserve_requests_total{code="OK",method="/simserve.v1.Index/Stats"}' in text
     assert "simserve_batch_size_bucket" in text and "simserve_request_seconds_bucket" in text
+    # What an operator expects: the process, requests in flight, where a request's time goes, every collection.
+    assert "process_resident_memory_bytes" in text and "process_open_fds" in text and "process_cpu_seconds_total" in text
+    assert 'simserve_in_flight_requests{method="/simserve.v1.Similarity/Embed"} 0.0' in text
+    for name in ("simserve_queue_wait_seconds", "simserve_engine_seconds", "simserve_decode_seconds"):
+        count = re.search(rf"^{name}_count (\S+)$", text, re.M)
+        assert count and float(count[1]) >= 1, name
+    assert 'simserve_collection_items{collection="offline"} 2.0' in text
+    assert re.search(r'^simserve_collection_bytes\{collection="offline"\} [1-9]', text, re.M)
+    # The log line of a failed call says why, not only its code.
+    failed = [r for r in caplog.records if getattr(r, "code", "") == "NOT_FOUND"]
+    assert failed and "no-such-collection" in failed[-1].error
 
 
 def test_token_auth_guards_everything_but_health_and_reflection(tiny_bundle, tmp_path):
@@ -351,7 +373,7 @@ def test_client_cli_add_search_score_stats_health(server, tmp_path):
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
-    assert cli("--collection", "cli", "add", str(EX)) == {"added": 3}
+    assert cli("--collection", "cli", "add", str(EX)) == {"added": 3, "skipped": 0, "failed": {}}
     hits = cli("--collection", "cli", "search", str(EX / "seagull.png"), "-k", "2")
     assert hits[0]["key"] == "seagull.png" and hits[0]["metadata"] == {"path": "seagull.png"}
     s = cli("--collection", "cli", "score", str(EX / "bee.png"), "key:bee.png")
@@ -361,6 +383,32 @@ def test_client_cli_add_search_score_stats_health(server, tmp_path):
     r = subprocess.run([sys.executable, "-m", "simserve.cli", "client", "--target", f"127.0.0.1:{server.port}", "--collection", "nope", "stats"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "NOT_FOUND" in r.stderr
+    # Options after the action, as people type them.
+    r = subprocess.run([sys.executable, "-m", "simserve.cli", "client", "stats", "--target", f"127.0.0.1:{server.port}", "--collection", "cli", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["items"] == 3, r.stderr
+
+
+def test_client_add_goes_past_bad_files_and_names_each(server, client, tmp_path):
+    """One Add is all or nothing on the server; `client add` and Client.add_each still add
+    every good image and name every bad one with its reason."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("bee.png", "seagull.png", "seagull-copy.jpg"):
+        (folder / name).write_bytes((EX / name).read_bytes())
+    (folder / "notes.png").write_text("not an image at all")  # refused by the server
+    (folder / "half.png").write_bytes((EX / "bee.png").read_bytes()[:300])  # truncated
+    r = subprocess.run([sys.executable, "-m", "simserve.cli", "client", "add", str(folder), "--target", f"127.0.0.1:{server.port}", "--collection", "mixed", "--batch", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr  # something was skipped
+    assert "added 3 images to mixed, skipped 2" in r.stdout
+    assert "skipped notes.png: INVALID_ARGUMENT" in r.stdout and "skipped half.png: INVALID_ARGUMENT" in r.stdout
+    assert client.stats("mixed").items == 3
+    rows = [("a", EX / "bee.png", None), ("gone", tmp_path / "no-such.png", None), ("bad", b"garbage", None), ("b", EX / "seagull.png", None)]
+    report = client.add_each(rows, collection="each", batch=4)
+    assert sorted(report.added) == ["a", "b"] and set(report.failed) == {"gone", "bad"}
+    assert "cannot read" in report.failed["gone"] and report.failed["bad"].startswith("INVALID_ARGUMENT: image")
+    assert client.stats("each").items == 2
 
 
 def test_serve_benchmark_runs_end_to_end_with_its_cpu_accounting(tiny_bundle):
@@ -407,3 +455,15 @@ def test_serve_refuses_a_busy_port_or_an_impossible_one_in_one_line(server, tmp_
     r = subprocess.run([sys.executable, "-m", "simserve.cli", "client", "--target", f"127.0.0.1:{server.port}", "search", str(EX / "bee.png"), "--where", "bad"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "'bad' is not FIELD=VALUE" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_compare_and_the_server_give_the_same_scores(server, client, tiny_bundle):
+    """`simserve compare` decodes and scores as ScorePairs does: the same files, the same numbers."""
+    a, b = EX / "seagull.png", EX / "seagull-copy.jpg"
+    r = subprocess.run([sys.executable, "-m", "simserve.cli", "compare", str(a), str(b), "--bundle", str(tiny_bundle), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    local = json.loads(r.stdout)
+    remote = client.score([(a, b)])[0]
+    assert local["score"] == pytest.approx(remote.score, abs=1e-6) and local["match"] == remote.match
+    assert local["cosine"] == pytest.approx(remote.cosine, abs=1e-6) and local["head"] == pytest.approx(remote.head_score, abs=1e-6)

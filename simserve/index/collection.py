@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,12 +32,19 @@ from simserve.atomic import atomic_write
 from simserve.index.rwlock import RWLock
 from simserve.index.store import Candidate, ItemStore, NewItem, StoredItem, StoreError
 from simserve.index.tiered_index import TieredIndex
-from simserve.index.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
+from simserve.index.vector_index import (
+    IndexTuning,
+    SnapshotError,
+    VectorIndex,
+    min_train_size,
+    validate_factory,
+)
 
 log = logging.getLogger("simserve.index.collection")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONFIG_FILE = "collection.json"
 SNAPSHOT_FILE = "index.faiss"
+STORE_FILE = "items.sqlite"
 
 
 def default_data_dir() -> Path:
@@ -72,7 +80,7 @@ class Collection:
         self.root, self.config = root, config
         self.name, self.dim = config.name, config.dim
         self.tuning = tuning or IndexTuning()
-        self.store = ItemStore(root / "items.sqlite", config.dim, synchronous)
+        self.store = ItemStore(root / STORE_FILE, config.dim, synchronous)
         self.lock = RWLock()  # searches (read) vs index mutation (write)
         # Writers hold this from the SQLite commit to the index update, so the
         # index's sequence always means "every change up to here, none after".
@@ -316,6 +324,30 @@ class Collections:
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).exists())
+
+    def census(self) -> dict[str, tuple[int, int]]:
+        """(items, bytes on disk) of every collection on disk, for metrics: an open collection
+        answers from its store; another is counted through a read-only connection, not opened
+        (opening holds descriptors and loads its index)."""
+        out = {}
+        for name in self.names():
+            path = self.root / name
+            with self._lock:
+                live = self._open.get(name)
+            try:
+                size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+                if live is not None:
+                    items = live.store.count()
+                else:
+                    conn = sqlite3.connect(f"{(path / STORE_FILE).resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
+                    try:
+                        items = int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+                    finally:
+                        conn.close()
+            except (sqlite3.Error, StoreError, OSError):  # being created, or unreadable: left out this time
+                continue
+            out[name] = (items, size)
+        return out
 
     def exists(self, name: str) -> bool:
         return NAME_RE.match(name) is not None and (self.root / name / CONFIG_FILE).exists()

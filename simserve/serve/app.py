@@ -110,7 +110,8 @@ def start(cfg: ServerConfig) -> RunningServer:
     # OpenMP's thread count is per thread, so it is set in each worker thread as it searches
     # (the main thread's setting does not reach them): single queries are ~3x faster on 1 thread.
     collections = Collections(cfg.data_dir or default_data_dir(), tuning=IndexTuning(search_threads=cfg.faiss_threads or default_threads()))
-    service = Service(engine, collections, cfg, on_batch=metrics.on_batch)
+    service = Service(engine, collections, cfg, on_batch=metrics.on_batch, on_decode=metrics.decode.observe)
+    metrics.watch_collections(collections.census)
     loop = _Loop(cfg.workers)
     try:
         server, health_servicer, port = loop.call(_open(cfg, service, metrics))
@@ -144,7 +145,7 @@ async def _open(cfg: ServerConfig, service: Service, metrics: Metrics) -> tuple[
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     pb_grpc.add_SimilarityServicer_to_server(SimilarityService(service), server)
-    pb_grpc.add_IndexServicer_to_server(IndexService(service, metrics), server)
+    pb_grpc.add_IndexServicer_to_server(IndexService(service), server)
     reflection.enable_server_reflection(SERVICES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     address = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert:

@@ -43,6 +43,16 @@ class _Item(Generic[T, R]):
     enqueued: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True)
+class BatchDone:
+    """One engine call, as metrics see it."""
+
+    size: int
+    depth: int  # items still queued after it
+    waits: list[float]  # seconds each item waited in the queue
+    seconds: float  # the batch function's time
+
+
 @dataclass
 class BatcherStats:
     batches: int = 0
@@ -71,12 +81,12 @@ class MicroBatcher(Generic[T, R]):
         max_delay_ms: float = 2.0,
         max_queue: int = 1024,
         name: str = "batcher",
-        on_batch: Callable[[int, int], None] | None = None,
+        on_batch: Callable[[BatchDone], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_delay_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_delay_ms >= 0")
         self.fn, self.max_batch, self.max_delay = fn, max_batch, max_delay_ms / 1000.0
-        self.on_batch = on_batch  # (batch size, queue depth) after each batch, e.g. for metrics
+        self.on_batch = on_batch  # after each batch, e.g. for metrics
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._lock = threading.Lock()
@@ -194,6 +204,7 @@ class MicroBatcher(Generic[T, R]):
                 live.append(item)
         if not live:
             return
+        t = time.monotonic()
         try:
             results = self._call(live)
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it
@@ -206,7 +217,7 @@ class MicroBatcher(Generic[T, R]):
                 it.future.set_result(r)
         self.stats.record(len(live))
         if self.on_batch:
-            self.on_batch(len(live), self._queue.qsize())
+            self.on_batch(BatchDone(len(live), self._queue.qsize(), [now - it.enqueued for it in live], time.monotonic() - t))
 
     def _call(self, items: list[_Item]) -> Sequence:
         results = self.fn([it.value for it in items])

@@ -12,7 +12,6 @@ import grpc
 from simserve.index.store import StoreError
 from simserve.ranking.verify import VerifyUnavailable
 from simserve.serve.batcher import BatcherClosed, DeadlineExceeded, QueueFull
-from simserve.serve.metrics import Metrics
 from simserve.serve.service import ImageRef, RequestError, Service
 from simserve.v1 import simserve_pb2 as pb
 from simserve.v1 import simserve_pb2_grpc as pb_grpc
@@ -141,16 +140,13 @@ class SimilarityService(pb_grpc.SimilarityServicer):
 
 
 class IndexService(pb_grpc.IndexServicer):
-    def __init__(self, service: Service, metrics: Metrics) -> None:
-        self.service, self.metrics = service, metrics
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
     async def _add(self, request, context) -> list[str]:
         lim = self.service.config.max_metadata_bytes
         items = [(it.key, it.image, _metadata(it.metadata_json, f"items[{i}]", lim)) for i, it in enumerate(request.items)]
-        keys = await self.service.add(request.collection or None, items, _timeout(context))
-        name = request.collection or self.service.config.collection
-        self.metrics.items.labels(name).set(await self.service.count(name))
-        return keys
+        return await self.service.add(request.collection or None, items, _timeout(context))
 
     @_guard
     async def Add(self, request, context):
@@ -181,7 +177,6 @@ class IndexService(pb_grpc.IndexServicer):
     @_guard
     async def Stats(self, request, context):
         s = await self.service.stats(request.collection or None)
-        self.metrics.items.labels(s["name"]).set(s["items"])
         return pb.StatsResponse(
             collection=s["name"], items=s["items"], indexed=s["indexed"], dim=s["dim"], factory=s["factory"],
             index_type=s["index_type"], index_bytes=s["index_bytes"], pending_training=s["pending_training"],

@@ -78,6 +78,7 @@ class _Call:
 
     def begin(self, context) -> "_Recorded":
         self.t0 = time.perf_counter()
+        self.metrics.in_flight.labels(self.method).inc()
         context.set_trailing_metadata((("x-request-id", self.request_id),))
         self.context = _Recorded(context)
         return self.context
@@ -92,25 +93,33 @@ class _Call:
         context = self.context
         code = context.status.name if context.status is not None else self.code or "OK"
         ms = (time.perf_counter() - self.t0) * 1e3
+        self.metrics.in_flight.labels(self.method).dec()
         self.metrics.requests.labels(self.method, code).inc()
         self.metrics.latency.labels(self.method).observe(ms / 1e3)
         if not self.method.startswith(OPEN_METHODS):
-            log.info("rpc", extra={"request_id": self.request_id, "method": self.method, "code": code, "ms": round(ms, 2), "peer": context.peer()})
+            extra = {"request_id": self.request_id, "method": self.method, "code": code, "ms": round(ms, 2), "peer": context.peer()}
+            if context.details:
+                extra["error"] = context.details  # what the client was told: the log alone explains a failure
+            log.info("rpc", extra=extra)
 
 
 class _Recorded:
     """A handler's context that notes the status the handler aborts with, for the log and metrics."""
 
     def __init__(self, context) -> None:
-        self._context, self.status = context, None
+        self._context, self.status, self.details = context, None, ""
 
     def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
-        self.status = code
+        self.status, self.details = code, details
         return self._context.abort(code, details, trailing_metadata)  # a coroutine
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self.status = code
         self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+        self._context.set_details(details)
 
     def __getattr__(self, name: str):
         return getattr(self._context, name)

@@ -21,7 +21,12 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 from PIL import Image
 
-from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, Collections
+from simserve.index.collection import (
+    NAME_RE,
+    Collection,
+    CollectionNotFound,
+    Collections,
+)
 from simserve.index.store import NewItem, StoredItem, valid_filter_field
 from simserve.inference.bundle import Bundle, BundleError
 from simserve.inference.crops import collapse_views
@@ -29,7 +34,7 @@ from simserve.inference.decode import DecodeError, declared_pixels
 from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import Engine
 from simserve.ranking import calibration, pipeline, verify
-from simserve.serve.batcher import MicroBatcher
+from simserve.serve.batcher import BatchDone, MicroBatcher
 from simserve.serve.budget import DecodeBudget
 from simserve.serve.config import ServerConfig
 
@@ -68,8 +73,17 @@ class Embedded:
 
 
 class Service:
-    def __init__(self, engine: Engine, collections: Collections, config: ServerConfig | None = None, on_batch: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        collections: Collections,
+        config: ServerConfig | None = None,
+        on_batch: Callable[[BatchDone], None] | None = None,
+        on_decode: Callable[[float], None] | None = None,
+    ) -> None:
+        """``on_batch`` hears of each engine call, ``on_decode`` of each image's decode (seconds): for metrics."""
         self.engine, self.collections = engine, collections
+        self._on_decode = on_decode or (lambda seconds: None)
         self.config = cfg = config or ServerConfig()
         self.bundle: Bundle = engine.bundle
         try:
@@ -254,17 +268,20 @@ class Service:
     def decode(self, data: bytes, where: str, crop_views: bool = False) -> np.ndarray:
         """[C, S, S] model pixels; with ``crop_views`` [6, C, S, S] (inference/crops.py)."""
         c = self.bundle.config
-        try:
-            return pixels(data, c.input_size, c.in_channels, self.config.max_pixels, crop_views)
-        except DecodeError as e:
-            raise _request_error(e, where) from None
+        return self._timed(lambda: pixels(data, c.input_size, c.in_channels, self.config.max_pixels, crop_views), where)
 
     def verify_image(self, data: bytes, where: str) -> Image.Image:
         """Bytes -> the image geometric verification reads (ranking/verify.py)."""
+        return self._timed(lambda: verify.decode(data, self.config.max_pixels), where)
+
+    def _timed(self, decode: Callable[[], T], where: str) -> T:
+        t = time.perf_counter()
         try:
-            return verify.decode(data, self.config.max_pixels)
+            return decode()
         except DecodeError as e:
             raise _request_error(e, where) from None
+        finally:
+            self._on_decode(time.perf_counter() - t)
 
     async def _embed_refs(self, refs: Sequence[ImageRef], where: Sequence[str], collection: str | None, heavy: bool, deadline: float | None) -> Embedded:
         """Features and embeddings for each ref: bytes are decoded and embedded, keys read from the store."""

@@ -55,19 +55,24 @@ class SimilarityServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ScorePairs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Is each pair a copy? INVALID_ARGUMENT (no pairs, a bad image), NOT_FOUND (a key),
+        FAILED_PRECONDITION (a key stored without head features), RESOURCE_EXHAUSTED (over --max-items).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The embeddings of the images, in order. Codes as ScorePairs.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Search(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The k nearest items of a collection. INVALID_ARGUMENT (k outside 1..max-k, rerank outside
+        0..max-rerank, a bad filter or image), NOT_FOUND (the collection, or a query key).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -228,32 +233,41 @@ class IndexServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Add(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Adds or replaces items; all or nothing. INVALID_ARGUMENT (a bad key, image, metadata or
+        collection name; a key twice in one request), RESOURCE_EXHAUSTED (over --max-items, metadata
+        over --max-metadata-bytes, one collection past --max-collections, a full disk),
+        FAILED_PRECONDITION (a collection of another model's dimension, a read-only disk).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AddStream(self, request_iterator, context):
-        """Bulk load: many AddRequests, one response. Each message is committed as it arrives.
+        """Bulk load: many AddRequests, one response. Each message is committed as it arrives, all or
+        nothing as an Add; the first bad message ends the stream with its code, and the messages
+        before it stay committed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Remove(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes items by key; unknown keys come back in not_found. NOT_FOUND: the collection.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Reads items by key; unknown keys come back in not_found. NOT_FOUND: the collection.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """NOT_FOUND: the collection.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
