@@ -96,9 +96,11 @@ def _points(dtype: np.dtype, keypoints, desc, side: int = SIDE) -> np.ndarray:
     """Keypoints as stored: strongest first, so a prefix is the strongest few (the coarse pass)."""
     out = np.zeros(len(keypoints), dtype)
     if len(keypoints):
-        order = np.argsort([-k.response for k in keypoints], kind="stable")
+        response = np.fromiter((k.response for k in keypoints), np.float32, len(keypoints))
+        order = np.argsort(-response, kind="stable")
         out["xy"] = (_cv2().KeyPoint_convert(keypoints).reshape(-1, 2) / side)[order]
-        out["desc"] = np.clip(np.rint(desc), 0, 255)[order]  # SIFT's are whole numbers below 256, ORB's bytes
+        # ORB's descriptors are bytes already; SIFT's are whole numbers below 256 in float32.
+        out["desc"] = desc[order] if desc.dtype == np.uint8 else np.clip(np.rint(desc[order]), 0, 255)
     return out
 
 
