@@ -32,13 +32,7 @@ from simserve.atomic import atomic_write
 from simserve.index.rwlock import RWLock
 from simserve.index.store import Candidate, ItemStore, NewItem, StoredItem, StoreError
 from simserve.index.tiered_index import TieredIndex
-from simserve.index.vector_index import (
-    IndexTuning,
-    SnapshotError,
-    VectorIndex,
-    min_train_size,
-    validate_factory,
-)
+from simserve.index.vector_index import IndexTuning, SnapshotError, VectorIndex, min_train_size, validate_factory
 
 log = logging.getLogger("simserve.index.collection")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

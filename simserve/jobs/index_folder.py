@@ -9,6 +9,7 @@ skipped, so a re-run after an interruption only does what is left.
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial

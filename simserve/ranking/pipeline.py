@@ -6,7 +6,8 @@ stored views; a verifying one counts, best first, the inliers one affine map giv
 query's keypoints and each candidate's, until one is certain; the bundle's calibration turns
 each candidate's evidence into P(copy), the score returned and ordered by; with ``rerank`` the
 fusion head, which compares feature maps and so cannot be pre-indexed, fuses its log-odds in.
-Whatever evidence the stages need is read with the candidates, in one query of the store.
+The evidence the stages need is read with the candidates, in one query of the store, except the
+keypoints: only the few candidates verified need them.
 ``simserve index search`` and the server both search through here.
 """
 

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import (
-    GC_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    start_http_server,
-)
+from prometheus_client import GC_COLLECTOR, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 from simserve.serve.batcher import BatchDone

@@ -21,12 +21,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 from PIL import Image
 
-from simserve.index.collection import (
-    NAME_RE,
-    Collection,
-    CollectionNotFound,
-    Collections,
-)
+from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, Collections
 from simserve.index.store import NewItem, StoredItem, valid_filter_field
 from simserve.inference.bundle import Bundle, BundleError
 from simserve.inference.crops import collapse_views
