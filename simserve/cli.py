@@ -82,7 +82,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from simserve.inference.decode_pool import pixels
     from simserve.inference.engine import load_engine
     from simserve.ranking import verify
-    from simserve.ranking.calibration import evidence_key, from_manifest
+    from simserve.ranking.calibration import from_manifest, pair_model
 
     engine = load_engine(args.bundle, args.backend)
     c = engine.bundle.config
@@ -94,13 +94,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise SystemExit(f"simserve compare: {e}")
     head = float(engine.fuse(feats[:1], feats[1:])[0])
     cosine = float(emb[0] @ emb[1])
-    cal = from_manifest(engine.bundle.manifest).get(evidence_key(False, True))
+    cal = pair_model(from_manifest(engine.bundle.manifest))
     result: dict[str, Any] = {"cosine": cosine, "head": head}
     if cal is not None:
-        # P(copy) from the cosine and the inliers, as a search scores a hit and ScorePairs a pair.
+        # P(copy) from the cosine, the inliers and the head's score, as ScorePairs scores a pair.
         a, b = (verify.query_features(verify.decode(d)) for d in data)
         inliers = verify.pair_inliers(a, b)
-        score, default_threshold = float(cal.probability(cosine, inliers)), cal.threshold
+        score, default_threshold = float(cal.probability(cosine, inliers, head)), cal.threshold
         result["inliers"] = inliers
     else:  # an uncalibrated bundle: the head decides, at its own threshold
         score, default_threshold = head, engine.bundle.threshold
@@ -470,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="score two image files",
         description="Score two images: with a calibrated bundle (the shipped one is), the probability that one is a copy of "
-        "the other, from their embedding cosine and the keypoints one affine map carries between them, as a search scores a "
-        "hit; otherwise the fusion head's score. Prints the cosine, the inliers and the head's score too. Decodes and scores "
+        "the other, from their embedding cosine, the keypoints one affine map carries between them and the fusion head's "
+        "score; otherwise the fusion head's score alone. Prints the cosine, the inliers and the head's score too. Decodes and scores "
         "as the server's ScorePairs does (`simserve client score`), so both give the same numbers.",
     )
     c.add_argument("image_a")

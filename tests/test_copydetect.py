@@ -110,11 +110,13 @@ def test_calibrate_fits_every_evidence_set_and_a_server_scores_with_it(photo_sce
     shutil.copytree(DEFAULT_BUNDLE, bundle)
     result = calibrate.run(str(bundle), distractors=30, refs_per_scene=2, scenes=photo_scenes, progress=False)
     cals = from_manifest(json.loads(calibrate.write(bundle, result).read_text()))
-    assert set(cals) == {"pooled", "views", "pooled+inliers", "views+inliers"}
+    assert set(cals) == {"pooled", "views", "pooled+inliers", "views+inliers", "pooled+inliers+head"}
     for key, c in cals.items():
         assert c.probability(0.9) > c.probability(0.3), key
         assert 0.0 < c.threshold <= 1.0 and result[key]["copies"] > 0
     assert cals["views+inliers"].probability(0.5, 40) > cals["views+inliers"].probability(0.5, 0)
+    pair = cals["pooled+inliers+head"]  # a pair's model weighs the head's score in too
+    assert pair.head > 0 and pair.probability(0.5, 10, 0.9) > pair.probability(0.5, 10, 0.1)
     load_bundle(bundle)  # checksums still hold: only the manifest's calibration changed
 
     svc = Service(load_engine(str(bundle)), Collections(tmp_path / "c"))  # the default configuration

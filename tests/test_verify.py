@@ -209,3 +209,23 @@ def test_score_pairs_with_the_shipped_model_decides_by_the_calibrated_probabilit
             assert by_key.match and by_key.score > 0.99
     finally:
         srv.stop(2)
+
+
+def test_a_pair_is_scored_with_the_head_in_its_evidence(tmp_path):
+    """The shipped bundle has a pair model with the head's score as a third piece of evidence;
+    ScorePairs gives exactly its probability (dropping the head's term would change it)."""
+    from simserve.ranking.calibration import PAIR, pair_model
+
+    svc = Service(load_engine(None), Collections(tmp_path))
+    try:
+        seagull, bee = (ROOT / "examples" / n for n in ("seagull.png", "bee.png"))
+        refs = [ImageRef(data=seagull.read_bytes()), ImageRef(data=bee.read_bytes())]
+        scores, head, cosine, threshold = asyncio.run(svc.score_pairs([tuple(refs)], None, 0.0, None))
+        cal = pair_model(svc.calibrations)
+        assert cal is svc.calibrations[PAIR] and cal.head > 0 and threshold == cal.threshold
+        inliers = svc._pair_inliers(refs, ["a", "b"], [None, None], None)
+        assert scores[0] == pytest.approx(float(cal.probability(cosine[0], inliers[0], head[0])))
+        assert abs(float(cal.probability(cosine[0], inliers[0])) - scores[0]) > 1e-4  # the head moved it
+        assert scores[0] < threshold  # two different drawings
+    finally:
+        svc.close()

@@ -6,8 +6,10 @@ references and distractors go into two collections through the service core (the
 path), one plain and one with crop views, both verifying. Every query's shortlist is read
 with its evidence (``ranking.pipeline.shortlist``, verification not stopped early), and one
 logistic model is fitted per evidence set (``ranking.calibration.evidence_key``): the top 10 by
-the embedding alone, and the verified candidates with their inliers. Search then returns that
-probability as the score, and the bundle's threshold at precision 0.99 for each evidence set.
+the embedding alone, and the verified candidates with their inliers (and, in the plain
+collection, with the fusion head's score too: the model ScorePairs and compare decide by).
+Search then returns that probability as the score, and the bundle's threshold at precision 0.99
+for each evidence set.
 """
 
 from __future__ import annotations
@@ -23,20 +25,22 @@ from typing import Callable
 import numpy as np
 
 from simserve.bench.copyset import TRANSFORMS, CopySet, build
-from simserve.ranking.calibration import Calibration, evidence_key, fit
+from simserve.ranking.calibration import PAIR, Calibration, evidence_key, fit
 
 TOP = 10  # candidates per query the embedding-only models are fitted on: what a user asks for
 
 
 async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Callable[[str], None]) -> dict[str, list]:
-    """(score, inliers, label, query) rows for both evidence sets of one collection configuration."""
+    """(score, inliers, head, label, query) rows for the evidence sets of one collection
+    configuration (head: the fusion head's score of query and candidate, in the plain one)."""
     from simserve.index.collection import Collections
     from simserve.inference.engine import load_engine
     from simserve.ranking import pipeline, verify
     from simserve.serve.config import ServerConfig
-    from simserve.serve.service import ImageRef, Service
+    from simserve.serve.service import Service
 
-    rows: dict[str, list] = {evidence_key(crop_views, False): [], evidence_key(crop_views, True): []}
+    pair = not crop_views  # a pair is scored as a plain collection's hit, with the head beside it
+    rows: dict[str, list] = {evidence_key(crop_views, False): [], evidence_key(crop_views, True): [], **({PAIR: []} if pair else {})}
     with tempfile.TemporaryDirectory() as d:
         svc = Service(load_engine(bundle), Collections(d), ServerConfig(collection="calibrate", crop_views=crop_views, verify=True))
         items = [(key, data, None) for key, data in {**cs.references, **cs.distractors}.items()]
@@ -44,15 +48,20 @@ async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Cal
             await svc.add("calibrate", items[s : s + 32], None)
             tick(f"{evidence_key(crop_views, True)}: adding {min(s + 32, len(items))}/{len(items)}")
         col = svc.collection("calibrate")
+        shape = tuple(svc.bundle.manifest["feature_shape"])
         for i, q in enumerate(cs.queries):
-            emb = (await svc.embed([ImageRef(data=q.data)], "calibrate", None))[0]
+            (feats, emb), = await svc.batcher.run_async([svc.decode(q.data, "query")])
             kp = verify.query_features(verify.decode(q.data))
-            hits, _ = pipeline.shortlist(col, pipeline.Query(np.asarray(emb, np.float32), keypoints=kp), TOP)
+            hits, evidence = pipeline.shortlist(col, pipeline.Query(emb, keypoints=kp), TOP, features=pair)
             for h in hits[:TOP]:
-                rows[evidence_key(crop_views, False)].append((h.cosine, 0, h.key == q.truth, i))
-            for h in hits:
-                if h.inliers is not None:
-                    rows[evidence_key(crop_views, True)].append((h.cosine, h.inliers, h.key == q.truth, i))
+                rows[evidence_key(crop_views, False)].append((h.cosine, 0, 0.5, h.key == q.truth, i))
+            verified = [h for h in hits if h.inliers is not None]
+            if pair and verified:
+                cand = np.stack([evidence[h.id].features.reshape(shape).astype(np.float32) for h in verified])
+                head = svc.engine.fuse(np.repeat(feats[None], len(verified), axis=0), cand)
+                rows[PAIR].extend((h.cosine, h.inliers, float(s), h.key == q.truth, i) for h, s in zip(verified, head))
+            for h in verified:
+                rows[evidence_key(crop_views, True)].append((h.cosine, h.inliers, 0.5, h.key == q.truth, i))
             tick(f"{evidence_key(crop_views, True)}: searching {i + 1}/{len(cs.queries)}")
         svc.close()
     return rows
@@ -81,8 +90,8 @@ def run(
     if rows_out:
         np.savez_compressed(rows_out, **{k.replace("+", "_"): a for k, a in evidence.items()})
     for key, a in evidence.items():
-        cal = fit(a[:, 0], a[:, 1] if key.endswith("+inliers") else None, a[:, 2])
-        fitted[key] = {**cal.to_dict(), "candidates": len(a), "copies": int(a[:, 2].sum())}
+        cal = fit(a[:, 0], a[:, 1] if "+inliers" in key else None, a[:, 3], head=a[:, 2] if key == PAIR else None)
+        fitted[key] = {**cal.to_dict(), "candidates": len(a), "copies": int(a[:, 3].sum())}
     if progress:
         print(file=sys.stderr)
     return {

@@ -33,9 +33,19 @@ def threshold_at_precision(scores: np.ndarray, labels: np.ndarray, target: float
 
 
 # What a search knows about a candidate, by collection configuration: the embedding score
-# (pooled, or re-scored by crop views) and, when verified, the inlier count.
-def evidence_key(crop_views: bool, inliers: bool) -> str:
-    return ("views" if crop_views else "pooled") + ("+inliers" if inliers else "")
+# (pooled, or re-scored by crop views) and, when verified, the inlier count; a pair (ScorePairs,
+# compare) also has the fusion head's score, which a search computes only when asked to re-rank.
+def evidence_key(crop_views: bool, inliers: bool, head: bool = False) -> str:
+    return ("views" if crop_views else "pooled") + ("+inliers" if inliers else "") + ("+head" if head else "")
+
+
+PAIR = evidence_key(False, True, head=True)  # what ScorePairs and compare decide by, when the bundle has it
+
+
+def head_logit(score: float | np.ndarray) -> np.ndarray:
+    """The fusion head's score as log-odds: the scale a logistic model adds evidence on."""
+    p = np.clip(np.asarray(score, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
 
 
 @dataclass(frozen=True)
@@ -52,34 +62,42 @@ class Calibration:
     score: float
     inliers: float = 0.0
     threshold: float = 0.5
+    head: float = 0.0  # weight of the head's log-odds (``head_logit``), in a pair's model
 
-    def probability(self, score: float | np.ndarray, inliers: int | np.ndarray | None = None) -> np.ndarray:
+    def probability(self, score: float | np.ndarray, inliers: int | np.ndarray | None = None, head: float | np.ndarray | None = None) -> np.ndarray:
+        """``head``: the fusion head's score in [0, 1], for a model fitted with it."""
         z = self.bias + self.score * np.asarray(score, np.float64)
         if inliers is not None:
             z = z + self.inliers * np.maximum(np.asarray(inliers, np.float64), 0)
+        if head is not None and self.head:
+            z = z + self.head * head_logit(head)
         return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
     def to_dict(self) -> dict[str, float]:
-        return {"bias": self.bias, "score": self.score, "inliers": self.inliers, "threshold": self.threshold}
+        return {"bias": self.bias, "score": self.score, "inliers": self.inliers, "head": self.head, "threshold": self.threshold}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
-        vals = {k: d.get(k, 0.0) for k in ("bias", "score", "inliers")}
+        vals = {k: d.get(k, 0.0) for k in ("bias", "score", "inliers", "head")}
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals.values()):
-            raise ValueError(f"calibration {d!r}: bias, score and inliers must be finite numbers")
+            raise ValueError(f"calibration {d!r}: bias, score, inliers and head must be finite numbers")
         thr = d.get("threshold", 0.5)
         if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 <= thr <= 1.0:
             raise ValueError(f"calibration threshold {thr!r} must be a number in [0, 1]")
-        return cls(float(vals["bias"]), float(vals["score"]), float(vals["inliers"]), float(thr))
+        return cls(float(vals["bias"]), float(vals["score"]), float(vals["inliers"]), float(thr), float(vals["head"]))
 
 
-def fit(score: np.ndarray, inliers: np.ndarray | None, labels: np.ndarray, l2: float = 1.0) -> Calibration:
-    """Logistic regression by Newton's method (a handful of steps; three weights), and the
-    threshold at precision 0.99 of the probabilities it gives on the same candidates."""
+def fit(score: np.ndarray, inliers: np.ndarray | None, labels: np.ndarray, l2: float = 1.0, head: np.ndarray | None = None) -> Calibration:
+    """Logistic regression by Newton's method (a handful of steps; up to four weights), and the
+    threshold at precision 0.99 of the probabilities it gives on the same candidates. ``head``:
+    the fusion head's scores, for a pair's model (with inliers)."""
     y = np.asarray(labels, np.float64)
     cols = [np.ones_like(y), np.asarray(score, np.float64)]
     if inliers is not None:
         cols.append(np.maximum(np.asarray(inliers, np.float64), 0))
+    if head is not None:
+        assert inliers is not None, "a pair's model has inliers"
+        cols.append(head_logit(head))
     x = np.stack(cols, axis=1)
     w = np.zeros(x.shape[1])
     # Ridge on the weights, not the bias: copies are often perfectly separable by inliers, where
@@ -93,12 +111,18 @@ def fit(score: np.ndarray, inliers: np.ndarray | None, labels: np.ndarray, l2: f
         w -= step
         if np.abs(step).max() < 1e-8:
             break
-    cal = Calibration(float(w[0]), float(w[1]), float(w[2]) if inliers is not None else 0.0)
-    op = threshold_at_precision(cal.probability(score, inliers), y, 0.99)
+    cal = Calibration(float(w[0]), float(w[1]), float(w[2]) if inliers is not None else 0.0, head=float(w[3]) if head is not None else 0.0)
+    op = threshold_at_precision(cal.probability(score, inliers, head), y, 0.99)
     return dataclasses.replace(cal, threshold=min(1.0, op["threshold"]))
 
 
 Calibrations = dict[str, Calibration]  # by evidence_key
+
+
+def pair_model(calibrations: Calibrations) -> Calibration | None:
+    """What a pair is scored by: cosine, inliers and the head's score (a bundle calibrated before
+    the head was fitted in: cosine and inliers, as a search scores a plain collection's hit)."""
+    return calibrations.get(PAIR) or calibrations.get(evidence_key(False, True))
 
 
 def from_manifest(manifest: dict[str, Any]) -> Calibrations:
@@ -107,7 +131,7 @@ def from_manifest(manifest: dict[str, Any]) -> Calibrations:
     raw = manifest.get("calibration") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"calibration must be an object, got {type(raw).__name__}")
-    known = {evidence_key(v, i) for v in (False, True) for i in (False, True)}
+    known = {evidence_key(v, i) for v in (False, True) for i in (False, True)} | {PAIR}
     out = {}
     for key, d in raw.items():
         if key not in known:

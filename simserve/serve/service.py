@@ -118,12 +118,12 @@ class Service:
             raise RequestError("precondition", "an item referenced by key was stored without head features; pass its image bytes")
         head = await _off_loop(heavy, self.engine.fuse, got.features[0::2], got.features[1::2])
         cosine = np.einsum("ij,ij->i", got.embeddings[0::2], got.embeddings[1::2])
-        cal = self.calibrations.get(calibration.evidence_key(False, True))
+        cal = calibration.pair_model(self.calibrations)
         if cal is None:  # an uncalibrated bundle: the head decides, at its own threshold
             return head, head, cosine, threshold if threshold > 0 else self.bundle.threshold
-        # P(copy) from the cosine and the inliers, as a search scores a hit (OpenCV: off the loop).
+        # P(copy) from the cosine, the inliers (OpenCV: off the loop) and the head's score.
         inliers = await asyncio.to_thread(self._pair_inliers, refs, where, got.ids, collection)
-        return cal.probability(cosine, inliers), head, cosine, threshold if threshold > 0 else cal.threshold
+        return cal.probability(cosine, inliers, head), head, cosine, threshold if threshold > 0 else cal.threshold
 
     async def embed(self, refs: Sequence[ImageRef], collection: str | None, timeout: float | None) -> np.ndarray:
         if not refs:
