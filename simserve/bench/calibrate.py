@@ -31,8 +31,9 @@ TOP = 10  # candidates per query the embedding-only models are fitted on: what a
 
 
 async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Callable[[str], None]) -> dict[str, list]:
-    """(score, inliers, head, label, query) rows for the evidence sets of one collection
-    configuration (head: the fusion head's score of query and candidate, in the plain one)."""
+    """(score, inliers, head, label, query) rows for both evidence sets of one collection
+    configuration. head: the fusion head's score of query and verified candidate in the plain
+    collection (a pair's model is fitted on those rows), 0.5 (log-odds 0) where not computed."""
     from simserve.index.collection import Collections
     from simserve.inference.engine import load_engine
     from simserve.ranking import pipeline, verify
@@ -40,7 +41,7 @@ async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Cal
     from simserve.serve.service import Service
 
     pair = not crop_views  # a pair is scored as a plain collection's hit, with the head beside it
-    rows: dict[str, list] = {evidence_key(crop_views, False): [], evidence_key(crop_views, True): [], **({PAIR: []} if pair else {})}
+    rows: dict[str, list] = {evidence_key(crop_views, False): [], evidence_key(crop_views, True): []}
     with tempfile.TemporaryDirectory() as d:
         svc = Service(load_engine(bundle), Collections(d), ServerConfig(collection="calibrate", crop_views=crop_views, verify=True))
         items = [(key, data, None) for key, data in {**cs.references, **cs.distractors}.items()]
@@ -48,20 +49,18 @@ async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Cal
             await svc.add("calibrate", items[s : s + 32], None)
             tick(f"{evidence_key(crop_views, True)}: adding {min(s + 32, len(items))}/{len(items)}")
         col = svc.collection("calibrate")
-        shape = tuple(svc.bundle.manifest["feature_shape"])
         for i, q in enumerate(cs.queries):
             (feats, emb), = await svc.batcher.run_async([svc.decode(q.data, "query")])
             kp = verify.query_features(verify.decode(q.data))
-            hits, evidence = pipeline.shortlist(col, pipeline.Query(emb, keypoints=kp), TOP, features=pair)
+            hits, _ = pipeline.shortlist(col, pipeline.Query(emb, keypoints=kp), TOP)
             for h in hits[:TOP]:
                 rows[evidence_key(crop_views, False)].append((h.cosine, 0, 0.5, h.key == q.truth, i))
             verified = [h for h in hits if h.inliers is not None]
-            if pair and verified:
-                cand = np.stack([evidence[h.id].features.reshape(shape).astype(np.float32) for h in verified])
-                head = svc.engine.fuse(np.repeat(feats[None], len(verified), axis=0), cand)
-                rows[PAIR].extend((h.cosine, h.inliers, float(s), h.key == q.truth, i) for h, s in zip(verified, head))
-            for h in verified:
-                rows[evidence_key(crop_views, True)].append((h.cosine, h.inliers, 0.5, h.key == q.truth, i))
+            head = np.full(len(verified), 0.5)
+            if pair and verified:  # the verified candidates' feature maps only, not the shortlist's
+                stored = col.features([h.id for h in verified])
+                head = svc.engine.fuse(np.repeat(feats[None], len(verified), axis=0), np.stack([stored[h.id] for h in verified]))
+            rows[evidence_key(crop_views, True)].extend((h.cosine, h.inliers, float(s), h.key == q.truth, i) for h, s in zip(verified, head))
             tick(f"{evidence_key(crop_views, True)}: searching {i + 1}/{len(cs.queries)}")
         svc.close()
     return rows
@@ -89,6 +88,7 @@ def run(
     evidence = {k: np.array(r, np.float64) for views in (False, True) for k, r in asyncio.run(_evidence(bundle, cs, views, tick)).items()}
     if rows_out:
         np.savez_compressed(rows_out, **{k.replace("+", "_"): a for k, a in evidence.items()})
+    evidence[PAIR] = evidence[evidence_key(False, True)]  # the same rows, with the head's scores in
     for key, a in evidence.items():
         cal = fit(a[:, 0], a[:, 1] if "+inliers" in key else None, a[:, 3], head=a[:, 2] if key == PAIR else None)
         fitted[key] = {**cal.to_dict(), "candidates": len(a), "copies": int(a[:, 3].sum())}

@@ -11,7 +11,6 @@ worker thread (``asyncio.to_thread``).
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -27,7 +26,7 @@ from simserve.inference.bundle import Bundle, BundleError
 from simserve.inference.crops import collapse_views
 from simserve.inference.decode import DecodeError, declared_pixels
 from simserve.inference.decode_pool import pixels
-from simserve.inference.engine import Engine
+from simserve.inference.engine import Engine, default_threads
 from simserve.ranking import calibration, pipeline, verify
 from simserve.serve.batcher import BatchDone, MicroBatcher
 from simserve.serve.budget import DecodeBudget
@@ -190,7 +189,7 @@ class Service:
         blobs = [(data, f"items[{i}].image") for i, (_, data, _) in enumerate(items)]
         # Keypoints (a decode and ~4 ms of OpenCV an image) are found on every core while the
         # model embeds; an error in either stops the other.
-        found = asyncio.ensure_future(self._decode_all(blobs, True, deadline, self._keypoints, lanes=_cores())) if verifying else None
+        found = asyncio.ensure_future(self._decode_all(blobs, True, deadline, self._keypoints, lanes=default_threads())) if verifying else None
         try:
             # Always off the loop: an add commits to SQLite anyway, and crop views decode six ways.
             decoded = await self._decode_all(blobs, True, deadline, lambda data, where: self.decode(data, where, views))
@@ -375,10 +374,6 @@ def _left(deadline: float | None) -> float | None:
 def _request_error(e: DecodeError, where: str) -> RequestError:
     kind = "too_large" if e.reason in ("too_many_pixels", "too_large") else "invalid"
     return RequestError(kind, f"{where}: {e}")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _read_later(task: asyncio.Future) -> None:
