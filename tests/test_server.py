@@ -220,8 +220,8 @@ def test_metrics_count_requests_by_method_and_code(server, client, caplog):
     offline.close()
     client.stats()
     client.embed([EX / "bee.png"])
-    with caplog.at_level("INFO", logger="simserve"):
-        _code(lambda: client.search(EX / "bee.png", collection="no-such-collection"))
+    caplog.set_level("INFO", logger="simserve")  # for the whole test: the server logs a call just after answering it
+    _code(lambda: client.search(EX / "bee.png", collection="no-such-collection"))
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     assert 'simserve_requests_total{code="OK",method="/simserve.v1.Index/Stats"}' in text
     assert "simserve_batch_size_bucket" in text and "simserve_request_seconds_bucket" in text
@@ -234,7 +234,9 @@ def test_metrics_count_requests_by_method_and_code(server, client, caplog):
     assert 'simserve_collection_items{collection="offline"} 2.0' in text
     assert re.search(r'^simserve_collection_bytes\{collection="offline"\} [1-9]', text, re.M)
     # The log line of a failed call says why, not only its code.
-    failed = [r for r in caplog.records if getattr(r, "code", "") == "NOT_FOUND"]
+    deadline = time.monotonic() + 10
+    while not (failed := [r for r in caplog.records if getattr(r, "code", "") == "NOT_FOUND"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert failed and "no-such-collection" in failed[-1].error
 
 
