@@ -590,7 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--collection", help="default collection name (default 'default')")
     sv.add_argument("--max-collections", type=int, help="refuse to create collections past this many (default 100): each open one holds files and memory")
     sv.add_argument("--decode-budget-mb", dest="decode_budget_mb", type=int, help="decoded pixels in flight, server-wide (default 384): past it, large decodes wait their turn")
-    sv.add_argument("--factory", help="FAISS factory for new collections (default Flat)")
+    sv.add_argument("--factory", help="FAISS factory for new collections (default Flat; with --index-backend milvus: Flat, HNSW<M>, IVF<n>,Flat/SQ8/PQ<m> as Milvus's FLAT, HNSW, IVF_*)")
+    sv.add_argument("--index-backend", dest="index_backend", choices=["embedded", "milvus"], help="where collections live: 'embedded' (default: SQLite + FAISS in --data-dir, one server) or 'milvus' (shared by every replica pointed at --milvus-uri; pip install 'simserve[milvus]')")
+    sv.add_argument("--milvus-uri", dest="milvus_uri", help="with --index-backend milvus: http://host:19530 (a Milvus server or `milvus-lite server`), or a Milvus Lite file such as ./index.db (one process)")
+    sv.add_argument("--milvus-token", dest="milvus_token", help="Milvus credentials, 'user:password' or an API key (default: $SIMSERVE_MILVUS_TOKEN)")
     sv.add_argument("--crop-views", dest="crop_views", action=argparse.BooleanOptionalAction, default=None, help=CROP_VIEWS_HELP)
     sv.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None, help=VERIFY_HELP)
     sv.add_argument("--token", help="require 'authorization: Bearer TOKEN' (health and reflection stay open)")
@@ -711,11 +714,12 @@ def _port(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from simserve.index.store import StoreError
     from simserve.ranking.verify import VerifyUnavailable
 
     try:
         return args.func(args)
-    except (OSError, ValueError, VerifyUnavailable) as e:  # a missing file, a bad format or value, OpenCV missing
+    except (OSError, ValueError, VerifyUnavailable, StoreError) as e:  # a missing file, a bad format or value, OpenCV missing, Milvus away
         if os.environ.get("SIMSERVE_DEBUG"):
             raise
         print(f"simserve: error: {e}", file=sys.stderr)

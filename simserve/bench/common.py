@@ -137,6 +137,7 @@ def start_server(data_dir: str, bundle: str | None, extra: list[str], preexec: C
     cmd = [sys.executable, "-m", "simserve.cli", "serve", "--port", "0", *extra]
     if bundle:
         cmd += ["--bundle", bundle]
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(data_dir) / f"server-{time.time_ns()}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL, preexec_fn=preexec)
@@ -148,6 +149,32 @@ def start_server(data_dir: str, bundle: str | None, extra: list[str], preexec: C
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start:\n" + log_path.read_text()[-3000:])
+
+
+def start_milvus_lite(data_dir: str | Path) -> tuple[subprocess.Popen, str]:
+    """A real Milvus gRPC server (``milvus-lite server``, from the ``milvus`` extra) on a free
+    loopback port; returns (process, uri). Its log is ``data_dir/milvus.log``."""
+    import socket
+
+    from pymilvus import MilvusClient
+
+    with socket.socket() as s:  # a free port: milvus-lite server does not take 0
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).with_name("milvus-lite")
+    cmd = [str(exe) if exe.exists() else "milvus-lite", "server", "--data-dir", str(Path(data_dir) / "milvus"), "--host", "127.0.0.1", "--port", str(port)]
+    with open(Path(data_dir) / "milvus.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    uri, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            MilvusClient(uri=uri, timeout=2).list_collections()
+            return proc, uri
+        except Exception:  # not listening yet
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("milvus-lite server did not start:\n" + (Path(data_dir) / "milvus.log").read_text()[-3000:])
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

@@ -165,6 +165,13 @@ class Collection:
     def get(self, keys: Sequence[str]) -> dict[str, StoredItem]:
         return self.store.get(keys)
 
+    def count(self) -> int:
+        return self.store.count()
+
+    def hashes(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """{key: content hash} of the keys present: what a folder re-index skips."""
+        return self.store.hashes(keys)
+
     def search(
         self,
         vectors: np.ndarray,
@@ -315,6 +322,10 @@ class Collections:
         self.tuning, self.synchronous = tuning, synchronous
         self._open: dict[str, Collection] = {}
         self._lock = threading.Lock()
+
+    @property
+    def location(self) -> str:
+        return str(self.root.parent)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).exists())

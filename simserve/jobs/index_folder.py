@@ -68,7 +68,7 @@ def index_folder(
         """Batches of (path index, bytes, content hash) whose key is new or whose content changed."""
         for chunk_start in range(0, len(paths), batch * 8):
             chunk = list(range(chunk_start, min(len(paths), chunk_start + batch * 8)))
-            known = collection.store.hashes([keys[i] for i in chunk])
+            known = collection.hashes([keys[i] for i in chunk])
             read = list(reader.map(lambda i: _read(paths[i]), chunk))
             todo = [(i, data, h) for i, (data, h) in zip(chunk, read) if known.get(keys[i]) != h]
             report.skipped_unchanged += len(chunk) - len(todo)

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from simserve.index.collection import Collections, default_data_dir
+from simserve.index.backends import open_collections
 from simserve.index.vector_index import IndexTuning
 from simserve.inference.engine import default_threads, load_engine
 from simserve.ranking.verify import require as require_opencv
@@ -109,7 +109,8 @@ def start(cfg: ServerConfig) -> RunningServer:
     engine = load_engine(cfg.bundle or None, cfg.backend, threads=cfg.threads or default_threads(), max_batch=max(cfg.max_batch, 64))
     # OpenMP's thread count is per thread, so it is set in each worker thread as it searches
     # (the main thread's setting does not reach them): single queries are ~3x faster on 1 thread.
-    collections = Collections(cfg.data_dir or default_data_dir(), tuning=IndexTuning(search_threads=cfg.faiss_threads or default_threads()))
+    tuning = IndexTuning(search_threads=cfg.faiss_threads or default_threads())
+    collections = open_collections(cfg.index_backend, cfg.data_dir or None, cfg.milvus_uri, cfg.milvus_token, tuning)
     service = Service(engine, collections, cfg, on_batch=metrics.on_batch, on_decode=metrics.decode.observe)
     metrics.watch_collections(collections.census)
     loop = _Loop(cfg.workers)
@@ -126,7 +127,7 @@ def start(cfg: ServerConfig) -> RunningServer:
         "serving",
         extra={
             "address": f"{cfg.host}:{port}", "tls": bool(cfg.tls_cert), "mtls": bool(cfg.tls_client_ca), "auth": bool(cfg.token),
-            "metrics_port": metrics_port, "model": service.model_name, "data_dir": str(collections.root.parent),
+            "metrics_port": metrics_port, "model": service.model_name, "index": f"{cfg.index_backend}:{collections.location}",
             "startup_s": round(time.perf_counter() - t0, 3), "open_files_limit": descriptors,
         },
     )

@@ -36,6 +36,9 @@ class ServerConfig:
     collection: str = "default"
     max_collections: int = 100  # each open one holds SQLite connections (one per thread that used it) and its index
     factory: str = "Flat"
+    index_backend: str = "embedded"  # or "milvus": every replica pointed at milvus_uri shares one index
+    milvus_uri: str = ""  # http://host:19530 (Milvus, Milvus Lite server) or a Milvus Lite file
+    milvus_token: str = ""  # "user:password" or an API key, when the Milvus server asks for one
     # The accurate configuration is the default (docs/decisions/deep-shortlist.md): new collections
     # index the whole image + 5 crops (inference/crops.py) and keep keypoints to verify their
     # searches (ranking/verify.py).

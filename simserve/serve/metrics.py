@@ -37,7 +37,7 @@ class Metrics:
         for w in done.waits:
             self.queue_wait.observe(w)
 
-    def watch_collections(self, census: Callable[[], dict[str, tuple[int, int]]]) -> None:
+    def watch_collections(self, census: Callable[[], dict[str, tuple[int, int | None]]]) -> None:
         """Items and bytes of every collection on disk, read at each scrape (``census``:
         ``Collections.census``), not only those used since start."""
         self.registry.register(_Collections(census))
@@ -48,7 +48,7 @@ class Metrics:
 
 
 class _Collections:
-    def __init__(self, census: Callable[[], dict[str, tuple[int, int]]]) -> None:
+    def __init__(self, census: Callable[[], dict[str, tuple[int, int | None]]]) -> None:
         self.census = census
 
     def describe(self) -> list:
@@ -59,6 +59,7 @@ class _Collections:
         size = GaugeMetricFamily("simserve_collection_bytes", "bytes on disk per collection (SQLite, WAL, index snapshot)", labels=["collection"])
         for name, (n, b) in self.census().items():
             items.add_metric([name], n)
-            size.add_metric([name], b)
+            if b is not None:  # an index held elsewhere (Milvus) has no bytes here
+                size.add_metric([name], b)
         yield items
         yield size

@@ -220,7 +220,7 @@ class Service:
         return await asyncio.to_thread(lambda: self.collection(collection).get(list(keys)))
 
     async def count(self, collection: str | None) -> int:
-        return await asyncio.to_thread(lambda: self.collection(collection).store.count())
+        return await asyncio.to_thread(lambda: self.collection(collection).count())
 
     async def stats(self, collection: str | None) -> dict[str, Any]:
         return await asyncio.to_thread(lambda: self.collection(collection).stats())
