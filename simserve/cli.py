@@ -121,12 +121,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "index":
         from simserve.bench import index
 
-        result = index.run(args.bundle, n=args.n, queries=args.queries, cache=args.cache, parts=tuple(args.parts.split(",")))
+        result = index.run(
+            args.bundle, n=args.n, queries=args.queries, cache=args.cache, parts=tuple(args.parts.split(",")),
+            backends=tuple(args.backends.split(",")), backend_types=tuple(args.backend_types.split(";")),
+        )
+        tables = []
         if result["types"]:
-            table = index.scaling_table(result)
-            print(table, file=sys.stderr)
-            if args.out:  # the latency-growth table, next to the figures it comes from
-                Path(args.out).with_suffix(".md").write_text(table)
+            tables.append(index.scaling_table(result))
+        if "backends" in result:
+            from simserve.bench import backends
+
+            tables.append(backends.table(result["backends"]))
+        if tables:
+            print("\n".join(tables), file=sys.stderr)
+            if args.out:  # the tables, next to the figures they come from
+                Path(args.out).with_suffix(".md").write_text("\n".join(tables))
     elif args.what == "serve":
         from simserve.bench import serve
 
@@ -138,7 +147,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "batch":
         from simserve.bench import batch
 
-        result = batch.run(args.bundle, dedupe_images=args.dedupe_images, originals=args.originals)
+        if args.engine:  # the embed job's ways to run, side by side, and nothing else
+            from simserve.bench import embed_engines
+
+            result = embed_engines.run(args.bundle, images=args.embed_images, engines=tuple(args.engine.split(",")), batch=args.batch)
+        else:
+            result = batch.run(args.bundle, dedupe_images=args.dedupe_images, originals=args.originals)
     elif args.what == "copydetect":
         from simserve.bench import copydetect
 
@@ -351,6 +365,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from simserve.jobs.embed import embed_folder
     from simserve.jobs.shard import Shard
 
+    if args.engine == "ray":
+        try:
+            from simserve.jobs.on_ray import embed_folder_ray
+        except ImportError:
+            raise ValueError("--engine ray needs Ray: pip install 'simserve[ray]'") from None
+        r = embed_folder_ray(
+            args.bundle, args.folder, args.out, batch=args.batch, actors=args.actors, address=args.ray_address, resume=args.resume, progress=not args.quiet
+        )  # fmt: skip
+        print(f"{r.images} images on ray: {r.embedded} embedded this run, {r.errors} errors, {r.resumed_after} kept from before -> {args.out}.npy", file=sys.stderr)
+        return 0
     shard = Shard.from_env()
     r = embed_folder(
         load_engine(args.bundle), args.folder, args.out, batch=args.batch, workers=args.workers, resume=args.resume,
@@ -542,6 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     em.add_argument("folder")
     em.add_argument("--out", "-o", required=True, help="output prefix")
+    em.add_argument(
+        "--engine", choices=["local", "ray"], default="local",
+        help="local (default): this process, or torchrun ranks; ray: Ray Data actors, one ONNX Runtime session each, "
+        "the driver writing the output (pip install 'simserve[ray]'; the images must be readable where Ray reads them)",
+    )  # fmt: skip
+    em.add_argument("--ray-address", dest="ray_address", help="with --engine ray: the cluster to join ('auto': the one this machine is in; default: start one here)")
+    em.add_argument("--actors", type=int, help="with --engine ray: embedding actors (default: one per CPU in the cluster)")
     _add_job_args(em, "images per engine call", resumable=True)
     em.set_defaults(func=_cmd_embed)
 
@@ -675,12 +706,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--parts",
         default="types,adds,snapshot,views",
         help="index: which parts to run (types = search figures per index type and size; adds = durable adds/s; snapshot = start from a snapshot; "
-        "views = a crop-views collection's search re-scoring vs a plain search; verify = geometric verification's cost per add and per search)",
+        "views = a crop-views collection's search re-scoring vs a plain search; verify = geometric verification's cost per add and per search; "
+        "backends = the embedded index vs Milvus: durable adds, search latency, recall, two replicas)",
     )
+    b.add_argument("--backends", default="embedded,milvus", help="index --parts backends: which index backends, side by side (milvus: a local milvus-lite server)")
+    b.add_argument("--backend-types", dest="backend_types", default="Flat;HNSW32", help="index --parts backends: index types, ';'-separated (default Flat;HNSW32)")
     b.add_argument("--cases", type=int, default=1000, help="fuzz: random mutations of valid images, on top of the named corpus")
     b.add_argument("--seed", type=int, default=0, help="fuzz: seed of the mutations; copydetect: seed of the copy set")
     b.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")
     b.add_argument("--dedupe-images", type=int, default=100_000, help="batch: images in the dedupe run (0: skip it)")
+    b.add_argument("--engine", help="batch: compare `simserve embed` run by these, side by side, e.g. local,torchrun,ray (one process, a rank per core, a local Ray cluster), against the engine alone")
+    b.add_argument("--embed-images", dest="embed_images", type=int, default=8192, help="batch --engine: images in the embedded folder")
     b.add_argument("--originals", type=int, default=400, help="batch: distinct real photos in the perceptual-hashing comparison")
     b.add_argument("--distractors", type=int, default=10_000, help="copydetect: distractor images in the index")
     b.add_argument("--refs-per-scene", type=int, default=5, help="copydetect: references cut from each benchmark scene")

@@ -53,6 +53,21 @@ def test_deploy_examples_use_real_server_options_and_grpc_probes():
     assert "simserve-data:/data" in compose["volumes"]
 
 
+def test_milvus_examples_point_every_replica_at_one_milvus_and_scale_on_queue_depth():
+    from simserve.serve.metrics import Metrics
+
+    k8s = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy/milvus/kubernetes.yaml").read_text())}
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert set(env) <= OPTIONS and env["SIMSERVE_INDEX_BACKEND"] == "milvus" and env["SIMSERVE_MILVUS_URI"] == "http://milvus:19530"
+    assert k8s["Deployment"]["spec"]["replicas"] >= 2 and pod["securityContext"]["runAsUser"] == 10001
+    metric = k8s["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert metric in {m.name for m in Metrics().registry.collect()}  # the HPA scales on a metric the server exports
+    compose = yaml.safe_load((ROOT / "deploy/milvus/compose.yaml").read_text())["services"]
+    assert set(compose["simserve"]["environment"]) <= OPTIONS and compose["simserve"]["environment"]["SIMSERVE_MILVUS_URI"] == "http://milvus:19530"
+    assert "milvus" in compose and re.search(r"^ARG EXTRAS=", (ROOT / "Dockerfile").read_text(), re.M)  # --build-arg EXTRAS=milvus
+
+
 @pytest.mark.image
 @pytest.mark.timeout(1200)
 def test_image_builds_serves_drains_and_keeps_its_data(tmp_path):

@@ -56,7 +56,7 @@ def test_same_answers_and_evidence_as_the_embedded_index(milvus, tmp_path):
         c.add(items[:300])
         c.add(items[300:])
         made[backend] = (cols, c)
-    (_, emb), (mcols, mil) = made["embedded"], made["milvus"]
+    emb, mil = made["embedded"][1], made["milvus"][1]
     queries = np.stack([it.vector for it in items[:20]]) + 0.05
     for where in (None, {"g": "1"}):
         a, b = emb.search(queries, 10, where, views=True, features=True), mil.search(queries, 10, where, views=True, features=True)

@@ -7,7 +7,8 @@ exact inner-product search. Reported per index type and size: build time,
 bytes per vector, recall@10 against exact, batched queries/s (all threads),
 single-query p50/p99 (one thread, as a server would run many at once); for
 IVF-PQ also recall@10 after exact re-ranking of its top 100. Then durable
-adds/s through SQLite + FAISS, start-up time from a snapshot, and what a
+adds/s through SQLite + FAISS, start-up time from a snapshot, the embedded index against
+Milvus (bench/backends.py), and what a
 crop-views collection's re-scoring and a verifying collection's geometric verification add to
 a search.
 """
@@ -251,7 +252,8 @@ def verification_cost(base: np.ndarray, queries: np.ndarray, n: int = 100_000, n
 
 def run(bundle: str | None = None, n: int = 1_000_000, sizes: tuple[int, ...] = (10_000, 100_000), types: tuple[str, ...] = DEFAULT_TYPES,
         queries: int = 1000, cache: str | None = "runs/bench/embeddings.npy", threads: int | None = None, snapshot_type: str = "HNSW32",
-        parts: tuple[str, ...] = ("types", "adds", "snapshot")) -> dict:
+        parts: tuple[str, ...] = ("types", "adds", "snapshot"), backends: tuple[str, ...] = ("embedded", "milvus"),
+        backend_types: tuple[str, ...] = ("Flat", "HNSW32")) -> dict:
     threads = threads or faiss.omp_get_max_threads()
     t = time.perf_counter()
     allv = real_embeddings(n + queries, bundle, cache)
@@ -277,6 +279,10 @@ def run(bundle: str | None = None, n: int = 1_000_000, sizes: tuple[int, ...] = 
     if "views" in parts:
         result["view_rescoring"] = view_rescoring(base, q)
         print(result["view_rescoring"], flush=True)
+    if "backends" in parts:
+        from simserve.bench import backends as backend_bench
+
+        result["backends"] = backend_bench.compare(base, q, backends, backend_types)
     if "verify" in parts:
         result["verification"] = verification_cost(base, q[:200])
         print(result["verification"], flush=True)

@@ -40,7 +40,7 @@ class EmbedReport:
     seconds: float = 0.0
 
 
-class _Parts:
+class Parts:
     """The two growing files of one run: rows (JSONL) and raw float32 vectors."""
 
     def __init__(self, prefix: Path, dim: int) -> None:
@@ -79,7 +79,7 @@ def embed_folder(
     folder, prefix = Path(folder), Path(prefix)
     paths = find_images(folder)
     dim, cfg = engine.bundle.embedding_dim, engine.config
-    parts = _Parts(shard.part(prefix), dim)
+    parts = Parts(shard.part(prefix), dim)
     done = parts.resume(batch) if resume else 0
     report = EmbedReport(resumed_after=done)
     t0 = time.perf_counter()
@@ -89,31 +89,36 @@ def embed_folder(
     todo = itertools.islice(shard.batches(paths, batch), done // batch, None)
     with rows_f, vecs_f:
         for chunk, arrays, out in map_lanes(engine, todo, partial(decode_each, load=load), embed_decoded, lanes=workers):
-            embs = None if out is None else out[1]
-            if embs is not None:
-                vecs_f.write(np.ascontiguousarray(embs, np.float32).tobytes())
-            for p, a in zip(chunk, arrays):
-                err = None if isinstance(a, np.ndarray) else str(a)
-                rows_f.write((json.dumps({"key": p.relative_to(folder).as_posix(), "error": err}, ensure_ascii=False) + "\n").encode())
-                report.errors += err is not None
-            report.embedded += 0 if embs is None else len(embs)
-            vecs_f.flush()
-            rows_f.flush()
-            os.fsync(vecs_f.fileno())  # vectors first: a counted row always has its vector
-            os.fsync(rows_f.fileno())
+            errors = [None if isinstance(a, np.ndarray) else str(a) for a in arrays]
+            write_batch(rows_f, vecs_f, [p.relative_to(folder).as_posix() for p in chunk], errors, None if out is None else out[1], report)
             bar.update(len(chunk))
     bar.close()
     report.images = done + report.embedded + report.errors
     report.seconds = time.perf_counter() - t0
     if shard.finish(prefix, lambda part_paths, dest: _merge(prefix, shard.world, dim, batch)):
-        _finalize(_Parts(prefix, dim), prefix)
+        finalize(Parts(prefix, dim), prefix)
     return report
+
+
+def write_batch(rows_f, vecs_f, keys: list[str], errors: list[str | None], embs: np.ndarray | None, report: EmbedReport) -> None:
+    """One batch appended to the run's two files and made durable: vectors of the images that
+    decoded (in order), a row per image."""
+    if embs is not None and len(embs):
+        vecs_f.write(np.ascontiguousarray(embs, np.float32).tobytes())
+    for key, err in zip(keys, errors):
+        rows_f.write((json.dumps({"key": key, "error": err}, ensure_ascii=False) + "\n").encode())
+        report.errors += err is not None
+    report.embedded += 0 if embs is None else len(embs)
+    vecs_f.flush()
+    rows_f.flush()
+    os.fsync(vecs_f.fileno())  # vectors first: a counted row always has its vector
+    os.fsync(rows_f.fileno())
 
 
 def _merge(prefix: Path, world: int, dim: int, batch: int) -> None:
     """Interleave the ranks' rows and vectors batch by batch into the one-process files."""
-    parts = [_Parts(Shard(r, world).part(prefix), dim) for r in range(world)]
-    out = _Parts(prefix, dim)
+    parts = [Parts(Shard(r, world).part(prefix), dim) for r in range(world)]
+    out = Parts(prefix, dim)
     vec_files = [open(p.vecs, "rb") for p in parts]
     tagged = [_tagged_rows(r, p.rows) for r, p in enumerate(parts)]
     with open(out.rows, "w", encoding="utf-8") as rows_out, open(out.vecs, "wb") as vecs_out:
@@ -134,7 +139,7 @@ def _tagged_rows(rank: int, path: Path) -> Iterator[tuple[int, dict]]:
             yield rank, json.loads(line)
 
 
-def _finalize(parts: _Parts, prefix: Path) -> None:
+def finalize(parts: Parts, prefix: Path) -> None:
     """rows + raw vectors -> PREFIX.npy, PREFIX.keys.txt, PREFIX.errors.jsonl (then drop the working files)."""
     n = os.path.getsize(parts.vecs) // (4 * parts.dim)
     src = np.memmap(parts.vecs, dtype=np.float32, mode="r", shape=(n, parts.dim)) if n else np.zeros((0, parts.dim), np.float32)
