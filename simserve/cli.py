@@ -172,10 +172,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0 if result.get("ok", True) else 1
 
 
-def _collection(args: argparse.Namespace, engine=None, create: bool = False):
-    from simserve.index.collection import Collections, default_data_dir
+def _collections(args: argparse.Namespace):
+    from simserve.index.backends import open_collections
 
-    cols = Collections(args.data_dir or default_data_dir())
+    token = args.milvus_token or os.environ.get("SIMSERVE_MILVUS_TOKEN", "")
+    return open_collections(args.index_backend, args.data_dir, args.milvus_uri or os.environ.get("SIMSERVE_MILVUS_URI", ""), token)
+
+
+def _collection(args: argparse.Namespace, engine=None, create: bool = False):
+    cols = _collections(args)
     if create and engine is not None:
         return cols, cols.get_or_create(args.collection, engine.bundle.embedding_dim, args.factory, engine.bundle.manifest["feature_shape"], args.crop_views, verify=args.verify)
     return cols, cols.get(args.collection)
@@ -199,9 +204,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print(json.dumps({"added": report.added, "unchanged": report.skipped_unchanged, "failed": len(report.failed), **col.stats()}))
             cols.close()
         elif args.action == "stats":
-            from simserve.index.collection import Collections, default_data_dir
-
-            cols = Collections(args.data_dir or default_data_dir())
+            cols = _collections(args)
             names = [args.collection] if args.collection else cols.names()
             print(json.dumps([cols.get(n).stats() for n in names], indent=2))
             cols.close(snapshot=False)
@@ -338,16 +341,24 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from simserve.jobs.score import score_file
     from simserve.jobs.shard import Shard
 
-    engine = load_engine(args.bundle)
-    threshold = None if args.threshold is None else engine.bundle.threshold if args.threshold == "model" else float(args.threshold)
+    from simserve.inference.bundle import load_bundle
+
+    model_threshold = load_bundle(args.bundle).threshold if args.threshold == "model" else None
+    threshold = None if args.threshold is None else model_threshold if args.threshold == "model" else float(args.threshold)
     columns = tuple(args.columns.split(",")) if args.columns else None
     if columns is not None and len(columns) != 2:
         raise SystemExit("--columns takes two names: A,B")
     shard = Shard.from_env()
-    r = score_file(
-        engine, args.pairs, args.out, threshold=threshold, root=args.root, columns=columns, batch=args.batch,
-        workers=args.workers, resume=args.resume, progress=not args.quiet and shard.rank == 0, shard=shard, cache_mb=args.cache_mb,
-    )  # fmt: skip
+    if args.engine == "ray":
+        r = _on_ray().score_file_ray(
+            args.bundle, args.pairs, args.out, threshold=threshold, root=args.root, columns=columns, batch=args.batch,
+            actors=args.actors, address=args.ray_address, resume=args.resume, progress=not args.quiet, cache_mb=args.cache_mb,
+        )  # fmt: skip
+    else:
+        r = score_file(
+            load_engine(args.bundle), args.pairs, args.out, threshold=threshold, root=args.root, columns=columns, batch=args.batch,
+            workers=args.workers, resume=args.resume, progress=not args.quiet and shard.rank == 0, shard=shard, cache_mb=args.cache_mb,
+        )  # fmt: skip
     where = f" (rank {shard.rank} of {shard.world})" if not shard.single else ""
     print(
         f"{r.rows} rows{where}: {r.scored} scored, {r.errors} with errors"
@@ -366,11 +377,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from simserve.jobs.shard import Shard
 
     if args.engine == "ray":
-        try:
-            from simserve.jobs.on_ray import embed_folder_ray
-        except ImportError:
-            raise ValueError("--engine ray needs Ray: pip install 'simserve[ray]'") from None
-        r = embed_folder_ray(
+        r = _on_ray().embed_folder_ray(
             args.bundle, args.folder, args.out, batch=args.batch, actors=args.actors, address=args.ray_address, resume=args.resume, progress=not args.quiet
         )  # fmt: skip
         print(f"{r.images} images on ray: {r.embedded} embedded this run, {r.errors} errors, {r.resumed_after} kept from before -> {args.out}.npy", file=sys.stderr)
@@ -408,6 +415,25 @@ def _cmd_dedupe(args: argparse.Namespace) -> int:
     for path, err in list(r.failed.items())[:5]:
         print(f"  unreadable: {path}: {err}", file=sys.stderr)
     return 0
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine", choices=["local", "ray"], default="local",
+        help="local (default): this process, or torchrun ranks; ray: Ray Data actors, one ONNX Runtime session each, "
+        "the driver writing the output (pip install 'simserve[ray]'; the images must be readable where Ray runs)",
+    )  # fmt: skip
+    p.add_argument("--ray-address", dest="ray_address", help="with --engine ray: the cluster to join ('auto': the one this machine is in; default: start one here)")
+    p.add_argument("--actors", type=int, help="with --engine ray: actors, each one ONNX Runtime session (default: one per CPU in the cluster)")
+
+
+def _on_ray():
+    """The Ray jobs module, or one line saying how to get it."""
+    try:
+        from simserve.jobs import on_ray
+    except ImportError:
+        raise ValueError("--engine ray needs Ray: pip install 'simserve[ray]'") from None
+    return on_ray
 
 
 def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) -> None:
@@ -512,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser, collection_required: bool = True) -> None:
         p.add_argument("--collection", required=collection_required, default=None if collection_required else None, help="collection name")
         p.add_argument("--data-dir", help="data directory (default $SIMSERVE_DATA_DIR or ~/.local/share/simserve)")
+        p.add_argument("--index-backend", dest="index_backend", choices=["embedded", "milvus"], default=os.environ.get("SIMSERVE_INDEX_BACKEND", "embedded"),
+                       help="where the collections live: embedded (the data directory; default) or milvus (--milvus-uri), as `simserve serve` takes it")
+        p.add_argument("--milvus-uri", dest="milvus_uri", help="with --index-backend milvus: http://host:19530 or a Milvus Lite file (default $SIMSERVE_MILVUS_URI)")
+        p.add_argument("--milvus-token", dest="milvus_token", help="Milvus credentials (default $SIMSERVE_MILVUS_TOKEN)")
 
     ib = ixs.add_parser("build", help="embed every image under a folder into a collection (resumable)",
                         description="Embed every image under FOLDER into a collection, keyed by relative path. Re-running skips files whose content is unchanged, so an interrupted build resumes.")
@@ -555,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--root", help="folder that relative image paths are in (default: the folder of PAIRS)")
     sc.add_argument("--columns", help="the two image columns, A,B (default: a,b or the first two)")
     sc.add_argument("--cache-mb", type=float, default=256, help="memory for decoded images, so an image in many pairs is decoded once (0: off)")
+    _add_ray_args(sc)
     _add_job_args(sc, "pairs per engine call", resumable=True)
     sc.set_defaults(func=_cmd_score)
 
@@ -566,13 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     em.add_argument("folder")
     em.add_argument("--out", "-o", required=True, help="output prefix")
-    em.add_argument(
-        "--engine", choices=["local", "ray"], default="local",
-        help="local (default): this process, or torchrun ranks; ray: Ray Data actors, one ONNX Runtime session each, "
-        "the driver writing the output (pip install 'simserve[ray]'; the images must be readable where Ray reads them)",
-    )  # fmt: skip
-    em.add_argument("--ray-address", dest="ray_address", help="with --engine ray: the cluster to join ('auto': the one this machine is in; default: start one here)")
-    em.add_argument("--actors", type=int, help="with --engine ray: embedding actors (default: one per CPU in the cluster)")
+    _add_ray_args(em)
     _add_job_args(em, "images per engine call", resumable=True)
     em.set_defaults(func=_cmd_embed)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -117,3 +121,33 @@ def stored_views(store, ids) -> dict:
     """{id: [V, d] view embeddings} of the items stored with views."""
     got = store.candidates({int(i): 0.0 for i in ids}, views=True)
     return {i: c.views for i, c in got.items() if c.views is not None}
+
+
+def kill_9_mid_add(proc, addr: str, files: list, per: int, after: int) -> tuple[list[str], list[str]]:
+    """Adds requests of ``per`` images (keys ``b<n>-<i>``, metadata ``batch=n``) through ``addr``
+    until ``after`` keys are acknowledged, then kill -9s ``proc``: (acknowledged, attempted)."""
+    from simserve.client import Client
+
+    acked: list[str] = []
+    attempted: list[str] = []
+
+    def bulk():
+        with Client(addr, timeout=10, retries=0) as c:
+            for n in range(10_000):
+                keys = [f"b{n}-{i}" for i in range(per)]
+                attempted.extend(keys)
+                try:
+                    c.add([(k, files[(n * per + i) % len(files)], {"batch": str(n)}) for i, k in enumerate(keys)])
+                except grpc.RpcError:
+                    return
+                acked.extend(keys)
+
+    t = threading.Thread(target=bulk)
+    t.start()
+    deadline = time.time() + 60
+    while len(acked) < after and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t.join(30)
+    return acked, attempted

@@ -4,16 +4,12 @@ and two ``simserve serve`` replicas sharing it."""
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
+from tests.conftest import kill_9_mid_add
 from simserve.bench.common import start_milvus_lite, start_server
 from simserve.client import Client, Key
 from simserve.index.backends import open_collections
@@ -164,31 +160,13 @@ def test_two_replicas_share_one_index_and_kill_9_loses_no_acknowledged_add(milvu
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")
     args = ["--index-backend", "milvus", "--milvus-uri", milvus, "--collection", "shared", "--no-crop-views", "--no-verify"]
     (a, addr_a, _), (b, addr_b, _) = (start_server(str(tmp_path / n), str(tiny_bundle), args) for n in ("a", "b"))
-    acked: list[str] = []
     try:
         with Client(addr_a, timeout=30) as ca, Client(addr_b, timeout=30) as cb:
             ca.add([("first", files[0], {"by": "a"})])
             assert cb.search(files[0], k=1)[0]["key"] == "first"  # added through one, found through the other
             assert cb.get(["first"]).items[0].key == "first"
 
-        def bulk():
-            with Client(addr_a, timeout=10, retries=0) as c:
-                for n in range(10_000):
-                    keys = [f"b{n}-{i}" for i in range(4)]
-                    try:
-                        c.add([(k, files[(n * 4 + i) % len(files)], {"batch": str(n)}) for i, k in enumerate(keys)])
-                    except grpc.RpcError:
-                        return
-                    acked.extend(keys)
-
-        t = threading.Thread(target=bulk)
-        t.start()
-        deadline = time.time() + 60
-        while len(acked) < 100 and time.time() < deadline:
-            time.sleep(0.01)
-        os.kill(a.pid, signal.SIGKILL)
-        a.wait()
-        t.join(30)
+        acked, _ = kill_9_mid_add(a, addr_a, files, per=4, after=100)
         assert len(acked) >= 100
         with Client(addr_b, timeout=30) as cb:
             assert not list(cb.get(acked).not_found), "an acknowledged add was lost"
@@ -199,3 +177,22 @@ def test_two_replicas_share_one_index_and_kill_9_loses_no_acknowledged_add(milvu
             if p.poll() is None:
                 p.terminate()
                 p.wait(30)
+
+
+def test_index_build_into_an_embedded_milvus_lite_file(tiny_bundle, tmp_path, stamp_folder):
+    """The CLI's bulk load, into Milvus Lite's embedded form (a file, no server): the same code path."""
+    import json
+    import subprocess
+    import sys
+
+    db = tmp_path / "index.db"
+    milvus = ["--index-backend", "milvus", "--milvus-uri", str(db), "--collection", "stamps"]
+    build = subprocess.run(
+        [sys.executable, "-m", "simserve.cli", "index", "build", str(stamp_folder), *milvus, "--bundle", str(tiny_bundle), "--no-crop-views", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    report = json.loads(build.stdout)
+    assert report["added"] >= 10 and report["index_type"] == "milvus:FLAT" and report["verify"]
+    stats = subprocess.run([sys.executable, "-m", "simserve.cli", "index", "stats", *milvus], capture_output=True, text=True, timeout=120)
+    assert json.loads(stats.stdout)[0]["items"] == report["added"]

@@ -65,3 +65,18 @@ def test_ray_run_resumes_after_the_whole_batches_written(cluster, folder, tiny_b
 def test_cli_says_what_ray_needs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "simserve.cli", "embed", "--help"], capture_output=True, text=True)
     assert "--engine" in r.stdout and "ray" in r.stdout and "--ray-address" in r.stdout
+
+
+def test_ray_scores_pairs_as_one_process(cluster, folder, tiny_bundle, tmp_path):
+    from simserve.jobs.on_ray import score_file_ray
+    from simserve.jobs.score import score_file
+
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.*"))
+    rng = np.random.default_rng(0)
+    lines = ["a,b,note"] + [f"{names[rng.integers(len(names))]},{names[rng.integers(len(names))]},n{i}" for i in range(150)]
+    lines += ["missing.jpg,0001.jpg,gone", ",0001.jpg,empty"]
+    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
+    local = score_file(load_engine(tiny_bundle), folder / "pairs.csv", tmp_path / "local.csv", threshold=0.5, batch=16, progress=False)
+    r = score_file_ray(str(tiny_bundle), folder / "pairs.csv", tmp_path / "ray.csv", threshold=0.5, batch=16, actors=2, progress=False)
+    assert (r.rows, r.scored, r.errors) == (local.rows, local.scored, local.errors) and r.rows == 152 and r.errors >= 2  # missing, empty
+    assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()  # byte for byte

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from simserve.bench import hostile, soak
+from tests.conftest import kill_9_mid_add
 from simserve.bench.common import start_server
 from simserve.client import Client, Key
 from simserve.serve.app import ServerConfig, start
@@ -142,28 +142,7 @@ def _serve(data: Path, bundle: Path, *extra: str):
 def test_kill_9_during_bulk_add_loses_no_acknowledged_item(tiny_bundle, tmp_path, stamp_folder):
     files = sorted(p for p in stamp_folder.rglob("*.png") if p.name != "broken.png")
     proc, addr, _ = _serve(tmp_path, tiny_bundle)
-    acked: list[str] = []
-    attempted: list[str] = []
-
-    def bulk():
-        with Client(addr, timeout=10, retries=0) as c:
-            for b in range(10_000):
-                keys = [f"b{b}-{i}" for i in range(8)]
-                attempted.extend(keys)
-                try:
-                    c.add([(k, files[(b * 8 + i) % len(files)], {"batch": str(b)}) for i, k in enumerate(keys)])
-                except grpc.RpcError:
-                    return
-                acked.extend(keys)
-
-    t = threading.Thread(target=bulk)
-    t.start()
-    deadline = time.time() + 60
-    while len(acked) < 200 and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    t.join(30)
+    acked, attempted = kill_9_mid_add(proc, addr, files, per=8, after=200)
     assert len(acked) >= 200
     proc, addr, _ = _serve(tmp_path, tiny_bundle)
     try:

@@ -49,6 +49,11 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "simserve"
 
 
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise ValueError(f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit")
+
+
 class CollectionNotFound(KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "collection not found"
@@ -377,8 +382,7 @@ class Collections:
         crop_views: bool = False,
         verify: bool = False,
     ) -> Collection:
-        if not NAME_RE.match(name):
-            raise ValueError(f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit")
+        check_name(name)
         validate_factory(factory, dim)
         with self._lock:
             path = self.root / name

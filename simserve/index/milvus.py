@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
-from simserve.index.collection import NAME_RE, CollectionConfig, CollectionNotFound
+from simserve.index.collection import NAME_RE, CollectionConfig, CollectionNotFound, check_name
 from simserve.index.store import Candidate, NewItem, StoredItem, StoreError, valid_filter_field
 from simserve.index.vector_index import IndexTuning
 
@@ -341,8 +341,7 @@ class MilvusCollections:
     ) -> MilvusCollection:
         from pymilvus import DataType, MilvusClient
 
-        if not NAME_RE.match(name):
-            raise ValueError(f"collection name {name!r}: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit")
+        check_name(name)
         index = MilvusIndex.from_factory(factory, self.tuning)
         if self.exists(name):
             raise ValueError(f"collection {name!r} already exists")

@@ -1,4 +1,4 @@
-"""``simserve embed --engine ray``: the embed job on a Ray cluster, through Ray Data.
+"""``simserve embed|score --engine ray``: the batch jobs on a Ray cluster, through Ray Data.
 
 Ray reads the images (``read_binary_files``: a folder on one machine, or any path every node
 reaches, s3:// included); actors that each hold one single-threaded ONNX Runtime session
@@ -11,6 +11,7 @@ depend on the batch it rides in (checked bit for bit), so the output equals one 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from simserve.inference.decode_pool import load_bytes
 from simserve.jobs.embed import EmbedReport, Parts, finalize, write_batch
+from simserve.jobs.score import ScoreReport, ScoreRun, _Scored, _write
 from simserve.jobs.files import find_images
 
 
@@ -57,6 +59,14 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
+def _start_data(address: str | None) -> None:
+    start_ray(address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # blocks reach the driver in input order
+    ctx.enable_progress_bars = False  # the job's own bar says how far it is
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def embed_folder_ray(
     bundle: str | None,
     folder: str | os.PathLike,
@@ -82,11 +92,7 @@ def embed_folder_ray(
     bar = tqdm(total=len(paths), initial=done, unit="img", desc="embedding on ray", disable=not progress)
     with rows_f, vecs_f:
         if todo:
-            start_ray(address)
-            ctx = ray.data.DataContext.get_current()
-            ctx.execution_options.preserve_order = True  # blocks reach the driver in input order
-            ctx.enable_progress_bars = False  # the job's own bar says how far it is
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
+            _start_data(address)
             actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
             # Reading is I/O: it takes no CPU from the actors, else a full actor pool starves it.
             ds = ray.data.read_binary_files(
@@ -104,3 +110,70 @@ def embed_folder_ray(
     report.seconds = time.perf_counter() - t0
     finalize(Parts(prefix, dim), prefix)
     return report
+
+
+class ScoreActor:
+    """One Ray actor scoring whole batches of pairs: its own session and decoded-image cache."""
+
+    def __init__(self, bundle: str | None, cols: tuple[str, str], root: str, cache_mb: float) -> None:
+        from functools import partial
+
+        from simserve.inference.decode_pool import load_file
+        from simserve.inference.engine import load_engine
+        from simserve.jobs.score import PixelCache
+
+        self.engine = load_engine(bundle, threads=1)
+        cfg = self.engine.config
+        self.cols, self.root, self.cache = cols, Path(root), PixelCache(int(cache_mb * 2**20))
+        self.load = partial(load_file, size=cfg.input_size, channels=cfg.in_channels)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from simserve.jobs.score import _decode_batch, _score_batch
+
+        out: dict[str, list] = {"j": [], "errors": [], "scores": [], "cosine": []}
+        for j, rows in zip(batch["j"], batch["rows"]):
+            scored = _score_batch(self.engine, _decode_batch(json.loads(rows), self.cols, self.root, self.cache, self.load))
+            out["j"].append(j)
+            out["errors"].append(json.dumps(scored.errors))
+            out["scores"].append(np.asarray(scored.scores, np.float32).tobytes())
+            out["cosine"].append(np.asarray(scored.cosine, np.float32).tobytes())
+        return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+def score_file_ray(
+    bundle: str | None,
+    pairs: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    threshold: float | None = None,
+    root: str | os.PathLike | None = None,
+    columns: tuple[str, str] | None = None,
+    batch: int = 64,
+    actors: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    cache_mb: float = 256,
+) -> ScoreReport:
+    """``simserve score --engine ray``: a dataset row per batch of pairs (the rows themselves, not
+    the images: actors read those where Ray runs them), scored whole by an actor, written by the
+    driver in input order; the batches are one process's, so the output is too."""
+    run = ScoreRun(pairs, out, root, columns, threshold, batch, resume)
+    try:
+        batches = [{"j": j, "rows": json.dumps(rows, ensure_ascii=False)} for j, rows in enumerate(run.todo())]
+        bar = run.bar(progress)
+        if batches:
+            _start_data(address)
+            actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            ds = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
+                ScoreActor, fn_constructor_args=(bundle, run.cols, str(run.root.resolve()), cache_mb), batch_size=1,
+                batch_format="numpy", concurrency=actors, num_cpus=1,
+            )  # fmt: skip
+            for b, block in zip(batches, ds.iter_rows()):
+                rows = json.loads(b["rows"])
+                scores, cosine = np.frombuffer(block["scores"], np.float32), np.frombuffer(block["cosine"], np.float32)
+                _write(_Scored(rows, json.loads(block["errors"]), scores, cosine), threshold, run.writer, run.report, bar)
+        bar.close()
+    finally:
+        run.writer.close()
+    return run.finish()

@@ -89,41 +89,57 @@ def score_file(
     shard: Shard = Shard(),
     cache_mb: float = 256,
 ) -> ScoreReport:
-    pairs = Path(pairs)
-    root = Path(root) if root is not None else pairs.parent
-    first = next(read_rows(pairs), None)
-    if first is None:
-        raise ValueError(f"{pairs}: no rows")
-    cols = pair_columns(first, columns)
-    in_columns = [k for k in first if not k.startswith("__")]
-    out_columns = in_columns + [c for c in RESULT_COLUMNS if c not in in_columns and (c != "match" or threshold is not None)]
-    report = ScoreReport()
+    run = ScoreRun(pairs, out, root, columns, threshold, batch, resume, shard)
     cfg = engine.config
-    total = max(0, _count_lines(pairs) - (1 if file_format(pairs) == "csv" else 0))
-    part = shard.part(out)
-    t0 = time.perf_counter()
-    writer = RowWriter(part, out_columns, resume=resume)
     try:
-        done = writer.done - writer.done % batch  # whole batches only: they are what a fresh run would write
-        if done != writer.done:
-            writer.close()
-            _truncate_rows(part, done, out_columns)
-            writer = RowWriter(part, out_columns, resume=True)
-        report.resumed_after = done
-        todo = itertools.islice(shard.batches(read_rows(pairs), batch), done // batch, None)
-        bar = tqdm(total=total // shard.world, initial=done, unit="pair", desc="scoring", disable=not progress, smoothing=0.05)
         cache = PixelCache(int(cache_mb * 2**20))
         load = partial(load_file, size=cfg.input_size, channels=cfg.in_channels)
-        decode = partial(_decode_batch, cols=cols, root=root, cache=cache, load=load)
-        for scored in map_lanes(engine, todo, decode, _score_batch, lanes=workers):
-            _write(scored, threshold, writer, report, bar)
+        decode = partial(_decode_batch, cols=run.cols, root=run.root, cache=cache, load=load)
+        bar = run.bar(progress)
+        for scored in map_lanes(engine, run.todo(), decode, _score_batch, lanes=workers):
+            _write(scored, threshold, run.writer, run.report, bar)
         bar.close()
     finally:
-        writer.close()
-    report.seconds = time.perf_counter() - t0
-    report.rows += done
-    shard.finish(out, lambda parts, dest: _merge(parts, dest, out_columns, batch))
-    return report
+        run.writer.close()
+    return run.finish()
+
+
+class ScoreRun:
+    """What every way of running ``score`` shares: the pair columns, the output (resumed after
+    its whole batches), the batches still to score, the report."""
+
+    def __init__(self, pairs, out, root, columns, threshold, batch: int, resume: bool, shard: Shard = Shard()) -> None:
+        self.pairs, self.out, self.batch, self.shard = Path(pairs), out, batch, shard
+        self.root = Path(root) if root is not None else self.pairs.parent
+        first = next(read_rows(self.pairs), None)
+        if first is None:
+            raise ValueError(f"{self.pairs}: no rows")
+        self.cols = pair_columns(first, columns)
+        in_columns = [k for k in first if not k.startswith("__")]
+        self.columns = in_columns + [c for c in RESULT_COLUMNS if c not in in_columns and (c != "match" or threshold is not None)]
+        self.report = ScoreReport()
+        self.total = max(0, _count_lines(self.pairs) - (1 if file_format(self.pairs) == "csv" else 0))
+        self.t0 = time.perf_counter()
+        part = shard.part(out)
+        self.writer = RowWriter(part, self.columns, resume=resume)
+        self.done = self.writer.done - self.writer.done % batch  # whole batches only: they are what a fresh run would write
+        if self.done != self.writer.done:
+            self.writer.close()
+            _truncate_rows(part, self.done, self.columns)
+            self.writer = RowWriter(part, self.columns, resume=True)
+        self.report.resumed_after = self.done
+
+    def todo(self) -> Iterator[list[dict[str, Any]]]:
+        return itertools.islice(self.shard.batches(read_rows(self.pairs), self.batch), self.done // self.batch, None)
+
+    def bar(self, progress: bool) -> tqdm:
+        return tqdm(total=self.total // self.shard.world, initial=self.done, unit="pair", desc="scoring", disable=not progress, smoothing=0.05)
+
+    def finish(self) -> ScoreReport:
+        self.report.seconds = time.perf_counter() - self.t0
+        self.report.rows += self.done
+        self.shard.finish(self.out, lambda parts, dest: _merge(parts, dest, self.columns, self.batch))
+        return self.report
 
 
 @dataclass
