@@ -740,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="fuzz: seed of the mutations; copydetect: seed of the copy set")
     b.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")
     b.add_argument("--dedupe-images", type=int, default=100_000, help="batch: images in the dedupe run (0: skip it)")
-    b.add_argument("--engine", help="batch: compare `simserve embed` run by these, side by side, e.g. local,torchrun,ray (one process, a rank per core, a local Ray cluster), against the engine alone")
+    b.add_argument("--engine", help="batch: compare `simserve embed` run by these, side by side, e.g. local,torchrun,ray,ray-warm (one process, a rank per core, a local Ray cluster started by the command, the job alone on a cluster already up), against the engine alone")
     b.add_argument("--embed-images", dest="embed_images", type=int, default=8192, help="batch --engine: images in the embedded folder")
     b.add_argument("--originals", type=int, default=400, help="batch: distinct real photos in the perceptual-hashing comparison")
     b.add_argument("--distractors", type=int, default=10_000, help="copydetect: distractor images in the index")

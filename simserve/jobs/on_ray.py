@@ -1,9 +1,10 @@
 """``simserve embed|score --engine ray``: the batch jobs on a Ray cluster, through Ray Data.
 
-Ray reads the images (``read_binary_files``: a folder on one machine, or any path every node
-reaches, s3:// included); actors that each hold one single-threaded ONNX Runtime session
-decode and embed a batch at a time (``map_batches``); the driver receives the blocks in input
-order and appends each to the same files one process writes, made durable block by block.
+The driver lists the images and hands their paths out in blocks; actors that each hold one
+single-threaded ONNX Runtime session read, decode and embed a batch at a time (``map_batches``;
+the images must be readable where the actors run: one machine, or a folder every node mounts).
+The driver receives the blocks in input order and appends each to the same files one process
+writes, made durable block by block.
 Only the driver writes, so nothing needs a shared filesystem for output, and there is no
 rendezvous (torchrun's ranks meet through files). ONNX Runtime's answer for an image does not
 depend on the batch it rides in (checked bit for bit), so the output equals one process's.
@@ -22,14 +23,15 @@ import numpy as np
 import ray  # the `ray` extra; the CLI says so when it is missing
 from tqdm import tqdm
 
-from simserve.inference.decode_pool import load_bytes
+from simserve.inference.decode_pool import load_file
 from simserve.jobs.embed import EmbedReport, Parts, finalize, write_batch
 from simserve.jobs.score import ScoreReport, ScoreRun, _Scored, _write
 from simserve.jobs.files import find_images
 
 
 class EmbedActor:
-    """One Ray actor: one single-threaded ONNX Runtime session, a batch of image bytes at a time."""
+    """One Ray actor: one single-threaded ONNX Runtime session; reads, decodes and embeds a batch
+    of images at a time (as a local lane does)."""
 
     def __init__(self, bundle: str | None) -> None:
         from simserve.inference.engine import load_engine
@@ -38,7 +40,7 @@ class EmbedActor:
         self.size, self.channels = self.engine.config.input_size, self.engine.config.in_channels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        loaded = [load_bytes(bytes(b), self.size, self.channels) for b in batch["bytes"]]
+        loaded = [load_file(Path(p), self.size, self.channels) for p in batch["path"]]
         good = [a for a in loaded if isinstance(a, np.ndarray)]
         vecs = np.zeros((len(loaded), self.engine.bundle.embedding_dim), np.float32)
         if good:
@@ -57,6 +59,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _blocks(items: int, batch: int) -> int:
+    return max(1, items // (16 * batch))
 
 
 def _start_data(address: str | None) -> None:
@@ -94,10 +100,9 @@ def embed_folder_ray(
         if todo:
             _start_data(address)
             actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            # Reading is I/O: it takes no CPU from the actors, else a full actor pool starves it.
-            ds = ray.data.read_binary_files(
-                [str(p) for p in todo], include_paths=True, override_num_blocks=max(1, len(todo) // batch), num_cpus=0
-            )
+            # The paths go out in blocks of ~16 batches and each actor reads its own images: Ray
+            # Data's read tasks on top of a full actor pool cost 10x the embedding itself here.
+            ds = ray.data.from_items([{"path": str(p)} for p in todo], override_num_blocks=_blocks(len(todo), batch))
             ds = ds.map_batches(EmbedActor, fn_constructor_args=(bundle,), batch_size=batch, batch_format="numpy", concurrency=actors, num_cpus=1)
             for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 errors = [e or None for e in block["error"]]
@@ -165,7 +170,7 @@ def score_file_ray(
         if batches:
             _start_data(address)
             actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            ds = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
+            ds = ray.data.from_items(batches, override_num_blocks=_blocks(len(batches), 1)).map_batches(
                 ScoreActor, fn_constructor_args=(bundle, run.cols, str(run.root.resolve()), cache_mb), batch_size=1,
                 batch_format="numpy", concurrency=actors, num_cpus=1,
             )  # fmt: skip
