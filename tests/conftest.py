@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
@@ -121,6 +122,17 @@ def stored_views(store, ids) -> dict:
     """{id: [V, d] view embeddings} of the items stored with views."""
     got = store.candidates({int(i): 0.0 for i in ids}, views=True)
     return {i: c.views for i, c in got.items() if c.views is not None}
+
+
+def grainy_png(side: int) -> bytes:
+    """An example image blown up to side x side, with grain so it compresses as a photo does
+    (many blocks of encoded bytes for a decoder to read)."""
+    img = Image.open(Path(__file__).parents[1] / "examples" / "seagull.png").convert("RGB")
+    px = np.asarray(img.resize((side, side), Image.Resampling.BILINEAR), np.int16)
+    grain = np.random.default_rng(0).integers(-6, 7, px.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(px + grain, 0, 255).astype(np.uint8)).save(out, "PNG")
+    return out.getvalue()
 
 
 def kill_9_mid_add(proc, addr: str, files: list, per: int, after: int) -> tuple[list[str], list[str]]:

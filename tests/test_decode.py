@@ -6,6 +6,7 @@ from PIL import Image
 
 from simserve.bench.hostile import encode, png_claiming
 from simserve.inference.decode import DecodeError, decode_image
+from tests.conftest import grainy_png
 
 _bytes = encode  # shared with the fuzz corpus
 _png_header_claiming = png_claiming
@@ -245,3 +246,18 @@ def test_only_the_first_page_of_a_many_page_tiff_is_read():
     t = time.perf_counter()
     img = decode_image(buf.getvalue())
     assert time.perf_counter() - t < 0.1 and img.getpixel((0, 0)) == (200, 200, 200)
+
+
+def test_a_decode_stops_between_blocks_once_its_caller_gives_up():
+    from simserve.inference.decode import BLOCK, DecodeStopped, decode, stop_when
+
+    data = grainy_png(1500)
+    reads = []
+    with stop_when(lambda: reads.append(1) and False):  # never stops: counts the reads
+        whole = decode(data, min_side=128)
+    assert np.array_equal(np.asarray(whole), np.asarray(decode(data, min_side=128)))  # same pixels either way
+    assert len(reads) >= len(data) // BLOCK > 10  # the decoder is fed block by block
+    asked = []
+    with stop_when(lambda: asked.append(1) or len(asked) > 8), pytest.raises(DecodeStopped):
+        decode(data, min_side=128)
+    assert len(asked) == 9  # stopped mid-image, at the first read after the wish

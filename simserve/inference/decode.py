@@ -13,9 +13,12 @@ libjpeg) takes the Pillow path, which also names the error.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import os
 import warnings
+from typing import Callable, Iterator
 
 import numpy as np
 import simplejpeg
@@ -26,6 +29,40 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 # The formats anyone shares photos in. Everything else (EPS would run Ghostscript, EMF / WMF,
 # PSD, ICNS, ...) is refused before any decoder looks at the bytes.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Pillow feeds its decoders this many encoded bytes per call (64 KB by default): a caller that
+# stops wanting the image is heard between blocks. 8 KB of the densest PNG is ~4 MB of pixels.
+BLOCK = 8192
+
+_stop: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("simserve_decode_stop", default=None)
+
+
+class DecodeStopped(Exception):
+    """The decode was abandoned because its caller asked (``stop_when``); not a fault of the image."""
+
+
+@contextlib.contextmanager
+def stop_when(wanted: Callable[[], bool]) -> Iterator[None]:
+    """Decodes in this context give up (``DecodeStopped``) between blocks of encoded bytes once
+    ``wanted()`` is true: a request past its deadline, or whose client left, stops mid-image
+    (a 40 Mpx PNG is seconds of one decoder's work) instead of at the next image."""
+    token = _stop.set(wanted)
+    try:
+        yield
+    finally:
+        _stop.reset(token)
+
+
+class _Source(io.BytesIO):
+    """The encoded bytes as the decoders read them, checking ``stop_when``'s wish at every read."""
+
+    def __init__(self, data: bytes, wanted: Callable[[], bool]) -> None:
+        super().__init__(data)
+        self.wanted = wanted
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self.wanted():
+            raise DecodeStopped("the caller stopped waiting for this image")
+        return super().read(n)
 
 
 class DecodeError(ValueError):
@@ -77,11 +114,13 @@ def decode(
         fast = _jpeg_plain(data, max_pixels, min_side)
         if fast is not None:
             return fast
+    wanted = _stop.get()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            img = Image.open(_Source(data, wanted) if wanted else io.BytesIO(data), formats=FORMATS)
             _check_size(*img.size, max_pixels)
+            img.decodermaxblock = BLOCK
             # Frame 0 as opened: asking a TIFF for n_frames would walk every page (60,000 of them: minutes).
             if min_side and img.format == "JPEG":
                 fast = _jpeg_scaled(data, img, min_side)
@@ -91,7 +130,7 @@ def decode(
             img.load()
             img = _reduced(img, min_side)
             img = ImageOps.exif_transpose(img) or img
-    except DecodeError:
+    except (DecodeError, DecodeStopped):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError("too_many_pixels", f"image exceeds the pixel limit: {e}") from None

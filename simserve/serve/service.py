@@ -24,11 +24,11 @@ from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, C
 from simserve.index.store import NewItem, StoredItem, valid_filter_field
 from simserve.inference.bundle import Bundle, BundleError
 from simserve.inference.crops import collapse_views
-from simserve.inference.decode import DecodeError, declared_pixels
+from simserve.inference.decode import DecodeError, DecodeStopped, declared_pixels, stop_when
 from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import Engine, default_threads
 from simserve.ranking import calibration, pipeline, verify
-from simserve.serve.batcher import BatchDone, MicroBatcher
+from simserve.serve.batcher import BatchDone, DeadlineExceeded, MicroBatcher
 from simserve.serve.budget import DecodeBudget
 from simserve.serve.config import ServerConfig
 
@@ -232,8 +232,8 @@ class Service:
     async def _decode_all(self, blobs: Sequence[tuple[bytes, str]], heavy: bool, deadline: float | None, one: Callable[[bytes, str], T] | None = None, lanes: int = 1) -> list[T]:
         """``one(bytes, where)`` (by default: model pixels) for each blob. A small request decodes
         on the loop; a heavy one on ``lanes`` worker threads, each taking its share in turn, one
-        image at a time within the server's decode budget, stopping at the next image once its
-        deadline passes or its caller is gone."""
+        image at a time within the server's decode budget, stopping within a block of encoded
+        bytes once its deadline passes or its caller is gone (decode.stop_when)."""
         one = one or self.decode
         if not heavy:
             return [one(data, where) for data, where in blobs]
@@ -241,11 +241,15 @@ class Service:
 
         def run(part: Sequence[tuple[bytes, str]]) -> list[T]:
             out = []
-            for data, where in part:
-                if stop.is_set():
-                    raise CancelledError()
-                with self.budget.hold(declared_pixels(data), deadline, stop):
-                    out.append(one(data, where))
+            with stop_when(lambda: stop.is_set() or (deadline is not None and time.monotonic() > deadline)):
+                for data, where in part:
+                    if stop.is_set():
+                        raise CancelledError()
+                    with self.budget.hold(declared_pixels(data), deadline, stop):
+                        try:
+                            out.append(one(data, where))
+                        except DecodeStopped:
+                            raise (CancelledError() if stop.is_set() else DeadlineExceeded("deadline passed while decoding the images")) from None
             return out
 
         size = max(1, -(-len(blobs) // max(1, lanes)))
