@@ -5,21 +5,23 @@
 #   chromium                 headless browser: renders the dedupe HTML report in tests/test_batch.py
 #   openclipart-png          Open Clip Art, public domain (default recipe only; 130 MB: pass --train)
 #   fonts-dejavu-core        DejaVu fonts, free licence: text overlays of copy-detection queries (tests, bench)
-# --photos: natural photos, one scene per wallpaper (simserve/photos.py; ~150 MB), and the emoji
-# font for overlays, for `simserve bench copydetect` and photo training recipes:
+#   fonts-noto-color-emoji   Noto Color Emoji, OFL-1.1: emoji overlays of copy-detection queries (tests, bench)
+# --photos: natural photos, one scene per wallpaper (simserve/photos.py; ~150 MB), for
+# `simserve bench copydetect` and photo training recipes:
 #   plasma-workspace-wallpapers GPL-2+, ukui-wallpapers CC-BY-SA-3.0, lomiri-wallpapers CC-BY / CC-BY-SA / CC0
-#   per file, gnome-backgrounds CC-BY-SA-3.0, fonts-noto-color-emoji OFL-1.1
+#   per file, gnome-backgrounds CC-BY-SA-3.0
 set -euo pipefail
 pkgs=()
 [ -d /usr/share/datasets/fashion-mnist ] || pkgs+=(dataset-fashion-mnist)
 [ -d /usr/share/tuxpaint/stamps ] || pkgs+=(tuxpaint-stamps-default)
 command -v chromium >/dev/null || pkgs+=(chromium)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf ] || pkgs+=(fonts-dejavu-core)
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || pkgs+=(fonts-noto-color-emoji)
 for arg in "$@"; do
   case "$arg" in
     --train) [ -d /usr/share/openclipart/png ] || pkgs+=(openclipart-png) ;;
     --photos)
-      for p in plasma-workspace-wallpapers ukui-wallpapers lomiri-wallpapers gnome-backgrounds fonts-noto-color-emoji; do
+      for p in plasma-workspace-wallpapers ukui-wallpapers lomiri-wallpapers gnome-backgrounds; do
         dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
       done ;;
     *) echo "usage: $0 [--train] [--photos]" >&2; exit 2 ;;
