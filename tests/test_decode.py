@@ -99,6 +99,14 @@ def test_long_strip_within_limits_decodes():
     assert out.size == (20_000, 1)
 
 
+def test_a_side_longer_than_jpeg_allows_is_refused_from_the_header():
+    # 75 KB that Pillow would hold as 40M row pointers (320 MB), allocated with the GIL held
+    with pytest.raises(DecodeError) as e:
+        decode_image(_bytes(Image.new("L", (1, 39_999_999), 7), "PNG"))
+    assert e.value.reason == "bad_dimensions" and "65,535" in str(e.value)
+    assert decode_image(_bytes(Image.new("L", (65_535, 2), 7), "PNG")).size == (65_535, 2)
+
+
 def test_decode_pool_keeps_order_and_reports_bad_images_in_place():
     from simserve.inference.decode_pool import DecodePool
 

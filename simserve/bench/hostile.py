@@ -193,6 +193,7 @@ def corpus() -> list[Case]:
     big = Image.new("L", (9000, 9000), 255)  # 81 Mpx of one colour: ~80 KB as PNG
     add(Case("bombs", "real 9000x9000 PNG (81 Mpx, tiny file)", _embed(encode(big, "PNG", optimize=True)), {EXHAUSTED}))
     add(Case("bombs", "PNG header claiming 0 x 0", _embed(png_claiming(0, 0)), {INVALID}))
+    add(Case("bombs", "real 1 x 39,999,999 PNG (75 KB: 320 MB of row pointers)", _embed(encode(Image.new("L", (1, 39_999_999), 128), "PNG")), {INVALID}))
     for w, h in ((1, 1), (1, 20_000), (20_000, 1), (20_000, 5), (3, 3)):
         add(Case("size extremes", f"{w}x{h} image", _embed(encode(photo.resize((w, h)), "PNG")), {OK}))
 
@@ -318,16 +319,18 @@ def _decode_seconds(data: bytes) -> float:
 
 def pressure(target: str, pid: int) -> dict:
     """Small requests that cost a lot: peak memory under a burst of deep PNGs, health latency while
-    a long thin PNG decodes, and how long the server keeps working after a client's deadline."""
+    the largest images allowed decode, and how long the server keeps working after a client's deadline."""
     import threading
 
     deep = np.zeros((6000, 6000), np.uint16)
     deep[::7] = 40000
     deep_png = encode(Image.fromarray(deep), "PNG")
-    thin_png = encode(Image.new("L", (1, 39_999_999), 128), "PNG")
     photo = photo_sources()[0].convert("RGB").resize((1500, 1500))
     heavy = [encode(photo.rotate(i), "PNG") for i in range(16)]  # seconds of decoding in all, under the 64 MB message limit
-    out: dict = {"deep_png_kb": len(deep_png) // 1024, "thin_png_kb": len(thin_png) // 1024}
+    # The longest single decodes allowed: 40 Mpx of a photo (11 MB), and of one colour (164 KB).
+    big = encode(photo.resize((6600, 6000), Image.Resampling.BILINEAR), "PNG")
+    flat = encode(Image.new("RGBA", (6600, 6000), (1, 2, 3, 255)), "PNG")
+    out: dict = {"deep_png_kb": len(deep_png) // 1024, "big_png_kb": len(big) // 1024, "flat_png_kb": len(flat) // 1024}
     channel = grpc.insecure_channel(target, [("grpc.max_send_message_length", 256 << 20)])
     sim = pb_grpc.SimilarityStub(channel)
     probe = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
@@ -349,7 +352,7 @@ def pressure(target: str, pid: int) -> dict:
     out["deep_burst"] = {"requests": 6, "images_each": 4, "codes": dict(Counter(codes)), "seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": rss_mb(pid, "VmHWM")}
 
     done = threading.Event()
-    worker = threading.Thread(target=lambda: (embed([thin_png], 120), done.set()))
+    worker = threading.Thread(target=lambda: (embed([big, flat, big, flat], 120), done.set()))
     worker.start()
     waits = []
     while not done.is_set():
@@ -358,7 +361,7 @@ def pressure(target: str, pid: int) -> dict:
         waits.append(time.perf_counter() - t)
         time.sleep(0.05)
     worker.join()
-    out["health_during_thin_decode_ms"] = {"probes": len(waits), "max": round(max(waits) * 1000, 1), "median": round(float(np.median(waits)) * 1000, 1)}
+    out["health_during_40mpx_decodes_ms"] = {"probes": len(waits), "max": round(max(waits) * 1000, 1), "median": round(float(np.median(waits)) * 1000, 1)}
 
     def busy_after(images: list[bytes], deadline: float) -> dict:
         """The call's code, and for how long after its deadline the server still worked (until it
@@ -376,7 +379,6 @@ def pressure(target: str, pid: int) -> dict:
 
     out["after_deadline"] = busy_after(heavy, 1.0)
     # One image that is seconds of a single decode: stopped mid-image, not at the next one.
-    big = encode(photo.resize((6600, 6000), Image.Resampling.BILINEAR), "PNG")
     out["after_deadline_one_40mpx_png"] = {**busy_after([big], 0.5), "decode_alone_s": _decode_seconds(big), "mb": round(len(big) / 1e6, 1)}
     channel.close()
     return out

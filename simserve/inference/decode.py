@@ -26,6 +26,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 6,000 photo
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# The longest side JPEG and WebP can hold. Pillow keeps a pointer per row, so a 1 x 40M PNG
+# (75 KB) costs 320 MB of pointers and a 180 ms allocation that holds the GIL: health stalls.
+MAX_SIDE = 65_535
 # The formats anyone shares photos in. Everything else (EPS would run Ghostscript, EMF / WMF,
 # PSD, ICNS, ...) is refused before any decoder looks at the bytes.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -180,6 +183,8 @@ def _check_size(w: int, h: int, max_pixels: int) -> None:
     """Read from the header, before any pixel is decoded."""
     if w <= 0 or h <= 0:
         raise DecodeError("bad_dimensions", f"image has zero size ({w}x{h})")
+    if max(w, h) > MAX_SIDE:
+        raise DecodeError("bad_dimensions", f"image is {w}x{h}; a side may be at most {MAX_SIDE:,} pixels")
     if w * h > max_pixels:
         raise DecodeError("too_many_pixels", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
 
