@@ -175,8 +175,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _collections(args: argparse.Namespace):
     from simserve.index.backends import open_collections
 
-    token = args.milvus_token or os.environ.get("SIMSERVE_MILVUS_TOKEN", "")
-    return open_collections(args.index_backend, args.data_dir, args.milvus_uri or os.environ.get("SIMSERVE_MILVUS_URI", ""), token)
+    return open_collections(args.index_backend, args.data_dir, args.milvus_uri, args.milvus_token)
 
 
 def _collection(args: argparse.Namespace, engine=None, create: bool = False):
@@ -337,14 +336,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from simserve.inference.bundle import load_bundle
     from simserve.inference.engine import load_engine
     from simserve.jobs.score import score_file
     from simserve.jobs.shard import Shard
 
-    from simserve.inference.bundle import load_bundle
-
-    model_threshold = load_bundle(args.bundle).threshold if args.threshold == "model" else None
-    threshold = None if args.threshold is None else model_threshold if args.threshold == "model" else float(args.threshold)
+    threshold = None if args.threshold is None else load_bundle(args.bundle).threshold if args.threshold == "model" else float(args.threshold)
     columns = tuple(args.columns.split(",")) if args.columns else None
     if columns is not None and len(columns) != 2:
         raise SystemExit("--columns takes two names: A,B")
@@ -540,8 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="data directory (default $SIMSERVE_DATA_DIR or ~/.local/share/simserve)")
         p.add_argument("--index-backend", dest="index_backend", choices=["embedded", "milvus"], default=os.environ.get("SIMSERVE_INDEX_BACKEND", "embedded"),
                        help="where the collections live: embedded (the data directory; default) or milvus (--milvus-uri), as `simserve serve` takes it")
-        p.add_argument("--milvus-uri", dest="milvus_uri", help="with --index-backend milvus: http://host:19530 or a Milvus Lite file (default $SIMSERVE_MILVUS_URI)")
-        p.add_argument("--milvus-token", dest="milvus_token", help="Milvus credentials (default $SIMSERVE_MILVUS_TOKEN)")
+        p.add_argument("--milvus-uri", dest="milvus_uri", default=os.environ.get("SIMSERVE_MILVUS_URI", ""),
+                       help="with --index-backend milvus: http://host:19530 or a Milvus Lite file (default $SIMSERVE_MILVUS_URI)")
+        p.add_argument("--milvus-token", dest="milvus_token", default=os.environ.get("SIMSERVE_MILVUS_TOKEN", ""), help="Milvus credentials (default $SIMSERVE_MILVUS_TOKEN)")
 
     ib = ixs.add_parser("build", help="embed every image under a folder into a collection (resumable)",
                         description="Embed every image under FOLDER into a collection, keyed by relative path. Re-running skips files whose content is unchanged, so an interrupted build resumes.")

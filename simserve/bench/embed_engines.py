@@ -4,9 +4,10 @@ process, by torchrun ranks and on a local Ray cluster, against the engine alone,
 Each way runs as a user would run it, a whole command in its own process(es), start-up
 included (Ray starts its cluster, torchrun its ranks), ``rounds`` times in alternation; the
 figure is the median. ``ray-warm`` is the job alone on a Ray cluster already running (started
-by this process after the other rounds), as on a real cluster. The engine alone embeds the same images, decoded beforehand, on every
-core (a batch per lane), so the ratio says what reading, decoding, writing and the launcher
-cost. Every way's output is checked equal to one process's.
+by this process after the other rounds), as on a real cluster. The engine alone embeds the
+same images, decoded beforehand, on every core (a batch per lane), so the ratio says what
+reading, decoding, writing and the launcher cost. Every way's output is checked equal to one
+process's.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(_Source(data, wanted) if wanted else io.BytesIO(data), formats=FORMATS)
             _check_size(*img.size, max_pixels)
-            img.decodermaxblock = BLOCK
+            if wanted:
+                img.decodermaxblock = BLOCK
             # Frame 0 as opened: asking a TIFF for n_frames would walk every page (60,000 of them: minutes).
             if min_side and img.format == "JPEG":
                 fast = _jpeg_scaled(data, img, min_side)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from tqdm import tqdm
 
 from simserve.inference.decode_pool import load_file
 from simserve.jobs.embed import EmbedReport, Parts, finalize, write_batch
-from simserve.jobs.score import ScoreReport, ScoreRun, _Scored, _write
 from simserve.jobs.files import find_images
+from simserve.jobs.lanes import decode_each, embed_decoded
+from simserve.jobs.score import ScoreReport, ScoreRun, Scored, batch_decoder, score_batch
 
 
 class EmbedActor:
@@ -37,22 +39,20 @@ class EmbedActor:
         from simserve.inference.engine import load_engine
 
         self.engine = load_engine(bundle, threads=1)
-        self.size, self.channels = self.engine.config.input_size, self.engine.config.in_channels
+        self.load = partial(load_file, size=self.engine.config.input_size, channels=self.engine.config.in_channels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        loaded = [load_file(Path(p), self.size, self.channels) for p in batch["path"]]
-        good = [a for a in loaded if isinstance(a, np.ndarray)]
+        _, loaded, out = embed_decoded(self.engine, decode_each([Path(p) for p in batch["path"]], self.load))
+        ok = np.array([isinstance(a, np.ndarray) for a in loaded], bool)
         vecs = np.zeros((len(loaded), self.engine.bundle.embedding_dim), np.float32)
-        if good:
-            vecs[[i for i, a in enumerate(loaded) if isinstance(a, np.ndarray)]] = self.engine.embed(np.stack(good))[1]
-        return {"path": batch["path"], "vector": vecs, "error": np.array(["" if isinstance(a, np.ndarray) else str(a) for a in loaded], dtype=object)}
+        if out is not None:
+            vecs[ok] = out[1]
+        return {"path": batch["path"], "vector": vecs, "error": np.array(["" if good else str(a) for good, a in zip(ok, loaded)], dtype=object)}
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` ("auto": the one this machine belongs to), or start a
     local one with ``num_cpus``; nothing when this process already joined one (a test's)."""
-    import ray
-
     if ray.is_initialized():
         return
     if address:
@@ -65,12 +65,14 @@ def _blocks(items: int, batch: int) -> int:
     return max(1, items // (16 * batch))
 
 
-def _start_data(address: str | None) -> None:
+def _start_data(address: str | None, actors: int | None) -> int:
+    """Ray Data set up for a job; the number of actors to run (default: one per CPU)."""
     start_ray(address)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # blocks reach the driver in input order
     ctx.enable_progress_bars = False  # the job's own bar says how far it is
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def embed_folder_ray(
@@ -98,8 +100,7 @@ def embed_folder_ray(
     bar = tqdm(total=len(paths), initial=done, unit="img", desc="embedding on ray", disable=not progress)
     with rows_f, vecs_f:
         if todo:
-            _start_data(address)
-            actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            actors = _start_data(address, actors)
             # The paths go out in blocks of ~16 batches and each actor reads its own images: Ray
             # Data's read tasks on top of a full actor pool cost 10x the embedding itself here.
             ds = ray.data.from_items([{"path": str(p)} for p in todo], override_num_blocks=_blocks(len(todo), batch))
@@ -113,7 +114,7 @@ def embed_folder_ray(
     bar.close()
     report.images = done + report.embedded + report.errors
     report.seconds = time.perf_counter() - t0
-    finalize(Parts(prefix, dim), prefix)
+    finalize(parts, prefix)
     return report
 
 
@@ -121,24 +122,15 @@ class ScoreActor:
     """One Ray actor scoring whole batches of pairs: its own session and decoded-image cache."""
 
     def __init__(self, bundle: str | None, cols: tuple[str, str], root: str, cache_mb: float) -> None:
-        from functools import partial
-
-        from simserve.inference.decode_pool import load_file
         from simserve.inference.engine import load_engine
-        from simserve.jobs.score import PixelCache
 
         self.engine = load_engine(bundle, threads=1)
-        cfg = self.engine.config
-        self.cols, self.root, self.cache = cols, Path(root), PixelCache(int(cache_mb * 2**20))
-        self.load = partial(load_file, size=cfg.input_size, channels=cfg.in_channels)
+        self.decode = batch_decoder(self.engine.config, cols, Path(root), cache_mb)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from simserve.jobs.score import _decode_batch, _score_batch
-
-        out: dict[str, list] = {"j": [], "errors": [], "scores": [], "cosine": []}
-        for j, rows in zip(batch["j"], batch["rows"]):
-            scored = _score_batch(self.engine, _decode_batch(json.loads(rows), self.cols, self.root, self.cache, self.load))
-            out["j"].append(j)
+        out: dict[str, list] = {"errors": [], "scores": [], "cosine": []}
+        for rows in batch["rows"]:
+            scored = score_batch(self.engine, self.decode(json.loads(rows)))
             out["errors"].append(json.dumps(scored.errors))
             out["scores"].append(np.asarray(scored.scores, np.float32).tobytes())
             out["cosine"].append(np.asarray(scored.cosine, np.float32).tobytes())
@@ -163,22 +155,16 @@ def score_file_ray(
     """``simserve score --engine ray``: a dataset row per batch of pairs (the rows themselves, not
     the images: actors read those where Ray runs them), scored whole by an actor, written by the
     driver in input order; the batches are one process's, so the output is too."""
-    run = ScoreRun(pairs, out, root, columns, threshold, batch, resume)
-    try:
-        batches = [{"j": j, "rows": json.dumps(rows, ensure_ascii=False)} for j, rows in enumerate(run.todo())]
-        bar = run.bar(progress)
-        if batches:
-            _start_data(address)
-            actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            ds = ray.data.from_items(batches, override_num_blocks=_blocks(len(batches), 1)).map_batches(
+    with ScoreRun(pairs, out, root, columns, threshold, batch, resume, progress=progress) as run:
+        todo = list(run.todo())
+        if todo:
+            actors = _start_data(address, actors)
+            rows = [{"rows": json.dumps(batch_rows, ensure_ascii=False)} for batch_rows in todo]  # a JSON string: one Arrow type
+            ds = ray.data.from_items(rows, override_num_blocks=_blocks(len(rows), 1)).map_batches(
                 ScoreActor, fn_constructor_args=(bundle, run.cols, str(run.root.resolve()), cache_mb), batch_size=1,
                 batch_format="numpy", concurrency=actors, num_cpus=1,
             )  # fmt: skip
-            for b, block in zip(batches, ds.iter_rows()):
-                rows = json.loads(b["rows"])
+            for batch_rows, block in zip(todo, ds.iter_rows()):
                 scores, cosine = np.frombuffer(block["scores"], np.float32), np.frombuffer(block["cosine"], np.float32)
-                _write(_Scored(rows, json.loads(block["errors"]), scores, cosine), threshold, run.writer, run.report, bar)
-        bar.close()
-    finally:
-        run.writer.close()
+                run.write(Scored(batch_rows, json.loads(block["errors"]), scores, cosine))
     return run.finish()

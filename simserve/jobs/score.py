@@ -89,27 +89,20 @@ def score_file(
     shard: Shard = Shard(),
     cache_mb: float = 256,
 ) -> ScoreReport:
-    run = ScoreRun(pairs, out, root, columns, threshold, batch, resume, shard)
-    cfg = engine.config
-    try:
-        cache = PixelCache(int(cache_mb * 2**20))
-        load = partial(load_file, size=cfg.input_size, channels=cfg.in_channels)
-        decode = partial(_decode_batch, cols=run.cols, root=run.root, cache=cache, load=load)
-        bar = run.bar(progress)
-        for scored in map_lanes(engine, run.todo(), decode, _score_batch, lanes=workers):
-            _write(scored, threshold, run.writer, run.report, bar)
-        bar.close()
-    finally:
-        run.writer.close()
+    with ScoreRun(pairs, out, root, columns, threshold, batch, resume, shard, progress) as run:
+        decode = batch_decoder(engine.config, run.cols, run.root, cache_mb)
+        for scored in map_lanes(engine, run.todo(), decode, score_batch, lanes=workers):
+            run.write(scored)
     return run.finish()
 
 
 class ScoreRun:
     """What every way of running ``score`` shares: the pair columns, the output (resumed after
-    its whole batches), the batches still to score, the report."""
+    its whole batches), the batches still to score, the progress bar and the report. A context:
+    leaving it closes the output."""
 
-    def __init__(self, pairs, out, root, columns, threshold, batch: int, resume: bool, shard: Shard = Shard()) -> None:
-        self.pairs, self.out, self.batch, self.shard = Path(pairs), out, batch, shard
+    def __init__(self, pairs, out, root, columns, threshold, batch: int, resume: bool, shard: Shard = Shard(), progress: bool = True) -> None:
+        self.pairs, self.out, self.threshold, self.batch, self.shard = Path(pairs), out, threshold, batch, shard
         self.root = Path(root) if root is not None else self.pairs.parent
         first = next(read_rows(self.pairs), None)
         if first is None:
@@ -118,7 +111,7 @@ class ScoreRun:
         in_columns = [k for k in first if not k.startswith("__")]
         self.columns = in_columns + [c for c in RESULT_COLUMNS if c not in in_columns and (c != "match" or threshold is not None)]
         self.report = ScoreReport()
-        self.total = max(0, _count_lines(self.pairs) - (1 if file_format(self.pairs) == "csv" else 0))
+        total = max(0, _count_lines(self.pairs) - (1 if file_format(self.pairs) == "csv" else 0))
         self.t0 = time.perf_counter()
         part = shard.part(out)
         self.writer = RowWriter(part, self.columns, resume=resume)
@@ -128,12 +121,20 @@ class ScoreRun:
             _truncate_rows(part, self.done, self.columns)
             self.writer = RowWriter(part, self.columns, resume=True)
         self.report.resumed_after = self.done
+        self.bar = tqdm(total=total // shard.world, initial=self.done, unit="pair", desc="scoring", disable=not progress, smoothing=0.05)
+
+    def __enter__(self) -> "ScoreRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+        self.writer.close()
 
     def todo(self) -> Iterator[list[dict[str, Any]]]:
         return itertools.islice(self.shard.batches(read_rows(self.pairs), self.batch), self.done // self.batch, None)
 
-    def bar(self, progress: bool) -> tqdm:
-        return tqdm(total=self.total // self.shard.world, initial=self.done, unit="pair", desc="scoring", disable=not progress, smoothing=0.05)
+    def write(self, scored: "Scored") -> None:
+        _write(scored, self.threshold, self.writer, self.report, self.bar)
 
     def finish(self) -> ScoreReport:
         self.report.seconds = time.perf_counter() - self.t0
@@ -152,7 +153,7 @@ class _Decoded:
 
 
 @dataclass
-class _Scored:
+class Scored:
     rows: list[dict[str, Any]]
     errors: list[str | None]
     scores: np.ndarray  # one per scored row, in row order
@@ -213,6 +214,13 @@ class PixelCache:
             f.set_result(a)
 
 
+def batch_decoder(config: Any, cols: tuple[str, str], root: Path, cache_mb: float) -> Callable[[list[dict[str, Any]]], _Decoded]:
+    """A batch's rows -> its distinct images decoded at the model's size, through one process's
+    cache of ``cache_mb`` (an image in many pairs is decoded once)."""
+    load = partial(load_file, size=config.input_size, channels=config.in_channels)
+    return partial(_decode_batch, cols=cols, root=root, cache=PixelCache(int(cache_mb * 2**20)), load=load)
+
+
 def _decode_batch(rows: list[dict[str, Any]], cols: tuple[str, str], root: Path, cache: PixelCache, load: Callable[[Path], Pixels]) -> _Decoded:
     """Read and decode a batch's distinct images; say which rows cannot be scored, and why."""
     order = list(dict.fromkeys(p for r in rows for p in (r.get(c) for c in cols) if isinstance(p, str) and p))
@@ -239,17 +247,17 @@ def _decode_batch(rows: list[dict[str, Any]], cols: tuple[str, str], root: Path,
     return _Decoded(rows, errors, np.stack(list(good.values())) if ia else None, ia, ib)
 
 
-def _score_batch(lane: Engine, d: _Decoded) -> _Scored:
+def score_batch(lane: Engine, d: _Decoded) -> Scored:
     """One tower pass over the batch's distinct images, one head pass over its pairs."""
     scores = cosine = np.zeros(0, np.float32)
     if d.ia:
         feats, embs = lane.embed(d.pixels)
         scores = lane.fuse(feats[d.ia], feats[d.ib])
         cosine = np.einsum("ij,ij->i", embs[d.ia], embs[d.ib])
-    return _Scored(d.rows, d.errors, scores, cosine)
+    return Scored(d.rows, d.errors, scores, cosine)
 
 
-def _write(d: _Scored, threshold: float | None, writer: RowWriter, report: ScoreReport, bar: tqdm) -> None:
+def _write(d: Scored, threshold: float | None, writer: RowWriter, report: ScoreReport, bar: tqdm) -> None:
     out = []
     k = 0
     for r, err in zip(d.rows, d.errors):
