@@ -222,6 +222,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _index_search(args: argparse.Namespace) -> int:
+    from simserve.inference.crops import query_view_pixels
     from simserve.inference.decode import DecodeError, decode_file
     from simserve.inference.engine import load_engine
     from simserve.ranking.calibration import from_manifest
@@ -239,8 +240,14 @@ def _index_search(args: argparse.Namespace) -> int:
     elif args.image:
         try:
             img = decode_file(args.image)
-            features, emb = engine.embed_images([img])
-            query = Query(emb[0], features[0], query_features(img) if col.config.verify else None)
+            keypoints = query_features(img) if col.config.verify else None
+            if col.config.crop_views and args.query_views:  # as the server searches (serve --query-views)
+                c = engine.config
+                features, emb = engine.embed(query_view_pixels(Path(args.image).read_bytes(), c.input_size, c.in_channels))
+                query = Query(emb[0], features[0], keypoints, views=emb[1:])
+            else:
+                features, emb = engine.embed_images([img])
+                query = Query(emb[0], features[0], keypoints)
         except (DecodeError, OSError, VerifyUnavailable) as e:
             raise SystemExit(f"simserve index search: {e}")
     else:
@@ -443,6 +450,11 @@ def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) 
     _add_bundle_arg(p)
 
 
+QUERY_VIEWS_HELP = (
+    "searches of a crop-views collection also look with the query turned on its side and by nine regions of it "
+    "(default on: finds copies rotated 90 degrees or pasted small into another photo, for 13 engine passes a query instead of 1); "
+    "--no-query-views searches with the query as it is"
+)
 CROP_VIEWS_HELP = (
     "on by default: new collections index each item as the pooled embedding of the whole image and 5 crops of 75%% of "
     "each side, and a search re-scores its top 100 by the stored views, so crops of stored images are found (6x the "
@@ -565,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     isr.add_argument("-k", type=int, default=10)
     isr.add_argument("--rerank", type=int, default=0, metavar="N", help="re-rank the top N by cosine and fusion head together (simserve/ranking/scores.py: fused_scores)")
     isr.add_argument("--where", action="append", type=_field_value, metavar="FIELD=VALUE", help="metadata filter (equality; repeatable)")
+    isr.add_argument("--query-views", dest="query_views", action=argparse.BooleanOptionalAction, default=True, help=QUERY_VIEWS_HELP)
     isr.add_argument("--json", action="store_true")
     ix.set_defaults(func=_cmd_index)
 
@@ -650,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--milvus-token", dest="milvus_token", help="Milvus credentials, 'user:password' or an API key (default: $SIMSERVE_MILVUS_TOKEN)")
     sv.add_argument("--crop-views", dest="crop_views", action=argparse.BooleanOptionalAction, default=None, help=CROP_VIEWS_HELP)
     sv.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None, help=VERIFY_HELP)
+    sv.add_argument("--query-views", dest="query_views", action=argparse.BooleanOptionalAction, default=None, help=QUERY_VIEWS_HELP)
     sv.add_argument("--token", help="require 'authorization: Bearer TOKEN' (health and reflection stay open)")
     sv.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain (enables TLS)")
     sv.add_argument("--tls-key", dest="tls_key", help="PEM private key")
@@ -743,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--originals", type=int, default=400, help="batch: distinct real photos in the perceptual-hashing comparison")
     b.add_argument("--distractors", type=int, default=10_000, help="copydetect: distractor images in the index")
     b.add_argument("--refs-per-scene", type=int, default=5, help="copydetect: references cut from each benchmark scene")
-    b.add_argument("--configs", default="plain,crop-views,crop-views+verify", help="copydetect: collection configurations, side by side")
+    b.add_argument("--configs", default="plain,crop-views+verify,default", help="copydetect: collection configurations, side by side")
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=_cmd_bench)
     return p

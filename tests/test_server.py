@@ -175,7 +175,12 @@ def test_a_small_file_of_many_pixels_decodes_off_the_event_loop(tiny_bundle, tmp
     buf = io.BytesIO()
     Image.new("RGBA", (6600, 6000), (1, 2, 3, 255)).save(buf, "PNG")
     assert len(buf.getvalue()) < 256 * 1024
+    import gc
+
+    gc.unfreeze()
     srv = start(ServerConfig(port=0, data_dir=str(tmp_path), bundle=str(tiny_bundle)))  # the default pixel limit
+    # What startup loaded is out of the collector's reach: a full pass over it held the GIL 25-45 ms.
+    assert gc.get_freeze_count() > 10_000
     try:
         target = f"127.0.0.1:{srv.port}"
         with Client(target, timeout=60) as c, Client(target) as probe:  # the probe on its own channel, as a kubelet's

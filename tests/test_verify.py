@@ -59,6 +59,25 @@ def test_a_mirrored_copy_is_verified_through_the_mirrored_query_features(photos)
     assert verify.inliers(q, original) == mirrored
 
 
+def test_text_over_a_soft_photo_does_not_hide_it_from_the_coarse_pass(photos):
+    """Five lines of text over a blurred photo hold its strongest corners: the coarse pass, matching
+    only the strongest query points, found 3 inliers. The query's points are spread over the image
+    (strongest first in each of 4 x 4 cells), so it sees the photo and the full match runs."""
+    from PIL import ImageDraw, ImageFilter, ImageFont
+
+    img = photos["rocket"].resize((512, 512)).filter(ImageFilter.GaussianBlur(4))
+    q = img.copy()
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", 40)
+    for i in range(5):
+        ImageDraw.Draw(q).text((5, 5 + 45 * i), "SALE new photo wow", font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    features = verify.query_features(q)
+    assert verify.inliers(features, stored(img)) >= 15
+    xy = features[0].orb_xy
+    cells = [tuple(c) for c in np.minimum((xy / xy.max(axis=0) * verify.SPREAD_CELLS).astype(int), verify.SPREAD_CELLS - 1)]
+    n = len(set(cells))
+    assert n >= 12 and len(set(cells[:n])) == n  # the first points: one from each cell that has any
+
+
 def test_keypoints_pack_both_detectors_and_a_bad_blob_is_refused(photos):
     blob = verify.keypoints(photos["coffee"])
     kp = verify.unpack(blob)

@@ -50,9 +50,13 @@ async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Cal
             tick(f"{evidence_key(crop_views, True)}: adding {min(s + 32, len(items))}/{len(items)}")
         col = svc.collection("calibrate")
         for i, q in enumerate(cs.queries):
-            (feats, emb), = await svc.batcher.run_async([svc.decode(q.data, "query")])
             kp = verify.query_features(verify.decode(q.data))
-            hits, _ = pipeline.shortlist(col, pipeline.Query(emb, keypoints=kp), TOP)
+            if crop_views:  # searched as the server searches it, query views and all
+                got, views = await svc.embed_query_views(q.data, False, None)
+                feats, emb = got.features[0], got.embeddings[0]
+            else:
+                ((feats, emb),), views = await svc.batcher.run_async([svc.decode(q.data, "query")]), None
+            hits, _ = pipeline.shortlist(col, pipeline.Query(emb, keypoints=kp, views=views), TOP)
             for h in hits[:TOP]:
                 rows[evidence_key(crop_views, False)].append((h.cosine, 0, 0.5, h.key == q.truth, i))
             verified = [h for h in hits if h.inliers is not None]

@@ -33,8 +33,9 @@ from simserve.ranking.calibration import evidence_key
 
 CONFIGS = {
     "plain": {"crop_views": False, "verify": False},  # the embedding alone
-    "crop-views": {"crop_views": True, "verify": False},
-    "crop-views+verify": {"crop_views": True, "verify": True},  # what `simserve serve` gives
+    "crop-views": {"crop_views": True, "verify": False, "query_views": False},
+    "crop-views+verify": {"crop_views": True, "verify": True, "query_views": False},  # the default until session 19
+    "default": {"crop_views": True, "verify": True, "query_views": True},  # what `simserve serve` gives
 }
 PRECISION = 0.99
 

@@ -5,6 +5,9 @@ from a 30%-area crop's. A crop-views collection indexes the weighted mean of six
 (the whole image and five 75%-side crops) and keeps the six, so a search can re-score its
 shortlist by the best-matching view (ranking/views.py): recall@1 0.832 -> 0.900 for six engine
 passes per added item and nothing per query. docs/decisions/crop-views.md has the figures.
+
+A search describes its query by views too (``query_view_pixels``), never stored: the query turned
+on its side, and regions of it. docs/decisions/query-views.md has the figures.
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ CROP_SIDE = 0.75  # each crop keeps 75% of the width and of the height (56% of t
 N_VIEWS = 6
 # The whole image counts as three views: at 1, uncropped copies were found less often (0.959 -> 0.927).
 WHOLE_WEIGHT = 3.0
+# A query's views: the whole image, turned by these quarter turns (a copy turned on its side is far
+# from its original by embedding), then half-side regions on a 3 x 3 grid (an image pasted small
+# into another photo fills one of them).
+TURNS = (1, 2, 3)
+REGION_SIDE = 0.5
+REGION_STEPS = 3
+N_QUERY_VIEWS = 1 + len(TURNS) + REGION_STEPS**2
+
+
 def crop_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> [6, C, size, size] uint8: the whole image, then the four corner crops and the centre crop.
 
@@ -30,6 +42,19 @@ def crop_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DE
     m = wide.shape[-1] - size
     corners = [(0, 0), (0, m), (m, 0), (m, m), (m // 2, m // 2)]
     return np.stack([whole] + [wide[:, y : y + size, x : x + size] for y, x in corners])
+
+
+def query_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> [13, C, S, S] uint8: the whole image, turned a quarter, a half and three quarters,
+    then the nine regions. A square's turn is the turned image squashed, so turning costs nothing;
+    the regions are cut from the image squashed to size / REGION_SIDE, as crop views are."""
+    img = decode(data, max_pixels=max_pixels, min_side=round(size / REGION_SIDE))
+    whole = to_pixels(img, size, channels)
+    turned = [np.rot90(whole, t, axes=(1, 2)) for t in TURNS]
+    wide = to_pixels(img, round(size / REGION_SIDE), channels)
+    m = wide.shape[-1] - size
+    steps = [round(m * i / (REGION_STEPS - 1)) for i in range(REGION_STEPS)]
+    return np.ascontiguousarray(np.stack([whole, *turned] + [wide[:, y : y + size, x : x + size] for y in steps for x in steps]))
 
 
 def collapse_views(features: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

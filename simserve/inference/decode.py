@@ -132,6 +132,8 @@ def decode(
                     return fast
                 img.draft(img.mode, (min_side, min_side))
             img.load()
+            if wanted and wanted():  # a decoder that reads its input at once (WebP, TIFF strips) is checked here
+                raise DecodeStopped("the caller stopped waiting for this image")
             img = _reduced(img, min_side)
             img = ImageOps.exif_transpose(img) or img
     except (DecodeError, DecodeStopped):

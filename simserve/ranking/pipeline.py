@@ -1,8 +1,8 @@
-"""The one search pipeline: ANN -> view re-score -> geometric verification -> calibration ->
-head fusion.
+"""The one search pipeline: ANN -> view re-score (and query views) -> geometric verification ->
+calibration -> head fusion.
 
 The index finds a deep shortlist by the embedding; a crop-views collection re-scores it by the
-stored views; a verifying one counts, best first, the inliers one affine map gives between the
+stored views, and widens it with what the query turned and its regions find; a verifying one counts, best first, the inliers one affine map gives between the
 query's keypoints and each candidate's, until one is certain; the bundle's calibration turns
 each candidate's evidence into P(copy), the score returned and ordered by; with ``rerank`` the
 fusion head, which compares feature maps and so cannot be pre-indexed, fuses its log-odds in.
@@ -20,11 +20,12 @@ import numpy as np
 
 from simserve.index.collection import Collection
 from simserve.index.store import Candidate
+from simserve.inference.crops import TURNS
 from simserve.inference.engine import Engine
 from simserve.ranking import verify
 from simserve.ranking.calibration import Calibration, Calibrations, evidence_key
 from simserve.ranking.scores import fused_scores, verified_score
-from simserve.ranking.views import view_scores
+from simserve.ranking.views import view_score_matrix, view_scores
 
 # Candidates a crop-views or verifying search reads from the index and re-scores by views.
 SHORTLIST = 100
@@ -35,6 +36,14 @@ VERIFY_MAX = 30
 # non-copy photo).
 CERTAIN = 0.99
 CERTAIN_INLIERS = 25
+# Query views (inference/crops.query_view_pixels; docs/decisions/query-views.md): each searches the
+# index this deep, and its best few join the verified list after the upright query's first LEAD:
+# a turned view's best 2, a region's best 1. A turned view's score stands for a hit's, less this
+# much: at 0 a turned view's chance matches cost crops their first place (0.05 and 0.1 measured).
+VIEW_DEPTH = 10
+LEAD = 3
+TURNED_PICKS, REGION_PICKS = 2, 1
+TURN_PENALTY = 0.05
 
 
 @dataclass
@@ -63,6 +72,9 @@ class Query:
     features: np.ndarray | None = None  # the head's input, for re-ranking
     keypoints: Sequence[verify.LocalFeatures] | None = None  # for a verifying collection (verify.query_features)
     exclude_id: int | None = None  # a stored item used as the query is not its own neighbour
+    # [12, d]: the query turned (3), then its regions (9) (inference/crops.query_view_pixels), for
+    # a crop-views collection, whose stored views score any candidate under any of them.
+    views: np.ndarray | None = None
 
 
 def search(
@@ -124,6 +136,8 @@ def shortlist(
     evidence = {c.id: c for c in found}
     if cfg.crop_views:
         hits = _rescore_views(query.embedding, hits, evidence)
+        if query.views is not None and len(query.views):
+            hits = _with_query_views(collection, query, hits, evidence, where, exclude, features)
     if verifying:
         _verify(query.keypoints, hits, collection, certain or (lambda h: False))
     return hits, evidence
@@ -151,6 +165,37 @@ def _rescore_views(query: np.ndarray, hits: list[Hit], evidence: dict[int, Candi
         for h, s in zip(have, new):
             h.cosine = float(s)
     return sorted(hits, key=lambda h: -h.cosine)
+
+
+def _with_query_views(
+    collection: Collection, query: Query, hits: list[Hit], evidence: dict[int, Candidate], where: dict[str, Any] | None, exclude: Sequence[int], features: bool
+) -> list[Hit]:
+    """The shortlist widened by the query's views: what each view finds joins it; a hit's score
+    becomes the better of the upright query's and its best turned view's (less TURN_PENALTY: a
+    region's chance matches with other crops of a scene cost more than they found, so regions
+    only bring candidates to verification); and each view's best few are moved up to be verified
+    right after the upright query's first LEAD. Hits without stored views keep their place."""
+    found = collection.search(np.asarray(query.views, np.float32), VIEW_DEPTH, where, exclude, views=True, features=features)
+    for c in (c for row in found for c in row):
+        if c.id not in evidence and c.views is not None:
+            evidence[c.id] = c
+            hits.append(Hit(c.key, c.score, c.id, c.metadata))
+    have = [h for h in hits if evidence[h.id].views is not None]
+    if not have:
+        return hits
+    vectors = np.vstack([np.asarray(query.embedding, np.float32).reshape(1, -1), query.views])
+    s = view_score_matrix(vectors, np.stack([evidence[h.id].views for h in have]))  # [m, 13]
+    turned = s[:, 1 : 1 + len(TURNS)].max(axis=1) - TURN_PENALTY
+    for h, upright, t in zip(have, s[:, 0], turned):
+        h.cosine = float(max(upright, t))
+    order = sorted(hits, key=lambda h: -h.cosine)
+    picks: dict[int, None] = {}
+    for j in range(1, s.shape[1]):
+        n = TURNED_PICKS if j <= len(TURNS) else REGION_PICKS
+        for i in np.argsort(-s[:, j], kind="stable")[:n]:
+            picks[have[i].id] = None
+    lead = {h.id for h in order[:LEAD]}
+    return order[:LEAD] + [h for h in order if h.id in picks and h.id not in lead] + [h for h in order if h.id not in lead and h.id not in picks]
 
 
 def _verify(query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain: Callable[[Hit], bool]) -> None:

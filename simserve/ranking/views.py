@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from simserve.inference.crops import pool_views
+
 # The shortlist training's evaluation (training/robustness.py) re-scores by views: 10, 20 and 50
 # gave the same recall@1 on drawings. A search reads a deeper one (pipeline.SHORTLIST).
 RESCORE_DEPTH = 20
@@ -22,3 +24,12 @@ def view_scores(query: np.ndarray, pooled: np.ndarray, views: np.ndarray) -> np.
     crop happens to match; the pooled cosine alone blurs the matching crop. Equal weights were
     the best of 0.25 / 0.5 / 1 / 2 x pooled on two query draws."""
     return 0.5 * (pooled + (views @ query).max(axis=1))
+
+
+def view_score_matrix(queries: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Query vectors [q, d] against m candidates' stored views [m, V, d] -> [m, q] view scores
+    (``view_scores``), the pooled vector made again from the views: a candidate another query
+    vector found carries its cosine with that vector only."""
+    views = np.asarray(views, np.float32)
+    pooled = pool_views(views) @ queries.T
+    return 0.5 * (pooled + np.einsum("mvd,qd->mqv", views, queries).max(axis=2))

@@ -23,7 +23,7 @@ from PIL import Image
 from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, Collections
 from simserve.index.store import NewItem, StoredItem, valid_filter_field
 from simserve.inference.bundle import Bundle, BundleError
-from simserve.inference.crops import collapse_views
+from simserve.inference.crops import collapse_views, query_view_pixels
 from simserve.inference.decode import DecodeError, DecodeStopped, declared_pixels, stop_when
 from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import Engine, default_threads
@@ -149,7 +149,10 @@ class Service:
         early = col.config.verify and query.data is not None and not heavy
         found = asyncio.ensure_future(asyncio.to_thread(self._query_keypoints, col, query, None)) if early else None
         try:
-            got = await self._embed_refs([query], ["query"], col.name, heavy, deadline)
+            if col.config.crop_views and self.config.query_views and query.data is not None:
+                got, views = await self.embed_query_views(query.data, heavy, deadline)
+            else:
+                got, views = await self._embed_refs([query], ["query"], col.name, heavy, deadline), None
         except BaseException:
             if found is not None:
                 _read_later(found)
@@ -158,7 +161,7 @@ class Service:
         keypoints = await found if found is not None else None
 
         def scan() -> list[pipeline.Hit]:  # the index, the store, a stored query's keypoints: all off the loop
-            q = pipeline.Query(got.embeddings[0], feats, keypoints, got.ids[0])
+            q = pipeline.Query(got.embeddings[0], feats, keypoints, got.ids[0], views)
             if col.config.verify and keypoints is None:
                 q.keypoints = self._query_keypoints(col, query, got.ids[0])
             return pipeline.search(col, q, k, rerank=rerank, where=where or None, engine=self.engine, calibrations=self.calibrations)
@@ -298,6 +301,16 @@ class Service:
             for i, (f, e) in zip(to_embed, await self.batcher.run_async(decoded, _left(deadline))):
                 out.features[i], out.embeddings[i] = f, e
         return out
+
+    async def embed_query_views(self, data: bytes, heavy: bool, deadline: float | None) -> tuple[Embedded, np.ndarray]:
+        """A query and its views (inference/crops.query_view_pixels), embedded in one batch: the
+        query as ``_embed_refs`` gives it, and the views' embeddings [12, d]."""
+        c = self.bundle.config
+        decode = lambda data, where: self._timed(lambda: query_view_pixels(data, c.input_size, c.in_channels, self.config.max_pixels), where)  # noqa: E731
+        [views] = await self._decode_all([(data, "query")], heavy, deadline, decode)
+        out = await self.batcher.run_async(list(views), _left(deadline))
+        feats, embs = np.stack([f for f, _ in out]), np.stack([e for _, e in out])
+        return Embedded(feats[:1], embs[:1], [None]), embs[1:]
 
     def _read_stored(self, out: Embedded, keyed: dict[int, str], where: Sequence[str], collection: str | None) -> None:
         col = self.collection(collection)

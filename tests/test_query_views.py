@@ -1,0 +1,85 @@
+"""Query views: a search also looks with the query turned on its side and by regions of it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from simserve.index.collection import Collections
+from simserve.index.store import NewItem
+from simserve.inference.crops import N_QUERY_VIEWS, TURNS, pool_views, query_view_pixels
+from simserve.inference.decode import decode
+from simserve.inference.decode_pool import pixels
+from simserve.inference.pixels import to_pixels
+from simserve.ranking import pipeline
+from simserve.ranking.views import view_score_matrix, view_scores
+
+
+@pytest.fixture(scope="module")
+def photo_jpeg(photos) -> bytes:
+    buf = io.BytesIO()
+    photos["coffee"].save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_query_views_are_the_query_turned_and_nine_half_side_regions(photo_jpeg):
+    v = query_view_pixels(photo_jpeg, 48, 3)
+    assert v.shape == (N_QUERY_VIEWS, 3, 48, 48) == (13, 3, 48, 48) and v.dtype == np.uint8
+    for t, turned in zip(TURNS, v[1:4]):
+        assert np.array_equal(turned, np.rot90(v[0], t, axes=(1, 2)))
+    wide = to_pixels(decode(photo_jpeg, min_side=96), 96, 3)
+    regions = [wide[:, y : y + 48, x : x + 48] for y in (0, 24, 48) for x in (0, 24, 48)]
+    assert all(np.array_equal(a, b) for a, b in zip(v[4:], regions))
+    # the whole view is the ordinary model input, up to the decoder's scaling (a few grey levels)
+    assert np.abs(v[0].astype(int) - pixels(photo_jpeg, 48, 3).astype(int)).mean() < 4
+
+
+def test_the_view_score_matrix_scores_every_candidate_under_every_query_vector():
+    rng = np.random.default_rng(0)
+    views = rng.normal(size=(5, 6, 8)).astype(np.float32)
+    views /= np.linalg.norm(views, axis=2, keepdims=True)
+    q = rng.normal(size=(3, 8)).astype(np.float32)
+    m = view_score_matrix(q, views)
+    assert m.shape == (5, 3)
+    for j in range(3):
+        assert np.allclose(m[:, j], view_scores(q[j], pool_views(views) @ q[j], views), atol=1e-6)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def test_a_turned_view_scores_a_hit_and_a_region_brings_one_to_verification(tmp_path):
+    """A real crop-views collection of 200 items: one (turned) is near only the query's turned
+    view, another (pasted) only one region's; both are far from the upright query, past the
+    100-item shortlist. The turned one is scored by its turned view (less TURN_PENALTY), the
+    pasted one keeps its upright score; both are moved up to be verified, after the first LEAD."""
+    dim, rng = 16, np.random.default_rng(1)
+    col = Collections(tmp_path).create("c", dim, crop_views=True)
+    query = _unit(rng.normal(size=dim))
+    items = []
+    for i in range(198):  # distractors near the upright query, so the two are outranked by it
+        v = _unit(query + 0.8 * rng.normal(size=dim))
+        views = np.stack([_unit(v + 0.1 * rng.normal(size=dim)) for _ in range(6)])
+        items.append(NewItem(f"d{i}", pool_views(views[None])[0], None, views=views))
+    turned_v, pasted_v = _unit(rng.normal(size=dim)), _unit(rng.normal(size=dim))
+    for key, v in (("turned", turned_v), ("pasted", pasted_v)):
+        views = np.stack([v] * 6)
+        items.append(NewItem(key, v, None, views=views))
+    col.add(items)
+    extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(12)])
+    extra[1], extra[3 + 4] = turned_v, pasted_v  # the half turn; the middle region
+
+    plain, _ = pipeline.shortlist(col, pipeline.Query(query), 10)
+    assert {"turned", "pasted"}.isdisjoint(h.key for h in plain)  # the upright query alone never reads them
+    hits, _ = pipeline.shortlist(col, pipeline.Query(query, views=extra), 10)
+    order = [h.key for h in hits]
+    assert pipeline.SHORTLIST + 2 <= len(hits) <= pipeline.SHORTLIST + 12 * pipeline.VIEW_DEPTH  # what each view found joins
+    assert order[0] == "turned"  # its turned view's score beats every upright one
+    picks = 3 * pipeline.TURNED_PICKS + 9 * pipeline.REGION_PICKS
+    assert "pasted" in order[pipeline.LEAD : pipeline.LEAD + picks] and pipeline.LEAD + picks <= pipeline.VERIFY_MAX  # verified
+    by = {h.key: h for h in hits}
+    assert by["turned"].cosine == pytest.approx(1.0 - pipeline.TURN_PENALTY, abs=2e-3)  # stored views are float16
+    assert by["pasted"].cosine < 0.5  # a region's match is not a score
