@@ -45,6 +45,14 @@ def photos() -> dict[str, Image.Image]:
     return {n.split(".")[0]: Image.open(root / n).convert("RGB") for n in names}
 
 
+@pytest.fixture(scope="session")
+def photo_jpeg(photos) -> bytes:
+    """One natural photo as a JPEG, as most queries arrive."""
+    buf = io.BytesIO()
+    photos["chelsea"].save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def tiny_recipe_dict(folder: Path, **train) -> dict:
     """A recipe small enough to train in seconds on 2 cores."""
     t = {"epochs": 2, "steps_per_epoch": 4, "batch_size": 32, "lr": 3e-3, "warmup_steps": 2, "workers": 0}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 
@@ -15,13 +13,6 @@ from simserve.inference.decode_pool import pixels
 from simserve.inference.pixels import to_pixels
 from simserve.ranking import pipeline
 from simserve.ranking.views import view_score_matrix, view_scores
-
-
-@pytest.fixture(scope="module")
-def photo_jpeg(photos) -> bytes:
-    buf = io.BytesIO()
-    photos["coffee"].save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def test_query_views_are_the_query_turned_and_nine_half_side_regions(photo_jpeg):

@@ -20,7 +20,11 @@ from simserve.jobs.on_ray import embed_folder_ray  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False, log_to_driver=False)
+    except RuntimeError:  # its processes are slow to come up on two busy cores (seen once, mid-suite): once more
+        ray.shutdown()
+        ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -20,13 +20,6 @@ from simserve.serve.service import Service
 from tests.conftest import old_store, stored_views
 
 
-@pytest.fixture(scope="module")
-def photo_jpeg(photos) -> bytes:
-    buf = io.BytesIO()
-    photos["chelsea"].save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 def test_views_are_the_whole_image_and_five_crops_of_three_quarters_of_each_side(photo_jpeg):
     v = crop_view_pixels(photo_jpeg, 48, 3)
     assert v.shape == (N_VIEWS, 3, 48, 48) and v.dtype == np.uint8
