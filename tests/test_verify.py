@@ -223,6 +223,10 @@ def test_score_pairs_with_the_shipped_model_decides_by_the_calibrated_probabilit
             s = c.score([(seagull, copy), (copy, seagull), (seagull, bee)])
             assert s[0].match and s[0].score > 0.99 and not s[2].match and s[2].score < 0.05, s
             assert abs(s[0].score - s[1].score) < 1e-6 and 0.0 <= s[2].head_score <= 1.0
+            # Issue 23's look-alikes: two different Tux Paint stamps the head alone calls a match (0.998)
+            stamps = Path("/usr/share/tuxpaint/stamps/animals/mammals")
+            look = c.score([(stamps / "bovines" / "cow.png", stamps / "equines" / "horse.png")])[0]
+            assert not look.match and look.score < 0.9 and look.head_score > 0.99, look
             c.add({"gull": seagull})
             by_key = c.score([(Key("gull"), copy)])[0]
             assert by_key.match and by_key.score > 0.99
