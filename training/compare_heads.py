@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         base.seed = args.seed
     if args.epochs:
         base.train.epochs = args.epochs
-    data = load_data(base, ModelConfig.from_dict(base.model))  # the same data for every head
+    data = None  # the same data for every head, loaded only if some head still has to train
     models, results = {}, {}
     for head in args.heads:  # train (or reuse) every head first
         recipe = load_recipe(args.recipe)
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe.train.epochs = args.epochs
         run = Path(args.runs) / head
         if not (run / "model.pt").exists():
+            data = data or load_data(base, ModelConfig.from_dict(base.model))
             train(recipe, run, resume=True, data=data)
         models[head], _ = load_checkpoint(run / "model.pt")
         results[head] = json.loads((run / "metrics.json").read_text())

@@ -52,7 +52,7 @@ async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Cal
         for i, q in enumerate(cs.queries):
             kp = verify.query_features(verify.decode(q.data))
             if crop_views:  # searched as the server searches it, query views and all
-                got, views = await svc.embed_query_views(q.data, False, None)
+                got, views = await svc.embed_query_views(q.data, None)
                 feats, emb = got.features[0], got.embeddings[0]
             else:
                 ((feats, emb),), views = await svc.batcher.run_async([svc.decode(q.data, "query")]), None

@@ -150,7 +150,7 @@ class Service:
         found = asyncio.ensure_future(asyncio.to_thread(self._query_keypoints, col, query, None)) if early else None
         try:
             if col.config.crop_views and self.config.query_views and query.data is not None:
-                got, views = await self.embed_query_views(query.data, heavy, deadline)
+                got, views = await self.embed_query_views(query.data, deadline)
             else:
                 got, views = await self._embed_refs([query], ["query"], col.name, heavy, deadline), None
         except BaseException:
@@ -302,12 +302,13 @@ class Service:
                 out.features[i], out.embeddings[i] = f, e
         return out
 
-    async def embed_query_views(self, data: bytes, heavy: bool, deadline: float | None) -> tuple[Embedded, np.ndarray]:
+    async def embed_query_views(self, data: bytes, deadline: float | None) -> tuple[Embedded, np.ndarray]:
         """A query and its views (inference/crops.query_view_pixels), embedded in one batch: the
-        query as ``_embed_refs`` gives it, and the views' embeddings [12, d]."""
+        query as ``_embed_refs`` gives it, and the views' embeddings [12, d]. Always decoded off
+        the loop: a 256 px decode and 13 cuts are ~2 ms, which the loop would hold from everyone."""
         c = self.bundle.config
         decode = lambda data, where: self._timed(lambda: query_view_pixels(data, c.input_size, c.in_channels, self.config.max_pixels), where)  # noqa: E731
-        [views] = await self._decode_all([(data, "query")], heavy, deadline, decode)
+        [views] = await self._decode_all([(data, "query")], True, deadline, decode)
         out = await self.batcher.run_async(list(views), _left(deadline))
         feats, embs = np.stack([f for f, _ in out]), np.stack([e for _, e in out])
         return Embedded(feats[:1], embs[:1], [None]), embs[1:]
