@@ -34,7 +34,7 @@ from simserve.ranking.calibration import evidence_key
 CONFIGS = {
     "plain": {"crop_views": False, "verify": False},  # the embedding alone
     "crop-views": {"crop_views": True, "verify": False, "query_views": False},
-    "crop-views+verify": {"crop_views": True, "verify": True, "query_views": False},  # the default until session 19
+    "crop-views+verify": {"crop_views": True, "verify": True, "query_views": False},  # the default before query views
     "default": {"crop_views": True, "verify": True, "query_views": True},  # what `simserve serve` gives
 }
 PRECISION = 0.99

@@ -134,10 +134,10 @@ def shortlist(
     found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, features=features)[0]
     hits = [Hit(c.key, c.score, c.id, c.metadata, cosine=c.score) for c in found]
     evidence = {c.id: c for c in found}
-    if cfg.crop_views:
+    if cfg.crop_views and query.views is not None and len(query.views):
+        hits = _with_query_views(collection, query, hits, evidence, where, exclude, features)  # re-scores by views too
+    elif cfg.crop_views:
         hits = _rescore_views(query.embedding, hits, evidence)
-        if query.views is not None and len(query.views):
-            hits = _with_query_views(collection, query, hits, evidence, where, exclude, features)
     if verifying:
         _verify(query.keypoints, hits, collection, certain or (lambda h: False))
     return hits, evidence
