@@ -65,6 +65,22 @@ def test_the_set_keeps_references_distractors_and_lookalikes_apart(photo_scenes)
     assert [q.data for q in again.queries] == [q.data for q in cs.queries]  # one seed, one set
 
 
+def test_references_and_lookalikes_are_tiles_with_detail(tmp_path, photos):
+    """A scene whose left two thirds are a flat wall: no reference or look-alike is cut from the
+    wall (its copies would be a distractor's pixels), so the scene gives only what its photo holds."""
+    from simserve.bench.copyset import MIN_DETAIL, TILE, detail
+
+    wall = Image.new("RGB", (9 * TILE, 3 * TILE), (128, 130, 131))
+    wall.paste(photos["astronaut"].convert("RGB").resize((3 * TILE, 3 * TILE)), (6 * TILE, 0))
+    wall.save(tmp_path / "wall.png")
+    assert detail(Image.new("RGB", (TILE, TILE), (128, 130, 131))) < MIN_DETAIL
+    cs = build([SimpleNamespace(name="wall", path=tmp_path / "wall.png")], refs_per_scene=8, distractors=10, transforms=("flip",), seed=0)
+    tiles = [np.asarray(Image.open(io.BytesIO(d)).convert("L"), np.float32) for d in cs.references.values()]
+    look = [q for q in cs.queries if q.transform == "lookalike"]
+    tiles.append(np.asarray(Image.open(io.BytesIO(look[0].data)).convert("L"), np.float32))
+    assert 1 <= len(cs.references) <= 8 and all(t.std() > 10 for t in tiles)  # the photo's tiles, not the wall's
+
+
 def test_a_small_run_end_to_end_through_the_service(photo_scenes):
     """The default configuration beside the one before query views, on 206 real photo crops (more
     than a shortlist): both find most plain copies; the default finds every copy turned 90 degrees and

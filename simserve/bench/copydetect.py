@@ -187,7 +187,7 @@ def run(
     bundle: str | None = None,
     *,
     distractors: int = 10_000,
-    refs_per_scene: int = 5,
+    refs_per_scene: int = 8,
     configs: Sequence[str] = tuple(CONFIGS),
     transforms: Sequence[str] = tuple(TRANSFORMS),
     scenes: list | None = None,

@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 TILE = 512  # references are this many pixels square
+# A reference or look-alike tile has at least this much detail (``detail``). Below it are open
+# sky, a bare wall, a colour field or a soft gradient: a copy of such a tile is, pixel for pixel,
+# a crop of its neighbours, which distractors are cut from, so no answer to it is the right one
+# (at 2.0: a tile of a flat grey wall reads 0.5, a clear sky 1.0, a textured sea 2.3-6).
+MIN_DETAIL = 2.0
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")  # fonts-noto-color-emoji (OFL-1.1)
 TEXT_FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")  # fonts-dejavu-core
 WORDS = "sale new photo copy share like today best free summer view city look wow live original".split()
@@ -54,6 +60,13 @@ def _grid(img: Image.Image) -> list[Image.Image]:
     s = 3 * TILE / min(img.size)
     img = img.resize((max(TILE, round(img.width * s)), max(TILE, round(img.height * s))), Image.Resampling.LANCZOS)
     return [img.crop((x, y, x + TILE, y + TILE)) for y in range(0, img.height - TILE + 1, TILE) for x in range(0, img.width - TILE + 1, TILE)]
+
+
+def detail(tile: Image.Image) -> float:
+    """Mean absolute difference of neighbouring pixels (across and down) of the tile in grey at
+    256 px: how much there is to tell it from another place of its scene."""
+    a = np.asarray(tile.convert("L").resize((256, 256), Image.Resampling.BILINEAR), np.float32)
+    return float(np.abs(np.diff(a, axis=1)).mean() + np.abs(np.diff(a, axis=0)).mean())
 
 
 def _crop(img: Image.Image, rng: random.Random, area: float) -> Image.Image:
@@ -138,16 +151,21 @@ def build(scenes: list, *, refs_per_scene: int = 5, distractors: int = 10_000, t
     for s in scenes:
         progress(f"cutting {s.name}")
         tiles = _grid(Image.open(s.path).convert("RGB"))
-        if len(tiles) < refs_per_scene + 3:
-            raise ValueError(f"scene {s.name}: {len(tiles)} tiles, fewer than {refs_per_scene} references + a look-alike + a background + a region")
         order = rng.sample(range(len(tiles)), len(tiles))
-        for n, t in enumerate(order[:refs_per_scene]):
+        # References and the look-alike come from the tiles with detail, in that random order;
+        # a scene with few gives fewer references. Every scene keeps a background and a region.
+        detailed = [t for t in order if detail(tiles[t]) >= MIN_DETAIL]
+        refs = detailed[: max(0, min(refs_per_scene, len(tiles) - 3))]
+        rest = [t for t in order if t not in refs]
+        look = next((t for t in detailed if t not in refs), rest[0])
+        rest.remove(look)
+        for n, t in enumerate(refs):
             key = f"{s.name}/ref{n}"
             references[key] = _jpeg(tiles[t], 95)
             ref_tiles.append((key, tiles[t]))
-        lookalikes.append((f"{s.name}/lookalike", tiles[order[refs_per_scene]]))
-        backgrounds.append(tiles[order[refs_per_scene + 1]])
-        regions += [(s.name, tiles[t]) for t in order[refs_per_scene + 2 :]]
+        lookalikes.append((f"{s.name}/lookalike", tiles[look]))
+        backgrounds.append(tiles[rest[0]])
+        regions += [(s.name, tiles[t]) for t in rest[1:]]
     progress(f"cutting {distractors} distractors")
     dist = {}
     for i in range(distractors):
