@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
@@ -35,11 +35,19 @@ class CopyAugment:
     overlay_p: float = 0.35
     jpeg_p: float = 0.6
     jpeg_quality: tuple[int, int] = (30, 90)
+    # An image pasted into another (DISC21's overlay-onto-background): the chance, the images it
+    # may be pasted into, and its width as a share of theirs. Off without backgrounds.
+    paste_p: float = 0.0
+    backgrounds: tuple[Image.Image, ...] = field(default=(), repr=False, compare=False)
+    paste_width: tuple[float, float] = (0.3, 0.8)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
         img = img.convert("RGB")
         if rng.random() < self.crop_p:
             img = random_resized_crop(img, rng, self.crop_scale)
+        # Drawn only when enabled, so recipes without it keep their exact random stream.
+        if self.backgrounds and self.paste_p > 0 and rng.random() < self.paste_p:
+            img = paste_into(img, self.backgrounds[rng.randrange(len(self.backgrounds))], rng, self.paste_width)
         if rng.random() < self.aspect_p:
             w, h = img.size
             f = rng.uniform(0.6, 1.6)
@@ -75,6 +83,16 @@ def random_resized_crop(img: Image.Image, rng: random.Random, scale: tuple[float
             x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
             return img.crop((x, y, x + cw, y + ch))
     return img
+
+
+def paste_into(img: Image.Image, background: Image.Image, rng: random.Random, width: tuple[float, float]) -> Image.Image:
+    """``img`` pasted at a random place into a random crop of ``background``, ``width`` of its width."""
+    bg = random_resized_crop(background.convert("RGB"), rng, (0.5, 1.0)).copy()
+    w = max(1, int(bg.width * rng.uniform(*width)))
+    h = max(1, min(bg.height, int(img.height * w / img.width)))
+    img = img.resize((w, h), Image.Resampling.BILINEAR)
+    bg.paste(img, (rng.randint(0, bg.width - w), rng.randint(0, bg.height - h)))
+    return bg
 
 
 def pad(img: Image.Image, rng: random.Random) -> Image.Image:

@@ -57,6 +57,10 @@ class DataSettings:
     holdout: float = 0.15  # the share of images no training run sees
     max_side: int = 192  # images are stored at most this large
     augment: str = "copy"  # "copy" (training.augment.CopyAugment) or "light"
+    # Copy augmentation knobs: the smallest share of an image a crop keeps, and the chance a view
+    # is pasted into another training image (the held-out evaluation keeps the defaults).
+    crop_min_area: float = 0.3
+    paste: float = 0.0
     # Pairs of each image in one batch (training/pairs.py), and the chance a pair's first
     # view is the image itself.
     pairs_per_image: int = 1

@@ -90,6 +90,9 @@ class Data:
     mode: str
     augment: Any
     held_out_split: int  # images the split held out, before the distinct-gallery filter
+    # What the held-out queries are made with: the recipe's defaults, so models trained with
+    # other augmentation knobs are evaluated on the same queries.
+    eval_augment: Any = None
 
 
 def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
@@ -113,13 +116,17 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
     if mode == "copy":  # every image its own identity
         train_set.labels = np.arange(len(train_set), dtype=np.int64)
         held.labels = np.arange(len(held), dtype=np.int64)
-    return Data(train_set, held, mode, augment, held_out_split=len(ho))
+    train_augment = augment
+    if d.augment == "copy":
+        pasted_into = tuple(train_set.images) if d.paste else ()
+        train_augment = CopyAugment(cfg.input_size, crop_scale=(d.crop_min_area, 1.0), paste_p=d.paste, backgrounds=pasted_into)
+    return Data(train_set, held, mode, train_augment, held_out_split=len(ho), eval_augment=augment)
 
 
 def evaluate(model: SiameseNet, data: Data, recipe: Recipe, quick: bool = False) -> dict[str, float]:
     e = recipe.eval
     if data.mode == "copy":
-        return evaluate_copy(model, data.held_out, data.augment, n_queries=200 if quick else e.queries)
+        return evaluate_copy(model, data.held_out, data.eval_augment or data.augment, n_queries=200 if quick else e.queries)
     return evaluate_class(model, data.held_out, n_pairs=1000 if quick else e.pairs, n_queries=500 if quick else e.queries)
 
 
