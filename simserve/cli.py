@@ -241,13 +241,11 @@ def _index_search(args: argparse.Namespace) -> int:
         try:
             img = decode_file(args.image)
             keypoints = query_features(img) if col.config.verify else None
-            if col.config.crop_views and args.query_views:  # as the server searches (serve --query-views)
+            features, emb = engine.embed_images([img])
+            query = Query(emb[0], features[0], keypoints)
+            if col.config.crop_views and args.query_views:  # as the server searches (serve --query-views): made when needed
                 c = engine.config
-                features, emb = engine.embed(query_view_pixels(Path(args.image).read_bytes(), c.input_size, c.in_channels))
-                query = Query(emb[0], features[0], keypoints, views=emb[1:])
-            else:
-                features, emb = engine.embed_images([img])
-                query = Query(emb[0], features[0], keypoints)
+                query.views = lambda: engine.embed(query_view_pixels(Path(args.image).read_bytes(), c.input_size, c.in_channels)[1:])[1]
         except (DecodeError, OSError, VerifyUnavailable) as e:
             raise SystemExit(f"simserve index search: {e}")
     else:
@@ -756,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--embed-images", dest="embed_images", type=int, default=8192, help="batch --engine: images in the embedded folder")
     b.add_argument("--originals", type=int, default=400, help="batch: distinct real photos in the perceptual-hashing comparison")
     b.add_argument("--distractors", type=int, default=10_000, help="copydetect: distractor images in the index")
-    b.add_argument("--refs-per-scene", type=int, default=5, help="copydetect: references cut from each benchmark scene")
+    b.add_argument("--refs-per-scene", type=int, default=8, help="copydetect: references cut from each benchmark scene (at most; only tiles with detail)")
     b.add_argument("--configs", default="plain,crop-views+verify,default", help="copydetect: collection configurations, side by side")
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=_cmd_bench)

@@ -74,3 +74,86 @@ def test_a_turned_view_scores_a_hit_and_a_region_brings_one_to_verification(tmp_
     by = {h.key: h for h in hits}
     assert by["turned"].cosine == pytest.approx(1.0 - pipeline.TURN_PENALTY, abs=2e-3)  # stored views are float16
     assert by["pasted"].cosine < 0.5  # a region's match is not a score
+
+
+def test_views_are_made_only_when_the_upright_query_leaves_the_search_uncertain(tmp_path, photos):
+    """A verifying collection of real photos through the service core, searched as the server
+    searches: a copy of an indexed photo is certain among the upright query's first candidates,
+    so its 12 view passes are never made; a photo with no copy makes them, once, and is still
+    answered below the threshold."""
+    import asyncio
+    import io
+
+    from simserve.inference.engine import load_engine
+    from simserve.ranking import verify
+    from simserve.serve.config import ServerConfig
+    from simserve.serve.service import Service
+
+    def jpeg(img, q=90) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=q)
+        return buf.getvalue()
+
+    indexed = ("astronaut", "coffee", "rocket", "motorcycle_left", "hubble_deep_field")
+    svc = Service(load_engine(None), Collections(tmp_path), ServerConfig(collection="c"))
+    try:
+        asyncio.run(svc.add("c", [(n, jpeg(photos[n]), None) for n in indexed], None))
+        col, c = svc.collection("c"), svc.bundle.config
+        assert col.config.crop_views and col.config.verify and svc.config.query_views  # the default collection
+        found = {}
+        for name, img in (("astronaut", photos["astronaut"].resize((400, 400))), ("chelsea", photos["chelsea"])):
+            data, made = jpeg(img, 75), []
+
+            def views(data=data, made=made) -> np.ndarray:
+                made.append(1)
+                return svc.engine.embed(query_view_pixels(data, c.input_size, c.in_channels)[1:])[1]
+
+            _, emb = svc.engine.embed(pixels(data, c.input_size, c.in_channels)[None])
+            q = pipeline.Query(emb[0], keypoints=verify.query_features(verify.decode(data)), views=views)
+            found[name] = (pipeline.search(col, q, 3, calibrations=svc.calibrations), len(made))
+    finally:
+        svc.close()
+    threshold = svc.calibrations[next(k for k in svc.calibrations if k.endswith("inliers"))].threshold
+    hits, made = found["astronaut"]
+    assert made == 0 and hits[0].key == "astronaut" and hits[0].score >= threshold
+    hits, made = found["chelsea"]
+    assert made == 1 and hits[0].score < threshold
+
+
+def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, photos):
+    """A real photo pasted small into another: the whole query's points are mostly the other
+    photo's, so it reads a few inliers; the region that found it (top right, where it was
+    pasted) matches its own points and confirms it."""
+    import io
+
+    from PIL import Image
+
+    from simserve.inference.crops import REGION_BOXES
+    from simserve.ranking import verify
+
+    bg = photos["motorcycle_left"].resize((600, 450))
+    cat = photos["chelsea"]
+    bg.paste(cat.resize((200, round(200 * cat.height / cat.width))), (330, 40))
+    buf = io.BytesIO()
+    bg.save(buf, "JPEG", quality=75)
+    keypoints = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    stored = verify.keypoints(cat)
+    whole = verify.inliers(keypoints, verify.unpack(stored))
+    assert whole < 6  # the whole query alone does not confirm it
+
+    dim, rng = 16, np.random.default_rng(2)
+    col = Collections(tmp_path).create("c", dim, crop_views=True, verify=True)
+    query = _unit(rng.normal(size=dim))
+    items = []
+    for i in range(150):
+        v = _unit(query + 0.8 * rng.normal(size=dim))
+        items.append(NewItem(f"d{i}", v, None, views=np.stack([v] * 6), keypoints=verify.keypoints(photos["coffee"])))
+    cat_v = _unit(rng.normal(size=dim))
+    items.append(NewItem("chelsea", cat_v, None, views=np.stack([cat_v] * 6), keypoints=stored))
+    col.add(items)
+    extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(12)])
+    top_right = next(i for i, b in enumerate(REGION_BOXES) if b[0] > 0.4 and b[1] < 0.1)
+    extra[3 + top_right] = cat_v
+    hits, _ = pipeline.shortlist(col, pipeline.Query(query, keypoints=keypoints, views=extra), 10)
+    found = {h.key: h for h in hits}["chelsea"]
+    assert found.inliers >= 2 * whole + 4 and found.inliers >= 10

@@ -28,6 +28,12 @@ TURNS = (1, 2, 3)
 REGION_SIDE = 0.5
 REGION_STEPS = 3
 N_QUERY_VIEWS = 1 + len(TURNS) + REGION_STEPS**2
+# Each region as (x0, y0, x1, y1), fractions of the image, in the order the views hold them.
+REGION_BOXES = tuple(
+    (x, y, x + REGION_SIDE, y + REGION_SIDE)
+    for y in (i * (1 - REGION_SIDE) / (REGION_STEPS - 1) for i in range(REGION_STEPS))
+    for x in (i * (1 - REGION_SIDE) / (REGION_STEPS - 1) for i in range(REGION_STEPS))
+)
 
 
 def crop_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

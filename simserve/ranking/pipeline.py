@@ -20,7 +20,7 @@ import numpy as np
 
 from simserve.index.collection import Collection
 from simserve.index.store import Candidate
-from simserve.inference.crops import TURNS
+from simserve.inference.crops import REGION_BOXES, TURNS
 from simserve.inference.engine import Engine
 from simserve.ranking import verify
 from simserve.ranking.calibration import Calibration, Calibrations, evidence_key
@@ -73,8 +73,10 @@ class Query:
     keypoints: Sequence[verify.LocalFeatures] | None = None  # for a verifying collection (verify.query_features)
     exclude_id: int | None = None  # a stored item used as the query is not its own neighbour
     # [12, d]: the query turned (3), then its regions (9) (inference/crops.query_view_pixels), for
-    # a crop-views collection, whose stored views score any candidate under any of them.
-    views: np.ndarray | None = None
+    # a crop-views collection, whose stored views score any candidate under any of them. Or what
+    # makes them, called only if the upright query's first candidates leave the search uncertain
+    # in a verifying collection: 12 engine passes saved on every query a copy answers at once.
+    views: np.ndarray | Callable[[], np.ndarray] | None = None
 
 
 def search(
@@ -134,12 +136,21 @@ def shortlist(
     found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, features=features)[0]
     hits = [Hit(c.key, c.score, c.id, c.metadata, cosine=c.score) for c in found]
     evidence = {c.id: c for c in found}
-    if cfg.crop_views and query.views is not None and len(query.views):
-        hits = _with_query_views(collection, query, hits, evidence, where, exclude, features)  # re-scores by views too
+    certain = certain or (lambda h: False)
+    views = query.views
+    if cfg.crop_views and callable(views):
+        if verifying:  # the upright query's first few, verified before its views are made
+            hits = _rescore_views(query.embedding, hits, evidence)
+            if _verify(query.keypoints, hits[:LEAD], collection, certain):
+                return hits, evidence
+        views = views()
+    regions: dict[int, int] = {}
+    if cfg.crop_views and views is not None and len(views):
+        hits, regions = _with_query_views(collection, views, query.embedding, hits, evidence, where, exclude, features)  # re-scores by views too
     elif cfg.crop_views:
         hits = _rescore_views(query.embedding, hits, evidence)
     if verifying:
-        _verify(query.keypoints, hits, collection, certain or (lambda h: False))
+        _verify(query.keypoints, hits, collection, certain, regions)
     return hits, evidence
 
 
@@ -168,51 +179,67 @@ def _rescore_views(query: np.ndarray, hits: list[Hit], evidence: dict[int, Candi
 
 
 def _with_query_views(
-    collection: Collection, query: Query, hits: list[Hit], evidence: dict[int, Candidate], where: dict[str, Any] | None, exclude: Sequence[int], features: bool
+    collection: Collection, views: np.ndarray, embedding: np.ndarray, hits: list[Hit], evidence: dict[int, Candidate], where: dict[str, Any] | None,
+    exclude: Sequence[int], features: bool,
 ) -> list[Hit]:
     """The shortlist widened by the query's views: what each view finds joins it; a hit's score
     becomes the better of the upright query's and its best turned view's (less TURN_PENALTY: a
     region's chance matches with other crops of a scene cost more than they found, so regions
     only bring candidates to verification); and each view's best few are moved up to be verified
-    right after the upright query's first LEAD. Hits without stored views keep their place."""
-    found = collection.search(np.asarray(query.views, np.float32), VIEW_DEPTH, where, exclude, views=True, features=features)
+    right after the upright query's first LEAD. Hits without stored views keep their place.
+    Also returns which region (REGION_BOXES' index) brought each hit a region picked."""
+    found = collection.search(np.asarray(views, np.float32), VIEW_DEPTH, where, exclude, views=True, features=features)
     for c in (c for row in found for c in row):
         if c.id not in evidence and c.views is not None:
             evidence[c.id] = c
             hits.append(Hit(c.key, c.score, c.id, c.metadata))
     have = [h for h in hits if evidence[h.id].views is not None]
     if not have:
-        return hits
-    vectors = np.vstack([np.asarray(query.embedding, np.float32).reshape(1, -1), query.views])
+        return hits, {}
+    vectors = np.vstack([np.asarray(embedding, np.float32).reshape(1, -1), views])
     s = view_score_matrix(vectors, np.stack([evidence[h.id].views for h in have]))  # [m, 13]
     turned = s[:, 1 : 1 + len(TURNS)].max(axis=1) - TURN_PENALTY
     for h, upright, t in zip(have, s[:, 0], turned):
         h.cosine = float(max(upright, t))
     order = sorted(hits, key=lambda h: -h.cosine)
     picks: dict[int, None] = {}
+    regions: dict[int, int] = {}
     for j in range(1, s.shape[1]):
         n = TURNED_PICKS if j <= len(TURNS) else REGION_PICKS
         for i in np.argsort(-s[:, j], kind="stable")[:n]:
             picks[have[i].id] = None
+            if j > len(TURNS):
+                regions.setdefault(have[i].id, j - 1 - len(TURNS))
     lead = {h.id for h in order[:LEAD]}
-    return order[:LEAD] + [h for h in order if h.id in picks and h.id not in lead] + [h for h in order if h.id not in lead and h.id not in picks]
+    ordered = order[:LEAD] + [h for h in order if h.id in picks and h.id not in lead] + [h for h in order if h.id not in lead and h.id not in picks]
+    return ordered, {i: r for i, r in regions.items() if i not in lead}
 
 
-def _verify(query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain: Callable[[Hit], bool]) -> None:
-    """Counts inliers for the best-scored hits, in order, until one is certain or VERIFY_MAX are
-    done: a copy is nearly always found among the first few, and each costs half a millisecond.
-    Keypoints (~16 KB an item) are read in rounds of 1, 2, 4, ... candidates: reading the whole
-    shortlist's would cost more than verifying the one a copy usually needs. Hits past that, and
-    items added without keypoints, keep no count."""
-    todo, size = hits[:VERIFY_MAX], 1
+def _verify(
+    query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain: Callable[[Hit], bool], regions: dict[int, int] | None = None
+) -> bool:
+    """Counts inliers for the best-scored hits, in order, until one is certain (then True) or
+    VERIFY_MAX are done: a copy is nearly always found among the first few, and each costs half a
+    millisecond. Hits counted before keep their count. A hit a region of the query brought
+    (``regions``: id -> REGION_BOXES index) is matched by that region's points too: a photo
+    pasted small into another holds few of the whole query's points (copies reaching 15 inliers
+    0.49 -> 0.59, docs/decisions/query-views.md). Keypoints (~16 KB an item) are read in rounds of
+    1, 2, 4, ... candidates: reading the whole shortlist's would cost more than verifying the one
+    a copy usually needs. Hits past that, and items added without keypoints, keep no count."""
+    regions = regions or {}
+    todo, size = [h for h in hits[:VERIFY_MAX] if h.inliers is None], 1
     while todo:
         part, todo, size = todo[:size], todo[size:], 2 * size
         blobs = collection.keypoints([h.id for h in part])
         for h in part:
             if h.id in blobs:
-                h.inliers = verify.inliers(query, verify.unpack(blobs[h.id]))
+                stored = verify.unpack(blobs[h.id])
+                h.inliers = verify.inliers(query, stored)
+                if h.id in regions:
+                    h.inliers = max(h.inliers, verify.part_inliers(verify.within(query, REGION_BOXES[regions[h.id]]), stored))
                 if certain(h):
-                    return
+                    return True
+    return False
 
 
 def _fuse(engine: Engine, features: np.ndarray, hits: list[Hit], evidence: dict[int, Candidate], shape: Sequence[int]) -> list[Hit]:

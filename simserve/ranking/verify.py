@@ -10,6 +10,7 @@ verifying collection is used.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -87,6 +88,9 @@ class LocalFeatures:
     sift: np.ndarray  # [n, 128] float32 RootSIFT, each of unit length
     orb_xy: np.ndarray  # [m, 2] float32
     orb: np.ndarray  # [m, 32] uint8, binary
+    # The image's width and height in units of its longer side (a query's; stored items' are
+    # not kept): where a fraction of the image lies in these coordinates.
+    extent: tuple[float, float] = (1.0, 1.0)
 
 
 def _grey(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -174,7 +178,27 @@ def query_features(image: Image.Image | np.ndarray) -> list[LocalFeatures]:
     ms["xy"][:, 0] = (grey.shape[1] / SIDE - s["xy"][:, 0].astype(np.float32)).astype(np.float16)
     ms["desc"] = s["desc"][:, _MIRROR]
     _, mo = _detect(flipped, sift=False)
-    return [unpack(_pack(_spread(s), _spread(o))), unpack(_pack(_spread(ms), _spread(mo)))]
+    extent = (grey.shape[1] / SIDE, grey.shape[0] / SIDE)
+    return [dataclasses.replace(unpack(_pack(_spread(a), _spread(b))), extent=extent) for a, b in ((s, o), (ms, mo))]
+
+
+def within(query: Sequence[LocalFeatures], box: tuple[float, float, float, float]) -> list[LocalFeatures]:
+    """A query's features (as given, then mirrored) with only the points inside ``box`` (x0, y0,
+    x1, y1 as fractions of the image as given; mirrored, the box is too)."""
+    out = []
+    for n, f in enumerate(query):
+        x0, y0, x1, y1 = box if n == 0 else (1 - box[2], box[1], 1 - box[0], box[3])
+        lo, hi = np.array([x0, y0]) * f.extent, np.array([x1, y1]) * f.extent
+        s = np.all((f.sift_xy >= lo) & (f.sift_xy < hi), axis=1)
+        o = np.all((f.orb_xy >= lo) & (f.orb_xy < hi), axis=1)
+        out.append(LocalFeatures(f.sift_xy[s], f.sift[s], f.orb_xy[o], f.orb[o], f.extent))
+    return out
+
+
+def part_inliers(query: Sequence[LocalFeatures], stored: LocalFeatures) -> int:
+    """Inliers of a part of a query (``within``): every point matched, no cheap first pass, since
+    a part holds few points and the strongest of the whole query may lie elsewhere."""
+    return max((_inliers(q, stored) for q in query), default=0)
 
 
 def _spread(points: np.ndarray) -> np.ndarray:
