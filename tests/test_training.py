@@ -60,7 +60,7 @@ def test_killed_run_resumes_to_the_same_weights(fmnist_folder, tmp_path):
 
 
 def test_recipes_shipped_with_the_package_load():
-    for name in ("default", "fashion_mnist"):
+    for name in ("default", "fashion_mnist", "photos", "copydetect"):
         r = load_recipe(name)
         ModelConfig.from_dict(r.model)  # valid architecture
 
@@ -208,6 +208,27 @@ def test_clean_anchor_pairs_the_untouched_original_with_a_copy(photos):
         assert not torch.equal(a2, a)  # without the option both views are augmented
     with pytest.raises(ValueError, match="probability"):
         PairDataset(images, "copy", augment, cfg, seed=5, clean_anchor=1.5)
+
+
+def test_a_pasted_view_is_the_image_small_inside_another_training_image(photos):
+    """data.paste: the view holds the image at a fraction of the width of a crop of another
+    image, so the pair teaches what issue 23's pasted copies need; off, the stream is unchanged."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from training.augment import CopyAugment
+
+    red, blue = Image.new("RGB", (96, 64), (255, 0, 0)), Image.new("RGB", (120, 90), (0, 0, 255))
+    bare = dict(crop_p=0, aspect_p=0, pad_p=0, flip_p=0, rotate_p=0, jitter_p=0, grey_p=0, blur_p=0, overlay_p=0, jpeg_p=0)
+    pasted = CopyAugment(64, paste_p=1.0, backgrounds=(blue,), **bare)
+    for seed in range(5):
+        a = np.asarray(pasted(red, random.Random(seed))).reshape(-1, 3).astype(int)
+        share = np.mean(a[:, 0] > 200)  # the red image's pixels
+        assert 0.03 < share < 0.7 and np.mean(a[:, 2] > 200) > 0.3, share
+    img = photos["astronaut"]
+    assert np.array_equal(np.asarray(CopyAugment(64)(img, random.Random(3))), np.asarray(CopyAugment(64, paste_p=0.5)(img, random.Random(3))))
 
 
 def test_pairs_per_image_puts_k_pairs_of_each_image_in_a_batch_as_positives(photos):
