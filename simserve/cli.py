@@ -245,7 +245,10 @@ def _index_search(args: argparse.Namespace) -> int:
             query = Query(emb[0], features[0], keypoints)
             if col.config.crop_views and args.query_views:  # as the server searches (serve --query-views): made when needed
                 c = engine.config
-                query.views = lambda: engine.embed(query_view_pixels(Path(args.image).read_bytes(), c.input_size, c.in_channels)[1:])[1]
+                import concurrent.futures
+
+                pool = concurrent.futures.ThreadPoolExecutor(1)
+                query.views = lambda: pool.submit(lambda: engine.embed(query_view_pixels(Path(args.image).read_bytes(), c.input_size, c.in_channels)[1:])[1])
         except (DecodeError, OSError, VerifyUnavailable) as e:
             raise SystemExit(f"simserve index search: {e}")
     else:

@@ -83,6 +83,7 @@ def test_views_are_made_only_when_the_upright_query_leaves_the_search_uncertain(
     answered below the threshold."""
     import asyncio
     import io
+    from concurrent.futures import Future
 
     from simserve.inference.engine import load_engine
     from simserve.ranking import verify
@@ -104,9 +105,11 @@ def test_views_are_made_only_when_the_upright_query_leaves_the_search_uncertain(
         for name, img in (("astronaut", photos["astronaut"].resize((400, 400))), ("chelsea", photos["chelsea"])):
             data, made = jpeg(img, 75), []
 
-            def views(data=data, made=made) -> np.ndarray:
+            def views(data=data, made=made) -> Future:
                 made.append(1)
-                return svc.engine.embed(query_view_pixels(data, c.input_size, c.in_channels)[1:])[1]
+                done: Future = Future()
+                done.set_result(svc.engine.embed(query_view_pixels(data, c.input_size, c.in_channels)[1:])[1])
+                return done
 
             _, emb = svc.engine.embed(pixels(data, c.input_size, c.in_channels)[None])
             q = pipeline.Query(emb[0], keypoints=verify.query_features(verify.decode(data)), views=views)

@@ -13,6 +13,7 @@ keypoints: only the few candidates verified need them.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -44,6 +45,8 @@ VIEW_DEPTH = 10
 LEAD = 3
 TURNED_PICKS, REGION_PICKS = 2, 1
 TURN_PENALTY = 0.05
+# Made lazily, the views are awaited while the upright query's first this many are verified.
+UPRIGHT_FIRST = 15
 
 
 @dataclass
@@ -74,9 +77,10 @@ class Query:
     exclude_id: int | None = None  # a stored item used as the query is not its own neighbour
     # [12, d]: the query turned (3), then its regions (9) (inference/crops.query_view_pixels), for
     # a crop-views collection, whose stored views score any candidate under any of them. Or what
-    # makes them, called only if the upright query's first candidates leave the search uncertain
-    # in a verifying collection: 12 engine passes saved on every query a copy answers at once.
-    views: np.ndarray | Callable[[], np.ndarray] | None = None
+    # starts making them (a Future of the array), called only if the upright query's best
+    # candidate leaves a verifying search uncertain: 12 engine passes saved on every query a
+    # copy answers at once.
+    views: np.ndarray | Callable[[], Future] | None = None
 
 
 def search(
@@ -139,11 +143,19 @@ def shortlist(
     certain = certain or (lambda h: False)
     views = query.views
     if cfg.crop_views and callable(views):
-        if verifying:  # the upright query's first few, verified before its views are made
+        if verifying:
+            # The upright query's best is verified first; then its views are made while its next
+            # few (which a search verifies anyway) are, and are not waited for if one is certain.
             hits = _rescore_views(query.embedding, hits, evidence)
-            if _verify(query.keypoints, hits[:LEAD], collection, certain):
+            if _verify(query.keypoints, hits[:1], collection, certain):
                 return hits, evidence
-        views = views()
+            pending = views()
+            if _verify(query.keypoints, hits[:UPRIGHT_FIRST], collection, certain):
+                pending.cancel()
+                return hits, evidence
+            views = pending.result()
+        else:
+            views = views().result()
     regions: dict[int, int] = {}
     if cfg.crop_views and views is not None and len(views):
         hits, regions = _with_query_views(collection, views, query.embedding, hits, evidence, where, exclude, features)  # re-scores by views too

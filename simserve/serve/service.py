@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -148,16 +148,16 @@ class Service:
         # each); a heavy one's after, so that its two decodes are never held at once.
         early = col.config.verify and query.data is not None and not heavy
         found = asyncio.ensure_future(asyncio.to_thread(self._query_keypoints, col, query, None)) if early else None
-        views: np.ndarray | Callable[[], np.ndarray] | None = None
+        views: np.ndarray | Callable[[], Future] | None = None
         try:
             wanted = col.config.crop_views and self.config.query_views and query.data is not None
             if wanted and not col.config.verify:
                 got, views = await self.embed_query_views(query.data, deadline)
             else:
                 got = await self._embed_refs([query], ["query"], col.name, heavy, deadline)
-                if wanted:  # made only if verifying the upright query's first candidates leaves it uncertain
+                if wanted:  # made only if verifying the upright query's best candidate leaves it uncertain
                     loop = asyncio.get_running_loop()
-                    views = lambda: asyncio.run_coroutine_threadsafe(self.embed_query_views(query.data, deadline, whole=False), loop).result()[1]  # noqa: E731
+                    views = lambda: asyncio.run_coroutine_threadsafe(self.query_views(query.data, deadline), loop)  # noqa: E731
         except BaseException:
             if found is not None:
                 _read_later(found)
@@ -307,19 +307,23 @@ class Service:
                 out.features[i], out.embeddings[i] = f, e
         return out
 
-    async def embed_query_views(self, data: bytes, deadline: float | None, whole: bool = True) -> tuple[Embedded | None, np.ndarray]:
+    async def embed_query_views(self, data: bytes, deadline: float | None) -> tuple[Embedded, np.ndarray]:
         """A query and its views (inference/crops.query_view_pixels), embedded in one batch: the
-        query as ``_embed_refs`` gives it (None without ``whole``), and the views' embeddings
-        [12, d]. Always decoded off the loop: a 256 px decode and 13 cuts are ~2 ms, which the
-        loop would hold from everyone."""
+        query as ``_embed_refs`` gives it, and the views' embeddings [12, d]."""
+        feats, embs = await self._view_outputs(data, deadline, whole=True)
+        return Embedded(feats[:1], embs[:1], [None]), embs[1:]
+
+    async def query_views(self, data: bytes, deadline: float | None) -> np.ndarray:
+        """The query's views' embeddings [12, d] alone, for a search that found the query itself uncertain."""
+        return (await self._view_outputs(data, deadline, whole=False))[1]
+
+    async def _view_outputs(self, data: bytes, deadline: float | None, whole: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Always decoded off the loop: a 256 px decode and 13 cuts are ~2 ms, which the loop would hold from everyone."""
         c = self.bundle.config
         decode = lambda data, where: self._timed(lambda: query_view_pixels(data, c.input_size, c.in_channels, self.config.max_pixels), where)  # noqa: E731
         [views] = await self._decode_all([(data, "query")], True, deadline, decode)
         out = await self.batcher.run_async(list(views if whole else views[1:]), _left(deadline))
-        feats, embs = np.stack([f for f, _ in out]), np.stack([e for _, e in out])
-        if not whole:
-            return None, embs
-        return Embedded(feats[:1], embs[:1], [None]), embs[1:]
+        return np.stack([f for f, _ in out]), np.stack([e for _, e in out])
 
     def _read_stored(self, out: Embedded, keyed: dict[int, str], where: Sequence[str], collection: str | None) -> None:
         col = self.collection(collection)
