@@ -2,8 +2,10 @@
 calibration -> head fusion.
 
 The index finds a deep shortlist by the embedding; a crop-views collection re-scores it by the
-stored views, and widens it with what the query turned and its regions find; a verifying one counts, best first, the inliers one affine map gives between the
-query's keypoints and each candidate's, until one is certain; the bundle's calibration turns
+stored views, and widens it with what the query turned and its regions find (in a verifying
+collection, only when the upright query's best candidate is not certain); a verifying one
+counts, best first, the inliers one affine map gives between the query's keypoints and each
+candidate's, until one is certain; the bundle's calibration turns
 each candidate's evidence into P(copy), the score returned and ordered by; with ``rerank`` the
 fusion head, which compares feature maps and so cannot be pre-indexed, fuses its log-odds in.
 The evidence the stages need is read with the candidates, in one query of the store, except the
@@ -193,7 +195,7 @@ def _rescore_views(query: np.ndarray, hits: list[Hit], evidence: dict[int, Candi
 def _with_query_views(
     collection: Collection, views: np.ndarray, embedding: np.ndarray, hits: list[Hit], evidence: dict[int, Candidate], where: dict[str, Any] | None,
     exclude: Sequence[int], features: bool,
-) -> list[Hit]:
+) -> tuple[list[Hit], dict[int, int]]:
     """The shortlist widened by the query's views: what each view finds joins it; a hit's score
     becomes the better of the upright query's and its best turned view's (less TURN_PENALTY: a
     region's chance matches with other crops of a scene cost more than they found, so regions
