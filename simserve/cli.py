@@ -222,8 +222,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _index_search(args: argparse.Namespace) -> int:
+    import concurrent.futures
+
     from simserve.inference.crops import query_view_pixels
-    from simserve.inference.decode import DecodeError, decode_file
+    from simserve.inference.decode import DecodeError, decode_image
     from simserve.inference.engine import load_engine
     from simserve.ranking.calibration import from_manifest
     from simserve.ranking.pipeline import Query, search, stored_keypoints
@@ -239,16 +241,14 @@ def _index_search(args: argparse.Namespace) -> int:
         query = Query(item.vector, feats.get(item.id), stored_keypoints(col, item.id) if col.config.verify else None, item.id)
     elif args.image:
         try:
-            img = decode_file(args.image)
+            data = Path(args.image).read_bytes()  # read once: the views, if made, are cut from the same bytes
+            img = decode_image(data)
             keypoints = query_features(img) if col.config.verify else None
             features, emb = engine.embed_images([img])
             query = Query(emb[0], features[0], keypoints)
             if col.config.crop_views and args.query_views:  # as the server searches (serve --query-views): made when needed
-                c = engine.config
-                import concurrent.futures
-
-                pool = concurrent.futures.ThreadPoolExecutor(1)
-                query.views = lambda: pool.submit(lambda: engine.embed(query_view_pixels(Path(args.image).read_bytes(), c.input_size, c.in_channels)[1:])[1])
+                c, pool = engine.config, concurrent.futures.ThreadPoolExecutor(1)
+                query.views = lambda: pool.submit(lambda: engine.embed(query_view_pixels(data, c.input_size, c.in_channels)[1:])[1])
         except (DecodeError, OSError, VerifyUnavailable) as e:
             raise SystemExit(f"simserve index search: {e}")
     else:

@@ -92,7 +92,7 @@ class Data:
     held_out_split: int  # images the split held out, before the distinct-gallery filter
     # What the held-out queries are made with: the recipe's defaults, so models trained with
     # other augmentation knobs are evaluated on the same queries.
-    eval_augment: Any = None
+    eval_augment: Any
 
 
 def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
@@ -101,7 +101,7 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
     augment = CopyAugment(cfg.input_size) if d.augment == "copy" else LightAugment(cfg.input_size)
     if d.dataset == "fashion-mnist":
         test = sources.fashion_mnist("test")
-        return Data(sources.fashion_mnist("train"), test, mode, augment, held_out_split=len(test))
+        return Data(sources.fashion_mnist("train"), test, mode, augment, held_out_split=len(test), eval_augment=augment)
     if d.dataset:
         raise ValueError(f"data.dataset {d.dataset!r}: the one dataset is 'fashion-mnist' (or give data.sources or data.folder)")
     if d.folder:
@@ -126,7 +126,7 @@ def load_data(recipe: Recipe, cfg: ModelConfig) -> Data:
 def evaluate(model: SiameseNet, data: Data, recipe: Recipe, quick: bool = False) -> dict[str, float]:
     e = recipe.eval
     if data.mode == "copy":
-        return evaluate_copy(model, data.held_out, data.eval_augment or data.augment, n_queries=200 if quick else e.queries)
+        return evaluate_copy(model, data.held_out, data.eval_augment, n_queries=200 if quick else e.queries)
     return evaluate_class(model, data.held_out, n_pairs=1000 if quick else e.pairs, n_queries=500 if quick else e.queries)
 
 

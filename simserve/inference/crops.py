@@ -58,9 +58,8 @@ def query_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = D
     whole = to_pixels(img, size, channels)
     turned = [np.rot90(whole, t, axes=(1, 2)) for t in TURNS]
     wide = to_pixels(img, round(size / REGION_SIDE), channels)
-    m = wide.shape[-1] - size
-    steps = [round(m * i / (REGION_STEPS - 1)) for i in range(REGION_STEPS)]
-    return np.ascontiguousarray(np.stack([whole, *turned] + [wide[:, y : y + size, x : x + size] for y in steps for x in steps]))
+    at = [(round(y * wide.shape[-1]), round(x * wide.shape[-1])) for x, y, _, _ in REGION_BOXES]
+    return np.ascontiguousarray(np.stack([whole, *turned] + [wide[:, y : y + size, x : x + size] for y, x in at]))
 
 
 def collapse_views(features: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
