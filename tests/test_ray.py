@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +20,40 @@ from simserve.jobs.embed import EmbedReport, Parts, embed_folder, write_batch  #
 from simserve.jobs.on_ray import embed_folder_ray  # noqa: E402
 
 
+def _descendants() -> set[int]:
+    """This process's children and theirs, read from /proc (Linux)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    try:
-        ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False, log_to_driver=False)
-    except RuntimeError:  # its processes are slow to come up on two busy cores (seen once, mid-suite): once more
-        ray.shutdown()
-        ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False, log_to_driver=False)
+    # Ray waits a fixed 30 s for its raylet to register; on two busy cores (a CI run, mid-suite) it has
+    # missed that, and raises a bare Exception. A slow start is not what these tests test: try again.
+    for attempt in range(3):
+        before = _descendants()
+        try:
+            ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            for pid in _descendants() - before:  # a failed init leaves its GCS and raylet running
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if attempt == 2:
+                raise
     yield
     ray.shutdown()
 
