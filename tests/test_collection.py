@@ -57,6 +57,22 @@ def test_every_index_type_searches_removes_and_round_trips_restart(tmp_path, fac
     cols2.close()
 
 
+def test_a_collection_past_its_stand_in_trains_the_real_index_on_opening(tmp_path, monkeypatch):
+    from simserve.index import collection
+
+    cols = Collections(tmp_path)
+    c = cols.create("c", DIM, "IVF8,Flat")
+    c.add(items(vecs(900)))  # below the 1,000 IVF8 trains on: an exact stand-in
+    assert (c.stats()["index_type"], c.stats()["pending_training"]) == ("IndexFlatIP", True)
+    cols.close()
+    monkeypatch.setattr(collection, "min_train_size", lambda factory: 800)  # as if cut off before training
+    cols = Collections(tmp_path)
+    c = cols.get("c")
+    c.wait_background()
+    assert (c.stats()["index_type"], c.stats()["pending_training"], c.stats()["indexed"]) == ("IndexIVFFlat", False, 900)
+    cols.close()
+
+
 def test_unknown_collection_and_bad_names(tmp_path):
     cols = Collections(tmp_path)
     with pytest.raises(CollectionNotFound):

@@ -92,6 +92,7 @@ class Collection:
         self.rebuilds = 0
         self.index = self._open_index()
         self._kick_drainer()
+        self._maybe_background_work()  # an IVF collection that grew past its stand-in but stopped before training
         if self.store.read_only:
             log.warning("collection %s: the data directory is read-only; serving reads, refusing writes", self.name)
 
@@ -217,7 +218,7 @@ class Collection:
                 "factory": self.config.factory,
                 "crop_views": self.config.crop_views,
                 "verify": self.config.verify,
-                "index_type": type(self.index.index).__name__,
+                "index_type": self.index.kind,
                 "pending_training": self.index.pending_training,
                 "deleted_pending": len(self.index.deleted),
                 "buffered": self.index.buffered,

@@ -154,6 +154,10 @@ class TieredIndex:
     def pending_training(self) -> bool:
         return self.main.pending_training
 
+    @property
+    def kind(self) -> str:
+        return self.main.kind
+
     def memory_bytes(self) -> int:
         return self.main.memory_bytes() + self.buffered * (4 * self.main.dim + 8)
 

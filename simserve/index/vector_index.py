@@ -92,6 +92,12 @@ class VectorIndex:
         """HNSW: inserting means searching the graph, a few thousand a second (see tiered_index)."""
         return isinstance(self._inner(), faiss.IndexHNSW)
 
+    @property
+    def kind(self) -> str:
+        """The FAISS index searched now (IndexFlatIP, IndexHNSWFlat, IndexIVFPQ...): for an IVF
+        factory, whether the trained index has replaced the exact stand-in yet."""
+        return type(self._inner()).__name__
+
     def _inner(self) -> faiss.Index:
         return faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else self.index
 
