@@ -15,6 +15,7 @@ keypoints: only the few candidates verified need them.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -105,7 +106,7 @@ def search(
     plain, verified = cal.get(evidence_key(cfg.crop_views, False)), cal.get(evidence_key(cfg.crop_views, True))
     if plain is None or (cfg.verify and verified is None):
         plain = verified = None  # half a calibration would order hits by two scales at once
-    hits, evidence = shortlist(collection, query, keep, where=where, features=fusing, certain=_certainty(verified))
+    hits, evidence = shortlist(collection, query, keep, where=where, features=fusing, certain_at=_certainty(verified))
     # A verifying search scores every hit with the inliers model, an unverified one as if it had
     # none: it ranked below the verified ones by cosine, and the embedding-only model's scale
     # would put it above verified candidates that found nothing (recall@1 0.66 -> 0.54).
@@ -129,11 +130,12 @@ def shortlist(
     *,
     where: dict[str, Any] | None = None,
     features: bool = False,
-    certain: Callable[[Hit], bool] | None = None,
+    certain_at: Callable[[float], float] | None = None,
 ) -> tuple[list[Hit], dict[int, Candidate]]:
     """The candidates and the evidence about them, best embedding (or view) score first: the top
     k, or in a crop-views or verifying collection the top SHORTLIST, re-scored by views; the first
-    VERIFY_MAX verified, stopping after the first that ``certain`` accepts (None: never stop).
+    VERIFY_MAX verified, stopping after the first with the inliers ``certain_at`` its cosine asks
+    for (None: never stop).
     Scores are left to the caller: ``search`` calibrates them, ``simserve calibrate`` fits on them."""
     cfg = collection.config
     verifying = cfg.verify and query.keypoints is not None
@@ -142,7 +144,7 @@ def shortlist(
     found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, features=features)[0]
     hits = [Hit(c.key, c.score, c.id, c.metadata, cosine=c.score) for c in found]
     evidence = {c.id: c for c in found}
-    certain = certain or (lambda h: False)
+    certain = certain_at or (lambda cosine: math.inf)
     views = query.views
     if cfg.crop_views and callable(views):
         if verifying:
@@ -168,10 +170,16 @@ def shortlist(
     return hits, evidence
 
 
-def _certainty(calibration: Calibration | None) -> Callable[[Hit], bool]:
+def _certainty(calibration: Calibration | None) -> Callable[[float], float]:
+    """The inliers that make a candidate of a given cosine certain: P(copy) >= CERTAIN under the
+    calibration, solved for the count (its log-odds are linear in it); uncalibrated, CERTAIN_INLIERS.
+    As a count, verification can stop matching a query's other orientation once it is reached."""
     if calibration is None:
-        return lambda h: h.inliers is not None and h.inliers >= CERTAIN_INLIERS
-    return lambda h: h.inliers is not None and calibration.probability(h.cosine, h.inliers) >= CERTAIN
+        return lambda cosine: CERTAIN_INLIERS
+    if calibration.inliers <= 0:
+        return lambda cosine: math.inf
+    z = math.log(CERTAIN / (1 - CERTAIN))
+    return lambda cosine: (z - calibration.bias - calibration.score * cosine) / calibration.inliers
 
 
 def stored_keypoints(collection: Collection, id: int) -> list[verify.LocalFeatures] | None:
@@ -230,7 +238,7 @@ def _with_query_views(
 
 
 def _verify(
-    query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain: Callable[[Hit], bool], regions: dict[int, int] | None = None
+    query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain_at: Callable[[float], float], regions: dict[int, int] | None = None
 ) -> bool:
     """Counts inliers for the best-scored hits, in order, until one is certain (then True) or
     VERIFY_MAX are done: a copy is nearly always found among the first few, and each costs half a
@@ -247,11 +255,11 @@ def _verify(
         blobs = collection.keypoints([h.id for h in part])
         for h in part:
             if h.id in blobs:
-                stored = verify.unpack(blobs[h.id])
-                h.inliers = verify.inliers(query, stored)
-                if h.id in regions:
+                stored, need = verify.unpack(blobs[h.id]), certain_at(h.cosine)
+                h.inliers = verify.inliers(query, stored, need)
+                if h.id in regions and h.inliers < need:
                     h.inliers = max(h.inliers, verify.part_inliers(verify.within(query, REGION_BOXES[regions[h.id]]), stored))
-                if certain(h):
+                if h.inliers >= need:
                     return True
     return False
 

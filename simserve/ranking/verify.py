@@ -11,7 +11,10 @@ verifying collection is used.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -167,19 +170,54 @@ def _mirror_permutation() -> np.ndarray:
 _MIRROR = _mirror_permutation()
 
 
-def query_features(image: Image.Image | np.ndarray) -> list[LocalFeatures]:
-    """A query image -> its features as given and mirrored (copies are often flipped). The
-    mirrored SIFT is the given one re-arranged (_MIRROR), not detected again: SIFT is two thirds
-    of a query's detection time. ORB's binary tests have no such symmetry, so it runs twice."""
+class QueryFeatures(Sequence[LocalFeatures]):
+    """A query's features as given, then mirrored. The mirrored ORB points (ORB's binary tests
+    have no mirror symmetry, so it runs again on the flipped image, ~5 ms) are found on another
+    thread while the given ones are matched, and waited for only when a match needs them: a
+    copy that is not flipped is usually certain on the given orientation alone."""
+
+    def __init__(self, given: LocalFeatures, sift: np.ndarray, width: float, mirrored_orb: Future) -> None:
+        self._given, self._sift, self._width, self._orb = given, sift, width, mirrored_orb
+        self._mirrored: LocalFeatures | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(2))]
+        if i in (0, -2):
+            return self._given
+        if i in (1, -1):
+            return self.mirrored()
+        raise IndexError(i)
+
+    def mirrored(self) -> LocalFeatures:
+        with self._lock:
+            if self._mirrored is None:
+                s = self._sift.copy()  # SIFT mirrors by re-arranging its bins (_MIRROR), not by detecting again
+                s["xy"][:, 0] = (self._width - self._sift["xy"][:, 0].astype(np.float32)).astype(np.float16)
+                s["desc"] = self._sift["desc"][:, _MIRROR]
+                self._mirrored = _query_side(s, self._orb.result(), self._given.extent)
+            return self._mirrored
+
+
+_MIRRORING = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="keypoints-mirrored")
+
+
+def query_features(image: Image.Image | np.ndarray) -> QueryFeatures:
+    """A query image -> its features as given and mirrored (copies are often flipped)."""
     grey = _grey(image)
-    s, o = _detect(grey)
     flipped = np.ascontiguousarray(grey[:, ::-1])
-    ms = s.copy()
-    ms["xy"][:, 0] = (grey.shape[1] / SIDE - s["xy"][:, 0].astype(np.float32)).astype(np.float16)
-    ms["desc"] = s["desc"][:, _MIRROR]
-    _, mo = _detect(flipped, sift=False)
+    mirrored_orb = _MIRRORING.submit(lambda: _detect(flipped, sift=False)[1])
+    s, o = _detect(grey)
     extent = (grey.shape[1] / SIDE, grey.shape[0] / SIDE)
-    return [dataclasses.replace(unpack(_pack(_spread(a), _spread(b))), extent=extent) for a, b in ((s, o), (ms, mo))]
+    return QueryFeatures(_query_side(s, o, extent), s, extent[0], mirrored_orb)
+
+
+def _query_side(s: np.ndarray, o: np.ndarray, extent: tuple[float, float]) -> LocalFeatures:
+    return dataclasses.replace(unpack(_pack(_spread(s), _spread(o))), extent=extent)
 
 
 def within(query: Sequence[LocalFeatures], box: tuple[float, float, float, float]) -> list[LocalFeatures]:
@@ -216,15 +254,20 @@ def _spread(points: np.ndarray) -> np.ndarray:
     return points[np.lexsort((np.arange(len(points)), rank))]
 
 
-def inliers(query: Sequence[LocalFeatures], stored: LocalFeatures) -> int:
+def inliers(query: Sequence[LocalFeatures], stored: LocalFeatures, enough: float = math.inf) -> int:
     """Distinct places in the stored image that one affine map carries the query's SIFT and ORB
-    matches onto (RANSAC), the best over the query's orientations. Each orientation is matched on
-    the strongest keypoints first, and in full only if that found some agreement."""
+    matches onto (RANSAC), the best over the query's orientations, or the first count that
+    reaches ``enough`` (the other orientations are then not matched, nor waited for). Each
+    orientation is matched on the strongest keypoints first, and in full only if that found some
+    agreement."""
     best = 0
     strong = _strongest(stored)
-    for q in query:
+    for n in range(len(query)):
+        q = query[n]
         coarse = _inliers(_strongest(q), strong, COARSE_MIN, COARSE_ITERS)
         best = max(best, coarse, _inliers(q, stored) if coarse >= COARSE_MIN else 0)
+        if best >= enough:
+            break
     return best
 
 
