@@ -107,7 +107,7 @@ def test_hnsw_collection_searches_adds_while_buffered_and_after_the_graph_takes_
         with Client(f"127.0.0.1:{srv.port}", timeout=20) as c:
             assert c.add([(f.name, f, None) for f in files]) == 20
             st = c.stats()
-            assert st.index_type == "IndexFlatIP" and st.items == st.indexed == 20 and 0 <= st.buffered <= 20
+            assert st.index_type == "IndexHNSWFlat" and st.items == st.indexed == 20 and 0 <= st.buffered <= 20
             assert c.search(files[7], k=1)[0]["key"] == files[7].name  # buffered or not, it is found
             deadline = time.monotonic() + 30
             while c.stats().buffered and time.monotonic() < deadline:
