@@ -59,6 +59,15 @@ def test_a_mirrored_copy_is_verified_through_the_mirrored_query_features(photos)
     assert verify.inliers(q, original) == mirrored
 
 
+def test_matching_stops_at_enough_inliers_without_waiting_for_the_mirrored_points(photos):
+    original = stored(photos["coffee"])
+    q = verify.query_features(copy_of(photos["coffee"]))
+    assert verify.inliers(q, original, enough=20) >= 20
+    assert q._mirrored is None  # the given orientation sufficed: the mirrored one was never built
+    flipped = verify.query_features(copy_of(photos["coffee"], mirror=True))
+    assert verify.inliers(flipped, original, enough=20) >= 20 and flipped._mirrored is not None  # the given fell short
+
+
 def test_text_over_a_soft_photo_does_not_hide_it_from_the_coarse_pass(photos):
     """Five lines of text over a blurred photo hold its strongest corners: the coarse pass, matching
     only the strongest query points, found 3 inliers. The query's points are spread over the image
