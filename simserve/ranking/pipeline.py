@@ -144,17 +144,17 @@ def shortlist(
     found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, features=features)[0]
     hits = [Hit(c.key, c.score, c.id, c.metadata, cosine=c.score) for c in found]
     evidence = {c.id: c for c in found}
-    certain = certain_at or (lambda cosine: math.inf)
+    need = certain_at or (lambda cosine: math.inf)
     views = query.views
     if cfg.crop_views and callable(views):
         if verifying:
             # The upright query's best is verified first; then its views are made while its next
             # few (which a search verifies anyway) are, and are not waited for if one is certain.
             hits = _rescore_views(query.embedding, hits, evidence)
-            if _verify(query.keypoints, hits[:1], collection, certain):
+            if _verify(query.keypoints, hits[:1], collection, need):
                 return hits, evidence
             pending = views()
-            if _verify(query.keypoints, hits[:UPRIGHT_FIRST], collection, certain):
+            if _verify(query.keypoints, hits[:UPRIGHT_FIRST], collection, need):
                 pending.cancel()
                 return hits, evidence
             views = pending.result()
@@ -166,7 +166,7 @@ def shortlist(
     elif cfg.crop_views:
         hits = _rescore_views(query.embedding, hits, evidence)
     if verifying:
-        _verify(query.keypoints, hits, collection, certain, regions)
+        _verify(query.keypoints, hits, collection, need, regions)
     return hits, evidence
 
 

@@ -262,8 +262,7 @@ def inliers(query: Sequence[LocalFeatures], stored: LocalFeatures, enough: float
     agreement."""
     best = 0
     strong = _strongest(stored)
-    for n in range(len(query)):
-        q = query[n]
+    for q in query:  # a QueryFeatures builds its mirrored orientation only when the loop gets there
         coarse = _inliers(_strongest(q), strong, COARSE_MIN, COARSE_ITERS)
         best = max(best, coarse, _inliers(q, stored) if coarse >= COARSE_MIN else 0)
         if best >= enough:
