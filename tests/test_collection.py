@@ -14,6 +14,7 @@ import pytest
 
 from simserve.index.collection import CollectionNotFound, Collections
 from simserve.index.store import NewItem
+from tests.conftest import store_with_inline_features
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -71,6 +72,29 @@ def test_a_collection_past_its_stand_in_trains_the_real_index_on_opening(tmp_pat
     c.wait_background()
     assert (c.stats()["index_type"], c.stats()["pending_training"], c.stats()["indexed"]) == ("IndexIVFFlat", False, 900)
     cols.close()
+
+
+def test_head_features_live_apart_and_an_old_store_hands_its_rows_over_once(tmp_path):
+    import sqlite3
+
+    from simserve.index.store import ItemStore
+
+    path = tmp_path / "items.sqlite"
+    x, feats = vecs(2500), np.random.default_rng(1).standard_normal((2500, 12)).astype(np.float16)
+    store_with_inline_features(path, x, feats)
+
+    store = ItemStore(path, DIM)  # 2,500 rows: three batches of the move
+    got = store.candidates({1: 0.5, 1234: 0.4, 2500: 0.3}, features=True)
+    assert all(np.array_equal(got[i].features, feats[i - 1]) for i in (1, 1234, 2500))
+    ids, _ = store.add([NewItem("new", x[0], features=feats[0])])
+    assert np.array_equal(store.features(ids)[ids[0]], feats[0])
+    store.remove(["k0", "new"])
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT COUNT(*) FROM items WHERE features IS NOT NULL").fetchone()[0] == 0  # all moved
+    assert db.execute("SELECT COUNT(*) FROM item_features").fetchone()[0] == 2499  # and removed ones went with their rows
+    assert db.execute("SELECT v FROM meta WHERE k='features_apart'").fetchone() == ("1",)
+    db.close()
 
 
 def test_unknown_collection_and_bad_names(tmp_path):

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import threading
 import re
@@ -200,17 +201,43 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def test_a_store_from_before_opens_on_a_full_disk_and_moves_its_features_once_there_is_room(small_disk, caplog):
+    from simserve.index.store import ItemStore
+    from tests.conftest import store_with_inline_features
+
+    path, rng = small_disk / "items.sqlite", np.random.default_rng(0)
+    feats = rng.standard_normal((300, 512)).astype(np.float16)  # 300 KB inline
+    store_with_inline_features(path, rng.standard_normal((300, 4)), feats)
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+        f.truncate(max(0, f.tell() - 128 * 1024))  # room to open (its -wal and -shm), not to move 300 KB
+    store = ItemStore(path, 4)  # cannot move them: opens anyway, reads them where they are
+    assert np.array_equal(store.features([7])[7], feats[6]) and "head features not moved yet" in caplog.text
+    store.close()
+    filler.unlink()
+    store = ItemStore(path, 4)
+    assert np.array_equal(store.features([7])[7], feats[6])
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT COUNT(*) FROM items WHERE features IS NOT NULL").fetchone()[0] == 0
+    db.close()
+
+
 def test_full_or_read_only_disk_fails_writes_clearly_and_reads_go_on(tiny_bundle, small_disk):
     srv = start(ServerConfig(port=0, data_dir=str(small_disk), bundle=str(tiny_bundle)))
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=20, retries=0) as c:
             c.add({"seagull": EX / "seagull.png", "bee": EX / "bee.png"})
             filler = small_disk / "filler"
-            with open(filler, "wb") as f:  # fill the disk to the last block
+            with open(filler, "wb", buffering=0) as f:  # fill the disk to the last block (unbuffered: close has nothing left to flush)
                 try:
                     while True:
                         f.write(b"\0" * 65536)
-                        f.flush()
                 except OSError:
                     pass
             with pytest.raises(grpc.RpcError) as e:

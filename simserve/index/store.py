@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+log = logging.getLogger("simserve.index.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -35,6 +38,12 @@ CREATE TABLE IF NOT EXISTS items (
     views BLOB,
     keypoints BLOB
 );
+-- The head features (24 KB an item) live apart: in the items row they came before the views and
+-- keypoints, and reading those walked the features' overflow pages (docs/decisions/query-views.md).
+CREATE TABLE IF NOT EXISTS item_features (id INTEGER PRIMARY KEY, features BLOB NOT NULL);
+CREATE TRIGGER IF NOT EXISTS item_features_follow AFTER DELETE ON items BEGIN
+    DELETE FROM item_features WHERE id = OLD.id;
+END;
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op INTEGER NOT NULL,  -- 1 add, 0 remove
@@ -111,8 +120,13 @@ class ItemStore:
             if not self.read_only:
                 conn.executescript(SCHEMA)
                 _add_missing_columns(conn)
+                _move_features_apart(conn, self.path)
             columns = _columns(conn, "items")  # a read-only store from before a column has none of it
             self._has_views, self._has_keypoints = "views" in columns, "keypoints" in columns
+            apart = conn.execute("SELECT 1 FROM sqlite_master WHERE name='item_features'").fetchone() is not None
+            # Features of a row written before they moved (a read-only store that could not move them) stay readable.
+            self._features = "COALESCE(f.features, i.features)" if apart else "i.features"
+            self._items = "items i LEFT JOIN item_features f ON f.id = i.id" if apart else "items i"
             stored = conn.execute("SELECT v FROM meta WHERE k='dim'").fetchone()
             if stored is None:
                 conn.execute("INSERT INTO meta VALUES ('dim', ?)", (str(dim),))
@@ -160,9 +174,11 @@ class ItemStore:
             if replaced:
                 c.executemany("DELETE FROM items WHERE id=?", [(i,) for i in replaced])
                 c.executemany("INSERT INTO changes(op, id) VALUES (0, ?)", [(i,) for i in replaced])
-            for r in rows:
-                cur = c.execute("INSERT INTO items(key, vector, metadata, content_hash, features, added, views, keypoints) VALUES (?,?,?,?,?,?,?,?)", r)
+            for key, vec, meta, hash_, feats, added, views, kps in rows:
+                cur = c.execute("INSERT INTO items(key, vector, metadata, content_hash, added, views, keypoints) VALUES (?,?,?,?,?,?,?)", (key, vec, meta, hash_, added, views, kps))
                 ids.append(int(cur.lastrowid))
+                if feats is not None:
+                    c.execute("INSERT INTO item_features(id, features) VALUES (?, ?)", (ids[-1], feats))
             c.executemany("INSERT INTO changes(op, id) VALUES (1, ?)", [(i,) for i in ids])
         return ids, replaced
 
@@ -237,9 +253,9 @@ class ItemStore:
     def candidates(self, scored: dict[int, float], *, views: bool = False, features: bool = False) -> dict[int, Candidate]:
         """{id: cosine} -> {id: Candidate}, with the evidence asked for, in one read (ids removed
         meanwhile are absent). Keypoints are read apart (``keypoints``): only the few verified need them."""
-        extra = [c for c, want, have in (("views", views, self._has_views), ("features", features, True)) if want and have]
+        extra = {c: sql for c, sql, want in (("views", "i.views", views and self._has_views), ("features", self._features, features)) if want}
         out = {}
-        for row in _rows_in(self._conn(), f"SELECT {', '.join(['id', 'key', 'metadata', *extra])} FROM items", "id", list(scored)):
+        for row in _rows_in(self._conn(), f"SELECT {', '.join(['i.id', 'i.key', 'i.metadata', *extra.values()])} FROM {self._items}", "i.id", list(scored)):
             got = dict(zip(extra, row[3:]))
             v, f = got.get("views"), got.get("features")
             out[int(row[0])] = Candidate(
@@ -250,7 +266,7 @@ class ItemStore:
         return out
 
     def features(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
-        rows = _rows_in(self._conn(), "SELECT id, features FROM items", "id", [int(i) for i in ids])
+        rows = _rows_in(self._conn(), f"SELECT i.id, {self._features} FROM {self._items}", "i.id", [int(i) for i in ids])
         return {int(i): np.frombuffer(blob, dtype=np.float16) for i, blob in rows if blob is not None}
 
     def keypoints(self, ids: Sequence[int]) -> dict[int, bytes]:
@@ -342,6 +358,28 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
             except sqlite3.OperationalError as e:  # another process opening the same store got there first
                 if "duplicate column" not in str(e):
                     raise
+
+
+def _move_features_apart(conn: sqlite3.Connection, path: Path, batch: int = 1000) -> None:
+    """Rows written before the features moved to ``item_features`` hand them over, a range of ids
+    per transaction (each can be repeated: an interrupted move resumes), once per store."""
+    if conn.execute("SELECT 1 FROM meta WHERE k='features_apart'").fetchone():
+        return
+    top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0]
+    if top:
+        log.info("%s: moving head features of %d rows to their own table (once)", path, top)
+    try:
+        for lo in range(0, top + 1, batch):
+            hi = lo + batch - 1
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR IGNORE INTO item_features(id, features) SELECT id, features FROM items WHERE id BETWEEN ? AND ? AND features IS NOT NULL", (lo, hi))
+            conn.execute("UPDATE items SET features = NULL WHERE id BETWEEN ? AND ? AND features IS NOT NULL", (lo, hi))
+            conn.execute("COMMIT")
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('features_apart', '1')")
+    except sqlite3.Error as e:  # a full disk: the store still opens, and reads features wherever they are
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        log.warning("%s: head features not moved yet (%s); the next start tries again", path, e)
 
 
 def _views_blob(key: str, views: np.ndarray, dim: int) -> bytes:
