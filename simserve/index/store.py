@@ -1,6 +1,6 @@
 """The item store: an embedded SQLite database, the source of truth for a collection.
 
-Every item (key, vector, metadata, content hash, optional head features,
+Every item (key, vector, metadata, content hash, optional head features (in a table of their own),
 crop-view embeddings and keypoints) is a row; every add and remove is also a row in
 ``changes`` with a rising sequence number, so a FAISS snapshot taken at
 sequence S is brought up to date by replaying the changes after S. One transaction per batch: an add
