@@ -367,7 +367,7 @@ def _move_features_apart(conn: sqlite3.Connection, path: Path, batch: int = 1000
         return
     top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0]
     if top:
-        log.info("%s: moving head features of %d rows to their own table (once)", path, top)
+        log.info("%s: moving the head features of rows up to id %d to their own table (once)", path, top)
     try:
         for lo in range(0, top + 1, batch):
             hi = lo + batch - 1
