@@ -123,6 +123,28 @@ def test_views_are_made_only_when_the_upright_query_leaves_the_search_uncertain(
     assert made == 1 and hits[0].score < threshold
 
 
+def test_a_region_found_again_at_full_detail_confirms_a_photo_pasted_small(photos):
+    """A photo pasted at 140 of 600 px: the whole query's points, and the region's share of them,
+    are mostly the other photo's; the region's own points, found on the region itself, are not."""
+    import io
+
+    from PIL import Image
+
+    from simserve.inference.crops import REGION_BOXES
+    from simserve.ranking import verify
+
+    bg, cat = photos["astronaut"].resize((600, 450)), photos["chelsea"]
+    bg.paste(cat.resize((140, round(140 * cat.height / cat.width))), (430, 30))
+    buf = io.BytesIO()
+    bg.save(buf, "JPEG", quality=75)
+    q = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    stored, other = verify.unpack(verify.keypoints(cat)), verify.unpack(verify.keypoints(photos["coffee"]))
+    top_right = next(b for b in REGION_BOXES if b[0] > 0.4 and b[1] < 0.1)
+    assert verify.inliers(q, stored) < 6 and verify.part_inliers(verify.within(q, top_right), stored) < 10
+    assert verify.inliers(q.region(top_right), stored) >= 40
+    assert verify.inliers(q.region(top_right), other) < 6
+
+
 def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, photos):
     """A real photo pasted small into another: the whole query's points are mostly the other
     photo's, so it reads a few inliers; the region that found it (top right, where it was
@@ -159,4 +181,5 @@ def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, pho
     extra[3 + top_right] = cat_v
     hits, _ = pipeline.shortlist(col, pipeline.Query(query, keypoints=keypoints, views=extra), 10)
     found = {h.key: h for h in hits}["chelsea"]
-    assert found.inliers >= 2 * whole + 4 and found.inliers >= 10
+    part = verify.part_inliers(verify.within(keypoints, REGION_BOXES[top_right]), verify.unpack(stored))
+    assert found.inliers >= 2 * whole + 4 and found.inliers >= 2 * part  # the region's points found again, not just its share

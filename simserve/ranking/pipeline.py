@@ -209,7 +209,8 @@ def _with_query_views(
     region's chance matches with other crops of a scene cost more than they found, so regions
     only bring candidates to verification); and each view's best few are moved up to be verified
     right after the upright query's first LEAD. Hits without stored views keep their place.
-    Also returns which region (REGION_BOXES' index) brought each hit a region picked."""
+    Also returns which region (REGION_BOXES' index) brought each hit a region picked, the region's
+    best-scored picks first."""
     found = collection.search(np.asarray(views, np.float32), VIEW_DEPTH, where, exclude, views=True, features=features)
     for c in (c for row in found for c in row):
         if c.id not in evidence and c.views is not None:
@@ -225,16 +226,20 @@ def _with_query_views(
         h.cosine = float(max(upright, t))
     order = sorted(hits, key=lambda h: -h.cosine)
     picks: dict[int, None] = {}
-    regions: dict[int, int] = {}
+    by_region: list[tuple[float, int, int]] = []  # (the region's score for it, id, region)
     for j in range(1, s.shape[1]):
         n = TURNED_PICKS if j <= len(TURNS) else REGION_PICKS
         for i in np.argsort(-s[:, j], kind="stable")[:n]:
             picks[have[i].id] = None
             if j > len(TURNS):
-                regions.setdefault(have[i].id, j - 1 - len(TURNS))
+                by_region.append((float(s[i, j]), have[i].id, j - 1 - len(TURNS)))
     lead = {h.id for h in order[:LEAD]}
     ordered = order[:LEAD] + [h for h in order if h.id in picks and h.id not in lead] + [h for h in order if h.id not in lead and h.id not in picks]
-    return ordered, {i: r for i, r in regions.items() if i not in lead}
+    regions: dict[int, int] = {}
+    for _, id_, r in sorted(by_region, key=lambda t: -t[0]):  # best first: _verify looks again at the first few
+        if id_ not in lead:
+            regions.setdefault(id_, r)
+    return ordered, regions
 
 
 def _verify(
@@ -243,9 +248,10 @@ def _verify(
     """Counts inliers for the best-scored hits, in order, until one is certain (then True) or
     VERIFY_MAX are done: a copy is nearly always found among the first few, and each costs half a
     millisecond. Hits counted before keep their count. A hit a region of the query brought
-    (``regions``: id -> REGION_BOXES index) is matched by that region's points too: a photo
-    pasted small into another holds few of the whole query's points (copies reaching 15 inliers
-    0.49 -> 0.59, docs/decisions/query-views.md). Keypoints (~16 KB an item) are read in rounds of
+    (``regions``: id -> REGION_BOXES index) is matched by that region's share of the query's
+    points too, then by the region's ORB points found again at full detail: a photo pasted small
+    into another holds few of the whole query's points (pasted copies found first 0.49 -> 0.62,
+    docs/decisions/query-views.md). Keypoints (~16 KB an item) are read in rounds of
     1, 2, 4, ... candidates: reading the whole shortlist's would cost more than verifying the one
     a copy usually needs. Hits past that, and items added without keypoints, keep no count."""
     regions = regions or {}
@@ -258,7 +264,10 @@ def _verify(
                 stored, need = verify.unpack(blobs[h.id]), certain_at(h.cosine)
                 h.inliers = verify.inliers(query, stored, need)
                 if h.id in regions and h.inliers < need:
-                    h.inliers = max(h.inliers, verify.part_inliers(verify.within(query, REGION_BOXES[regions[h.id]]), stored))
+                    box = REGION_BOXES[regions[h.id]]
+                    h.inliers = max(h.inliers, verify.part_inliers(verify.within(query, box), stored))
+                    if h.inliers < need and isinstance(query, verify.QueryFeatures):  # the region's own points, found again
+                        h.inliers = max(h.inliers, verify.inliers(query.region(box), stored, need))
                 if h.inliers >= need:
                     return True
     return False

@@ -176,10 +176,12 @@ class QueryFeatures(Sequence[LocalFeatures]):
     thread while the given ones are matched, and waited for only when a match needs them: a
     copy that is not flipped is usually certain on the given orientation alone."""
 
-    def __init__(self, given: LocalFeatures, sift: np.ndarray, width: float, mirrored_orb: Future) -> None:
+    def __init__(self, given: LocalFeatures, sift: np.ndarray, width: float, mirrored_orb: Future, image: Image.Image | None = None) -> None:
         self._given, self._sift, self._width, self._orb = given, sift, width, mirrored_orb
         self._mirrored: LocalFeatures | None = None
         self._lock = threading.Lock()
+        self._image = image  # as decoded, for regions found again at full detail
+        self._regions: dict[tuple[float, float, float, float], list[LocalFeatures]] = {}
 
     def __len__(self) -> int:
         return 2
@@ -192,6 +194,23 @@ class QueryFeatures(Sequence[LocalFeatures]):
         if i in (1, -1):
             return self.mirrored()
         raise IndexError(i)
+
+    def region(self, box: tuple[float, float, float, float]) -> list[LocalFeatures] | None:
+        """ORB points of a region of the query (fractions x0, y0, x1, y1 of the image as given),
+        found again on the region itself scaled to SIDE, as given only: a photo pasted small into
+        another holds few of the whole query's points, and at twice the detail the region has
+        many (pasted copies found first 0.49 -> 0.62). SIFT there (on half of SIDE) found none
+        more, at twice the cost (docs/decisions/query-views.md). None without the image; ~5 ms."""
+        if self._image is None:
+            return None
+        with self._lock:
+            if box not in self._regions:
+                w, h = self._image.size
+                crop = self._image.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
+                grey = _grey(crop)
+                s, o = _detect(grey, sift=False)
+                self._regions[box] = [_query_side(s, o, (grey.shape[1] / SIDE, grey.shape[0] / SIDE))]
+            return self._regions[box]
 
     def mirrored(self) -> LocalFeatures:
         with self._lock:
@@ -213,7 +232,15 @@ def query_features(image: Image.Image | np.ndarray) -> QueryFeatures:
     mirrored_orb = _MIRRORING.submit(lambda: _detect(flipped, sift=False)[1])
     s, o = _detect(grey)
     extent = (grey.shape[1] / SIDE, grey.shape[0] / SIDE)
-    return QueryFeatures(_query_side(s, o, extent), s, extent[0], mirrored_orb)
+    return QueryFeatures(_query_side(s, o, extent), s, extent[0], mirrored_orb, _for_regions(image))
+
+
+def _for_regions(image: Image.Image | np.ndarray) -> Image.Image:
+    """The query as its regions are cut from: a half-side region needs no more than 2 x SIDE on the
+    longer side, and a search holds it while it runs (a decoded PNG can be tens of megabytes)."""
+    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    s = 2 * SIDE / max(img.size)
+    return img if s >= 1 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def _query_side(s: np.ndarray, o: np.ndarray, extent: tuple[float, float]) -> LocalFeatures:

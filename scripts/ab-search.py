@@ -4,13 +4,11 @@ through both in turn (the machine's noise falls on both alike), on the copydetec
 Needs the caches scripts/bench-copydetect-100k.py makes under runs/bench/ (the set and its 10,100-item
 collection). An earlier ``inliers`` that takes no ``enough`` is called without it.
 
-    python scripts/ab-verify.py REVISION [N_QUERIES]
+    python scripts/ab-search.py REVISION [N_QUERIES]
 """
 
 import asyncio
 import importlib.util
-import inspect
-import math
 import pickle
 import statistics
 import subprocess
@@ -22,22 +20,30 @@ from pathlib import Path
 import numpy as np
 
 from simserve.bench.copydetect import score
-from simserve.ranking import verify
+from simserve.ranking import pipeline, verify
+from simserve.serve import service
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench"
 
 
-def earlier(rev: str):
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:simserve/ranking/verify.py"], capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "verify_earlier.py"
+def _module(rev: str, name: str):
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:simserve/ranking/{name}.py"], capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"{name}_earlier.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location("verify_earlier", path)
+    spec = importlib.util.spec_from_file_location(f"{name}_earlier", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses look themselves up there
     spec.loader.exec_module(mod)
-    takes_enough = "enough" in inspect.signature(mod.inliers).parameters
-    return mod.query_features, (mod.inliers if takes_enough else lambda q, s, enough=math.inf: mod.inliers(q, s))
+    return mod
+
+
+def earlier(rev: str):
+    """(pipeline, verify) as they were at ``rev``, the one calling the other."""
+    old_verify = _module(rev, "verify")
+    old_pipeline = _module(rev, "pipeline")
+    old_pipeline.verify = old_verify
+    return old_pipeline, old_verify
 
 
 async def main(rev: str, n: int) -> None:
@@ -48,14 +54,14 @@ async def main(rev: str, n: int) -> None:
 
     cs, photos = pickle.loads((RUNS / "copyset-detail8.pkl").read_bytes())
     svc = Service(load_engine(None), Collections(RUNS / "col-detail8"), ServerConfig(collection="bench"))
-    variants = {rev: earlier(rev), "checkout": (verify.query_features, verify.inliers)}
+    variants = {rev: earlier(rev), "checkout": (pipeline, verify)}
     qs = cs.queries[:: max(1, len(cs.queries) // n)][:n]
     await svc.search(ImageRef(data=qs[0].data), "bench", 10, 0, {}, None)
     ms = {k: [] for k in variants}
     hits = {k: [] for k in variants}
     for i, q in enumerate(qs):
         for name in list(variants)[:: 1 if i % 2 else -1]:
-            verify.query_features, verify.inliers = variants[name]
+            service.pipeline, service.verify = variants[name]
             t = time.perf_counter()
             found = await svc.search(ImageRef(data=q.data), "bench", 10, 0, {}, None)
             ms[name].append((time.perf_counter() - t) * 1000)
