@@ -243,7 +243,7 @@ def _index_search(args: argparse.Namespace) -> int:
         try:
             data = Path(args.image).read_bytes()  # read once: the views, if made, are cut from the same bytes
             img = decode_image(data)
-            keypoints = query_features(img) if col.config.verify else None
+            keypoints = query_features(img, regions=True) if col.config.verify else None
             features, emb = engine.embed_images([img])
             query = Query(emb[0], features[0], keypoints)
             if col.config.crop_views and args.query_views:  # as the server searches (serve --query-views): made when needed

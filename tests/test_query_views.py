@@ -137,12 +137,13 @@ def test_a_region_found_again_at_full_detail_confirms_a_photo_pasted_small(photo
     bg.paste(cat.resize((140, round(140 * cat.height / cat.width))), (430, 30))
     buf = io.BytesIO()
     bg.save(buf, "JPEG", quality=75)
-    q = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    q = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), regions=True)
     stored, other = verify.unpack(verify.keypoints(cat)), verify.unpack(verify.keypoints(photos["coffee"]))
     top_right = next(b for b in REGION_BOXES if b[0] > 0.4 and b[1] < 0.1)
     assert verify.inliers(q, stored) < 6 and verify.part_inliers(verify.within(q, top_right), stored) < 10
     assert verify.inliers(q.region(top_right), stored) >= 40
     assert verify.inliers(q.region(top_right), other) < 6
+    assert verify.query_features(photos["coffee"]).region(top_right) is None  # a pair's features keep no image
 
 
 def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, photos):
@@ -161,7 +162,7 @@ def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, pho
     bg.paste(cat.resize((200, round(200 * cat.height / cat.width))), (330, 40))
     buf = io.BytesIO()
     bg.save(buf, "JPEG", quality=75)
-    keypoints = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    keypoints = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), regions=True)
     stored = verify.keypoints(cat)
     whole = verify.inliers(keypoints, verify.unpack(stored))
     assert whole < 6  # the whole query alone does not confirm it

@@ -50,7 +50,7 @@ async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Cal
             tick(f"{evidence_key(crop_views, True)}: adding {min(s + 32, len(items))}/{len(items)}")
         col = svc.collection("calibrate")
         for i, q in enumerate(cs.queries):
-            kp = verify.query_features(verify.decode(q.data))
+            kp = verify.query_features(verify.decode(q.data), regions=True)  # as the server finds them
             if crop_views:  # searched as the server searches it, query views and all
                 got, views = await svc.embed_query_views(q.data, None)
                 feats, emb = got.features[0], got.embeddings[0]

@@ -230,7 +230,7 @@ def verification_cost(base: np.ndarray, queries: np.ndarray, n: int = 100_000, n
         times: dict[str, list[float]] = {"plain": [], "verify": [], "query_keypoints": []}
         for q, im in zip(queries, images[n_images:]):
             t = time.perf_counter()
-            kp = verify.query_features(im)
+            kp = verify.query_features(im, regions=True)
             times["query_keypoints"].append((time.perf_counter() - t) * 1000)
             for name, col, query in (("plain", plain, Query(q)), ("verify", verifying, Query(q, keypoints=kp))):  # interleaved
                 t = time.perf_counter()

@@ -225,20 +225,24 @@ class QueryFeatures(Sequence[LocalFeatures]):
 _MIRRORING = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="keypoints-mirrored")
 
 
-def query_features(image: Image.Image | np.ndarray) -> QueryFeatures:
-    """A query image -> its features as given and mirrored (copies are often flipped)."""
+def query_features(image: Image.Image | np.ndarray, regions: bool = False) -> QueryFeatures:
+    """A query image -> its features as given and mirrored (copies are often flipped); with
+    ``regions``, able to find a region's points again (``QueryFeatures.region``): a search's query
+    keeps a small grey copy of itself for that, which a batch of pairs has no use for."""
     grey = _grey(image)
     flipped = np.ascontiguousarray(grey[:, ::-1])
     mirrored_orb = _MIRRORING.submit(lambda: _detect(flipped, sift=False)[1])
     s, o = _detect(grey)
     extent = (grey.shape[1] / SIDE, grey.shape[0] / SIDE)
-    return QueryFeatures(_query_side(s, o, extent), s, extent[0], mirrored_orb, _for_regions(image))
+    return QueryFeatures(_query_side(s, o, extent), s, extent[0], mirrored_orb, _for_regions(image) if regions else None)
 
 
 def _for_regions(image: Image.Image | np.ndarray) -> Image.Image:
-    """The query as its regions are cut from: a half-side region needs no more than 2 x SIDE on the
-    longer side, and a search holds it while it runs (a decoded PNG can be tens of megabytes)."""
+    """The query as its regions are cut from, grey (as keypoints are found): a half-side region needs
+    no more than 2 x SIDE on the longer side, and a search holds it while it runs (a decoded PNG can
+    be tens of megabytes)."""
     img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    img = ImageOps.grayscale(img) if img.mode != "L" else img
     s = 2 * SIDE / max(img.size)
     return img if s >= 1 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BILINEAR, reducing_gap=2.0)
 

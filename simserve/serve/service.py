@@ -357,7 +357,7 @@ class Service:
         """A verifying collection's query keypoints: from the image bytes, or a stored query's own
         (as stored: not mirrored). None when a stored query has none: it is searched unverified."""
         if query.data is not None:
-            return verify.query_features(self.verify_image(query.data, "query"))
+            return verify.query_features(self.verify_image(query.data, "query"), regions=True)
         return pipeline.stored_keypoints(col, stored_id) if stored_id is not None else None
 
     def _existing(self, name: str) -> Collection | None:
