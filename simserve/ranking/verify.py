@@ -180,7 +180,7 @@ class QueryFeatures(Sequence[LocalFeatures]):
         self._given, self._sift, self._width, self._orb = given, sift, width, mirrored_orb
         self._mirrored: LocalFeatures | None = None
         self._lock = threading.Lock()
-        self._image = image  # as decoded, for regions found again at full detail
+        self._image = image  # grey, at most 2 x SIDE (_for_regions): for regions found again at full detail
         self._regions: dict[tuple[float, float, float, float], list[LocalFeatures]] = {}
 
     def __len__(self) -> int:
