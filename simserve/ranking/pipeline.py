@@ -236,7 +236,7 @@ def _with_query_views(
     lead = {h.id for h in order[:LEAD]}
     ordered = order[:LEAD] + [h for h in order if h.id in picks and h.id not in lead] + [h for h in order if h.id not in lead and h.id not in picks]
     regions: dict[int, int] = {}
-    for _, id_, r in sorted(by_region, key=lambda t: -t[0]):  # best first: _verify looks again at the first few
+    for _, id_, r in sorted(by_region, key=lambda t: -t[0]):  # a hit two regions picked is matched with the better one's box
         if id_ not in lead:
             regions.setdefault(id_, r)
     return ordered, regions
