@@ -106,9 +106,9 @@ def stamp_folder(tmp_path_factory) -> Path:
     return root
 
 
-def store_with_inline_features(path: Path, vectors: np.ndarray, features: np.ndarray) -> None:
-    """An item store as written before head features moved to a table of their own: each row
-    keeps them inline, before its views and keypoints; keys k0, k1, ..."""
+def _old_schema(path: Path, dim: int, columns: str):
+    """An item store's tables as an earlier version created them (``columns``: the optional BLOB
+    columns it had); returns the open connection."""
     import sqlite3
 
     old = sqlite3.connect(path)
@@ -117,11 +117,18 @@ def store_with_inline_features(path: Path, vectors: np.ndarray, features: np.nda
         PRAGMA journal_mode=WAL;
         CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
         CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, vector BLOB NOT NULL,
-                            metadata TEXT, content_hash TEXT, features BLOB, added REAL NOT NULL, views BLOB, keypoints BLOB);
+                            metadata TEXT, content_hash TEXT, features BLOB, added REAL NOT NULL{columns});
         CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, id INTEGER NOT NULL);
-        INSERT INTO meta VALUES ('dim', '{vectors.shape[1]}');
+        INSERT INTO meta VALUES ('dim', '{dim}');
         """
     )
+    return old
+
+
+def store_with_inline_features(path: Path, vectors: np.ndarray, features: np.ndarray) -> None:
+    """An item store as written before head features moved to a table of their own: each row
+    keeps them inline, before its views and keypoints; keys k0, k1, ..."""
+    old = _old_schema(path, vectors.shape[1], ", views BLOB, keypoints BLOB")
     rows = [(f"k{i}", np.asarray(v, np.float32).tobytes(), np.asarray(f, np.float16).tobytes()) for i, (v, f) in enumerate(zip(vectors, features))]
     old.executemany("INSERT INTO items(key, vector, features, added) VALUES (?, ?, ?, 0)", rows)
     old.commit()
@@ -131,18 +138,7 @@ def store_with_inline_features(path: Path, vectors: np.ndarray, features: np.nda
 def old_store(path: Path, columns: str = "") -> None:
     """A 4-d item store as an earlier version wrote it (``columns``: the optional BLOB columns
     it had, e.g. ", views BLOB"), holding one item, key 'old'."""
-    import sqlite3
-
-    old = sqlite3.connect(path)
-    old.executescript(
-        f"""
-        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-        CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, vector BLOB NOT NULL,
-                            metadata TEXT, content_hash TEXT, features BLOB, added REAL NOT NULL{columns});
-        CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op INTEGER NOT NULL, id INTEGER NOT NULL);
-        INSERT INTO meta VALUES ('dim', '4');
-        """
-    )
+    old = _old_schema(path, 4, columns)
     old.execute("INSERT INTO items(key, vector, added) VALUES ('old', ?, 0)", (np.ones(4, np.float32).tobytes(),))
     old.commit()
     old.close()

@@ -201,6 +201,21 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def _fill(disk: Path, leave: int = 0) -> Path:
+    """Fill a disk to the last block but ``leave`` bytes, with one file (returned, to free it).
+    Unbuffered: closing it has nothing left to flush onto the full disk."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+        if leave:
+            f.truncate(max(0, f.tell() - leave))
+    return filler
+
+
 def test_a_store_from_before_opens_on_a_full_disk_and_moves_its_features_once_there_is_room(small_disk, caplog):
     from simserve.index.store import ItemStore
     from tests.conftest import store_with_inline_features
@@ -208,14 +223,7 @@ def test_a_store_from_before_opens_on_a_full_disk_and_moves_its_features_once_th
     path, rng = small_disk / "items.sqlite", np.random.default_rng(0)
     feats = rng.standard_normal((300, 512)).astype(np.float16)  # 300 KB inline
     store_with_inline_features(path, rng.standard_normal((300, 4)), feats)
-    filler = small_disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass
-        f.truncate(max(0, f.tell() - 128 * 1024))  # room to open (its -wal and -shm), not to move 300 KB
+    filler = _fill(small_disk, leave=128 * 1024)  # room to open (its -wal and -shm), not to move 300 KB
     store = ItemStore(path, 4)  # cannot move them: opens anyway, reads them where they are
     assert np.array_equal(store.features([7])[7], feats[6]) and "head features not moved yet" in caplog.text
     store.close()
@@ -233,13 +241,7 @@ def test_full_or_read_only_disk_fails_writes_clearly_and_reads_go_on(tiny_bundle
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=20, retries=0) as c:
             c.add({"seagull": EX / "seagull.png", "bee": EX / "bee.png"})
-            filler = small_disk / "filler"
-            with open(filler, "wb", buffering=0) as f:  # fill the disk to the last block (unbuffered: close has nothing left to flush)
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                except OSError:
-                    pass
+            filler = _fill(small_disk)
             with pytest.raises(grpc.RpcError) as e:
                 for j in range(200):
                     c.add({f"y{j}": EX / "bee.png"})

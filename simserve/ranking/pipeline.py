@@ -266,8 +266,9 @@ def _verify(
                 if h.id in regions and h.inliers < need:
                     box = REGION_BOXES[regions[h.id]]
                     h.inliers = max(h.inliers, verify.part_inliers(verify.within(query, box), stored))
-                    if h.inliers < need and isinstance(query, verify.QueryFeatures):  # the region's own points, found again
-                        h.inliers = max(h.inliers, verify.inliers(query.region(box), stored, need))
+                    again = query.region(box) if h.inliers < need and isinstance(query, verify.QueryFeatures) else None
+                    if again is not None:  # the region's own points, found again (a search's query keeps its image for them)
+                        h.inliers = max(h.inliers, verify.inliers(again, stored, need))
                 if h.inliers >= need:
                     return True
     return False
