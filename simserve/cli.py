@@ -452,8 +452,8 @@ def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) 
 
 
 QUERY_VIEWS_HELP = (
-    "searches of a crop-views collection also look with the query turned on its side and by nine regions of it "
-    "(default on: finds copies rotated 90 degrees or pasted small into another photo, for 13 engine passes a query instead of 1); "
+    "searches of a crop-views collection also look with the query turned on its side and by 16 regions of it "
+    "(default on: finds copies rotated 90 degrees or pasted small into another photo, for 20 engine passes a query instead of 1); "
     "--no-query-views searches with the query as it is"
 )
 CROP_VIEWS_HELP = (

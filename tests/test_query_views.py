@@ -15,13 +15,13 @@ from simserve.ranking import pipeline
 from simserve.ranking.views import view_score_matrix, view_scores
 
 
-def test_query_views_are_the_query_turned_and_nine_half_side_regions(photo_jpeg):
+def test_query_views_are_the_query_turned_and_sixteen_regions_of_two_fifths_its_side(photo_jpeg):
     v = query_view_pixels(photo_jpeg, 48, 3)
-    assert v.shape == (N_QUERY_VIEWS, 3, 48, 48) == (13, 3, 48, 48) and v.dtype == np.uint8
+    assert v.shape == (N_QUERY_VIEWS, 3, 48, 48) == (20, 3, 48, 48) and v.dtype == np.uint8
     for t, turned in zip(TURNS, v[1:4]):
         assert np.array_equal(turned, np.rot90(v[0], t, axes=(1, 2)))
-    wide = to_pixels(decode(photo_jpeg, min_side=96), 96, 3)
-    regions = [wide[:, y : y + 48, x : x + 48] for y in (0, 24, 48) for x in (0, 24, 48)]
+    wide = to_pixels(decode(photo_jpeg, min_side=120), 120, 3)
+    regions = [wide[:, y : y + 48, x : x + 48] for y in (0, 24, 48, 72) for x in (0, 24, 48, 72)]
     assert all(np.array_equal(a, b) for a, b in zip(v[4:], regions))
     # the whole view is the ordinary model input, up to the decoder's scaling (a few grey levels)
     assert np.abs(v[0].astype(int) - pixels(photo_jpeg, 48, 3).astype(int)).mean() < 4
@@ -60,16 +60,16 @@ def test_a_turned_view_scores_a_hit_and_a_region_brings_one_to_verification(tmp_
         views = np.stack([v] * 6)
         items.append(NewItem(key, v, None, views=views))
     col.add(items)
-    extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(12)])
-    extra[1], extra[3 + 4] = turned_v, pasted_v  # the half turn; the middle region
+    extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(N_QUERY_VIEWS - 1)])
+    extra[1], extra[3 + 5] = turned_v, pasted_v  # the half turn; a region
 
     plain, _ = pipeline.shortlist(col, pipeline.Query(query), 10)
     assert {"turned", "pasted"}.isdisjoint(h.key for h in plain)  # the upright query alone never reads them
     hits, _ = pipeline.shortlist(col, pipeline.Query(query, views=extra), 10)
     order = [h.key for h in hits]
-    assert pipeline.SHORTLIST + 2 <= len(hits) <= pipeline.SHORTLIST + 12 * pipeline.VIEW_DEPTH  # what each view found joins
+    assert pipeline.SHORTLIST + 2 <= len(hits) <= pipeline.SHORTLIST + (N_QUERY_VIEWS - 1) * pipeline.VIEW_DEPTH  # what each view found joins
     assert order[0] == "turned"  # its turned view's score beats every upright one
-    picks = 3 * pipeline.TURNED_PICKS + 9 * pipeline.REGION_PICKS
+    picks = len(TURNS) * pipeline.TURNED_PICKS + (N_QUERY_VIEWS - 1 - len(TURNS)) * pipeline.REGION_PICKS
     assert "pasted" in order[pipeline.LEAD : pipeline.LEAD + picks] and pipeline.LEAD + picks <= pipeline.VERIFY_MAX  # verified
     by = {h.key: h for h in hits}
     assert by["turned"].cosine == pytest.approx(1.0 - pipeline.TURN_PENALTY, abs=2e-3)  # stored views are float16
@@ -79,7 +79,7 @@ def test_a_turned_view_scores_a_hit_and_a_region_brings_one_to_verification(tmp_
 def test_views_are_made_only_when_the_upright_query_leaves_the_search_uncertain(tmp_path, photos):
     """A verifying collection of real photos through the service core, searched as the server
     searches: a copy of an indexed photo is certain among the upright query's first candidates,
-    so its 12 view passes are never made; a photo with no copy makes them, once, and is still
+    so its view passes are never made; a photo with no copy makes them, once, and is still
     answered below the threshold."""
     import asyncio
     import io
@@ -148,8 +148,9 @@ def test_a_region_found_again_at_full_detail_confirms_a_photo_pasted_small(photo
 
 def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, photos):
     """A real photo pasted small into another: the whole query's points are mostly the other
-    photo's, so it reads a few inliers; the region that found it (top right, where it was
-    pasted) matches its own points and confirms it."""
+    photo's, so it reads a few inliers; of the two regions that found it, the one that scored it
+    best (bottom left) holds none of it, and the other (top right, where it was pasted, and where
+    it is only second) matches its own points and confirms it."""
     import io
 
     from PIL import Image
@@ -176,10 +177,14 @@ def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, pho
         items.append(NewItem(f"d{i}", v, None, views=np.stack([v] * 6), keypoints=verify.keypoints(photos["coffee"])))
     cat_v = _unit(rng.normal(size=dim))
     items.append(NewItem("chelsea", cat_v, None, views=np.stack([cat_v] * 6), keypoints=stored))
+    right = _unit(cat_v + 0.3 * rng.normal(size=dim))  # what the right region sees: nearer another item
+    items.append(NewItem("decoy", right, None, views=np.stack([right] * 6), keypoints=verify.keypoints(photos["coffee"])))
     col.add(items)
-    extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(12)])
+    extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(N_QUERY_VIEWS - 1)])
     top_right = next(i for i, b in enumerate(REGION_BOXES) if b[0] > 0.4 and b[1] < 0.1)
-    extra[3 + top_right] = cat_v
+    bottom_left = next(i for i, b in enumerate(REGION_BOXES) if b[0] < 0.1 and b[1] > 0.4)
+    extra[3 + bottom_left], extra[3 + top_right] = cat_v, right
+    assert [c.key for c in col.search(extra[3 + top_right : 4 + top_right], 2)[0]] == ["decoy", "chelsea"]
     hits, _ = pipeline.shortlist(col, pipeline.Query(query, keypoints=keypoints, views=extra), 10)
     found = {h.key: h for h in hits}["chelsea"]
     part = verify.part_inliers(verify.within(keypoints, REGION_BOXES[top_right]), verify.unpack(stored))

@@ -22,11 +22,12 @@ N_VIEWS = 6
 # The whole image counts as three views: at 1, uncropped copies were found less often (0.959 -> 0.927).
 WHOLE_WEIGHT = 3.0
 # A query's views: the whole image, turned by these quarter turns (a copy turned on its side is far
-# from its original by embedding), then half-side regions on a 3 x 3 grid (an image pasted small
-# into another photo fills one of them).
+# from its original by embedding), then regions 0.4 of a side on a 4 x 4 grid (an image pasted at
+# 30-50% of a photo's width fills much of one: half-side regions on a 3 x 3 grid cut through
+# most pastes, pasted copies found first 0.70 -> 0.84; docs/decisions/query-views.md).
 TURNS = (1, 2, 3)
-REGION_SIDE = 0.5
-REGION_STEPS = 3
+REGION_SIDE = 0.4
+REGION_STEPS = 4
 N_QUERY_VIEWS = 1 + len(TURNS) + REGION_STEPS**2
 # Each region as (x0, y0, x1, y1), fractions of the image, in the order the views hold them.
 REGION_BOXES = tuple(
@@ -51,8 +52,8 @@ def crop_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DE
 
 
 def query_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes -> [13, C, S, S] uint8: the whole image, turned a quarter, a half and three quarters,
-    then the nine regions. A square's turn is the turned image squashed, so turning costs nothing;
+    """Bytes -> [N_QUERY_VIEWS, C, S, S] uint8: the whole image, turned a quarter, a half and three
+    quarters, then the regions. A square's turn is the turned image squashed, so turning costs nothing;
     the regions are cut from the image squashed to size / REGION_SIDE, as crop views are."""
     img = decode(data, max_pixels=max_pixels, min_side=round(size / REGION_SIDE))
     whole = to_pixels(img, size, channels)

@@ -16,7 +16,8 @@ keypoints: only the few candidates verified need them.
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -33,8 +34,9 @@ from simserve.ranking.views import view_score_matrix, view_scores
 
 # Candidates a crop-views or verifying search reads from the index and re-scores by views.
 SHORTLIST = 100
-# At most this many are verified, best view score first (docs/decisions/deep-shortlist.md).
-VERIFY_MAX = 30
+# At most this many are verified, best view score first (docs/decisions/deep-shortlist.md): the
+# upright query's lead, the turned views' picks and the regions' (3 + 6 + up to 32).
+VERIFY_MAX = 50
 # Verification stops at a candidate this sure to be a copy (calibrated; the shipped threshold at
 # precision 0.99 is ~0.94), or with this many inliers (uncalibrated: at most 12 were seen on a
 # non-copy photo).
@@ -42,14 +44,18 @@ CERTAIN = 0.99
 CERTAIN_INLIERS = 25
 # Query views (inference/crops.query_view_pixels; docs/decisions/query-views.md): each searches the
 # index this deep, and its best few join the verified list after the upright query's first LEAD:
-# a turned view's best 2, a region's best 1. A turned view's score stands for a hit's, less this
-# much: at 0 a turned view's chance matches cost crops their first place (0.05 and 0.1 measured).
+# a turned view's best 2, a region's best 2 (1: pasted copies found first 0.70 -> 0.64). A turned
+# view's score stands for a hit's, less this much: at 0 a turned view's chance matches cost crops
+# their first place (0.05 and 0.1 measured).
 VIEW_DEPTH = 10
 LEAD = 3
-TURNED_PICKS, REGION_PICKS = 2, 1
+TURNED_PICKS, REGION_PICKS = 2, 2
 TURN_PENALTY = 0.05
 # Made lazily, the views are awaited while the upright query's first this many are verified.
 UPRIGHT_FIRST = 15
+
+# Uncertain queries verify up to VERIFY_MAX candidates, regions' points found again among them.
+_VERIFYING = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="verify")
 
 
 @dataclass
@@ -78,10 +84,10 @@ class Query:
     features: np.ndarray | None = None  # the head's input, for re-ranking
     keypoints: Sequence[verify.LocalFeatures] | None = None  # for a verifying collection (verify.query_features)
     exclude_id: int | None = None  # a stored item used as the query is not its own neighbour
-    # [12, d]: the query turned (3), then its regions (9) (inference/crops.query_view_pixels), for
+    # [19, d]: the query turned (3), then its regions (16) (inference/crops.query_view_pixels), for
     # a crop-views collection, whose stored views score any candidate under any of them. Or what
     # starts making them (a Future of the array), called only if the upright query's best
-    # candidate leaves a verifying search uncertain: 12 engine passes saved on every query a
+    # candidate leaves a verifying search uncertain: 19 engine passes saved on every query a
     # copy answers at once.
     views: np.ndarray | Callable[[], Future] | None = None
 
@@ -160,7 +166,7 @@ def shortlist(
             views = pending.result()
         else:
             views = views().result()
-    regions: dict[int, int] = {}
+    regions: dict[int, list[int]] = {}
     if cfg.crop_views and views is not None and len(views):
         hits, regions = _with_query_views(collection, views, query.embedding, hits, evidence, where, exclude, features)  # re-scores by views too
     elif cfg.crop_views:
@@ -203,7 +209,7 @@ def _rescore_views(query: np.ndarray, hits: list[Hit], evidence: dict[int, Candi
 def _with_query_views(
     collection: Collection, views: np.ndarray, embedding: np.ndarray, hits: list[Hit], evidence: dict[int, Candidate], where: dict[str, Any] | None,
     exclude: Sequence[int], features: bool,
-) -> tuple[list[Hit], dict[int, int]]:
+) -> tuple[list[Hit], dict[int, list[int]]]:
     """The shortlist widened by the query's views: what each view finds joins it; a hit's score
     becomes the better of the upright query's and its best turned view's (less TURN_PENALTY: a
     region's chance matches with other crops of a scene cost more than they found, so regions
@@ -226,24 +232,27 @@ def _with_query_views(
         h.cosine = float(max(upright, t))
     order = sorted(hits, key=lambda h: -h.cosine)
     picks: dict[int, None] = {}
-    by_region: list[tuple[float, int, int]] = []  # (the region's score for it, id, region)
-    for j in range(1, s.shape[1]):
-        n = TURNED_PICKS if j <= len(TURNS) else REGION_PICKS
-        for i in np.argsort(-s[:, j], kind="stable")[:n]:
+    for j in range(1, 1 + len(TURNS)):
+        for i in np.argsort(-s[:, j], kind="stable")[:TURNED_PICKS]:
             picks[have[i].id] = None
-            if j > len(TURNS):
-                by_region.append((float(s[i, j]), have[i].id, j - 1 - len(TURNS)))
+    # A region picks its best by the index's own order: its crop of the scene is scored against
+    # the stored crops more often than against the whole it was pasted from.
+    by_region: list[tuple[float, int, int]] = []  # (the region's score for it, id, region)
+    for r, row in enumerate(found[len(TURNS) :]):
+        for c in [c for c in row if c.views is not None][:REGION_PICKS]:
+            picks[c.id] = None
+            by_region.append((c.score, c.id, r))
     lead = {h.id for h in order[:LEAD]}
     ordered = order[:LEAD] + [h for h in order if h.id in picks and h.id not in lead] + [h for h in order if h.id not in lead and h.id not in picks]
-    regions: dict[int, int] = {}
-    for _, id_, r in sorted(by_region, key=lambda t: -t[0]):  # a hit two regions picked is matched with the better one's box
+    regions: dict[int, list[int]] = {}
+    for _, id_, r in sorted(by_region, key=lambda t: -t[0]):  # a hit several regions picked tries each box, best first
         if id_ not in lead:
-            regions.setdefault(id_, r)
+            regions.setdefault(id_, []).append(r)
     return ordered, regions
 
 
 def _verify(
-    query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain_at: Callable[[float], float], regions: dict[int, int] | None = None
+    query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain_at: Callable[[float], float], regions: dict[int, list[int]] | None = None
 ) -> bool:
     """Counts inliers for the best-scored hits, in order, until one is certain (then True) or
     VERIFY_MAX are done: a copy is nearly always found among the first few, and each costs half a
@@ -255,22 +264,30 @@ def _verify(
     1, 2, 4, ... candidates: reading the whole shortlist's would cost more than verifying the one
     a copy usually needs. Hits past that, and items added without keypoints, keep no count."""
     regions = regions or {}
+
+    def count(h: Hit, blob: bytes) -> int:
+        stored, need = verify.unpack(blob), certain_at(h.cosine)
+        n = verify.inliers(query, stored, need)
+        for box in (REGION_BOXES[r] for r in regions.get(h.id, ())):
+            if n >= need:
+                break
+            n = max(n, verify.part_inliers(verify.within(query, box), stored))
+            again = query.region(box) if n < need and isinstance(query, verify.QueryFeatures) else None
+            if again is not None:  # the region's own points, found again (a search's query keeps its image for them)
+                n = max(n, verify.inliers(again, stored, need))
+        return n
+
     todo, size = [h for h in hits[:VERIFY_MAX] if h.inliers is None], 1
     while todo:
         part, todo, size = todo[:size], todo[size:], 2 * size
         blobs = collection.keypoints([h.id for h in part])
-        for h in part:
-            if h.id in blobs:
-                stored, need = verify.unpack(blobs[h.id]), certain_at(h.cosine)
-                h.inliers = verify.inliers(query, stored, need)
-                if h.id in regions and h.inliers < need:
-                    box = REGION_BOXES[regions[h.id]]
-                    h.inliers = max(h.inliers, verify.part_inliers(verify.within(query, box), stored))
-                    again = query.region(box) if h.inliers < need and isinstance(query, verify.QueryFeatures) else None
-                    if again is not None:  # the region's own points, found again (a search's query keeps its image for them)
-                        h.inliers = max(h.inliers, verify.inliers(again, stored, need))
-                if h.inliers >= need:
-                    return True
+        part = [h for h in part if h.id in blobs]
+        # A round's candidates are counted on worker threads: OpenCV and FAISS let go of the GIL.
+        counts = _VERIFYING.map(lambda h: count(h, blobs[h.id]), part) if len(part) > 1 else [count(h, blobs[h.id]) for h in part]
+        for h, n in zip(part, counts):
+            h.inliers = n
+        if any(h.inliers >= certain_at(h.cosine) for h in part):
+            return True
     return False
 
 

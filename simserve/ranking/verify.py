@@ -182,6 +182,7 @@ class QueryFeatures(Sequence[LocalFeatures]):
         self._lock = threading.Lock()
         self._image = image  # grey, at most 2 x SIDE (_for_regions): for regions found again at full detail
         self._regions: dict[tuple[float, float, float, float], list[LocalFeatures]] = {}
+        self._region_locks: dict[tuple[float, float, float, float], threading.Lock] = {}
 
     def __len__(self) -> int:
         return 2
@@ -203,7 +204,9 @@ class QueryFeatures(Sequence[LocalFeatures]):
         more, at twice the cost (docs/decisions/query-views.md). None without the image; ~5 ms."""
         if self._image is None:
             return None
-        with self._lock:
+        with self._lock:  # one lock a region: two verifying threads find two regions at once
+            lock = self._region_locks.setdefault(box, threading.Lock())
+        with lock:
             if box not in self._regions:
                 w, h = self._image.size
                 crop = self._image.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))

@@ -309,16 +309,16 @@ class Service:
 
     async def embed_query_views(self, data: bytes, deadline: float | None) -> tuple[Embedded, np.ndarray]:
         """A query and its views (inference/crops.query_view_pixels), embedded in one batch: the
-        query as ``_embed_refs`` gives it, and the views' embeddings [12, d]."""
+        query as ``_embed_refs`` gives it, and the views' embeddings [N_QUERY_VIEWS - 1, d]."""
         feats, embs = await self._view_outputs(data, deadline, whole=True)
         return Embedded(feats[:1], embs[:1], [None]), embs[1:]
 
     async def query_views(self, data: bytes, deadline: float | None) -> np.ndarray:
-        """The query's views' embeddings [12, d] alone, for a search that found the query itself uncertain."""
+        """The query's views' embeddings [N_QUERY_VIEWS - 1, d] alone, for a search that found the query itself uncertain."""
         return (await self._view_outputs(data, deadline, whole=False))[1]
 
     async def _view_outputs(self, data: bytes, deadline: float | None, whole: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Always decoded off the loop: a 256 px decode and 13 cuts are ~2 ms, which the loop would hold from everyone."""
+        """Always decoded off the loop: a 320 px decode and 20 cuts are ~2 ms, which the loop would hold from everyone."""
         c = self.bundle.config
         decode = lambda data, where: self._timed(lambda: query_view_pixels(data, c.input_size, c.in_channels, self.config.max_pixels), where)  # noqa: E731
         [views] = await self._decode_all([(data, "query")], True, deadline, decode)
