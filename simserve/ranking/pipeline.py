@@ -44,9 +44,9 @@ CERTAIN = 0.99
 CERTAIN_INLIERS = 25
 # Query views (inference/crops.query_view_pixels; docs/decisions/query-views.md): each searches the
 # index this deep, and its best few join the verified list after the upright query's first LEAD:
-# a turned view's best 2, a region's best 2 (1: pasted copies found first 0.70 -> 0.64). A turned
-# view's score stands for a hit's, less this much: at 0 a turned view's chance matches cost crops
-# their first place (0.05 and 0.1 measured).
+# a turned view's best 2, a region's best 2 (at 1, pasted copies found first 0.78 -> 0.76 on 16
+# half-side regions, 0.70 -> 0.63 on nine). A turned view's score stands for a hit's, less this
+# much: at 0 a turned view's chance matches cost crops their first place (0.05 and 0.1 measured).
 VIEW_DEPTH = 10
 LEAD = 3
 TURNED_PICKS, REGION_PICKS = 2, 2
@@ -256,11 +256,11 @@ def _verify(
 ) -> bool:
     """Counts inliers for the best-scored hits, in order, until one is certain (then True) or
     VERIFY_MAX are done: a copy is nearly always found among the first few, and each costs half a
-    millisecond. Hits counted before keep their count. A hit a region of the query brought
-    (``regions``: id -> REGION_BOXES index) is matched by that region's share of the query's
-    points too, then by the region's ORB points found again at full detail: a photo pasted small
-    into another holds few of the whole query's points (pasted copies found first 0.49 -> 0.62,
-    docs/decisions/query-views.md). Keypoints (~16 KB an item) are read in rounds of
+    millisecond. Hits counted before keep their count. A hit regions of the query brought
+    (``regions``: id -> the REGION_BOXES indices of the regions that picked it, best first) is
+    matched by each region's share of the query's points too, then by the region's ORB points
+    found again at full detail, until certain: a photo pasted small into another holds few of the
+    whole query's points (pasted copies found first 0.49 -> 0.84, docs/decisions/query-views.md). Keypoints (~16 KB an item) are read in rounds of
     1, 2, 4, ... candidates: reading the whole shortlist's would cost more than verifying the one
     a copy usually needs. Hits past that, and items added without keypoints, keep no count."""
     regions = regions or {}

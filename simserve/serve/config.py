@@ -45,7 +45,7 @@ class ServerConfig:
     crop_views: bool = True
     verify: bool = True
     # A crop-views collection's searches also look with the query turned and by regions of it
-    # (inference/crops.query_view_pixels): 13 engine passes a query instead of 1.
+    # (inference/crops.query_view_pixels): 20 engine passes a query instead of 1.
     query_views: bool = True
     token: str = ""
     tls_cert: str = ""
