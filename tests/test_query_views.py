@@ -71,6 +71,8 @@ def test_a_turned_view_scores_a_hit_and_a_region_brings_one_to_verification(tmp_
     assert order[0] == "turned"  # its turned view's score beats every upright one
     picks = len(TURNS) * pipeline.TURNED_PICKS + (N_QUERY_VIEWS - 1 - len(TURNS)) * pipeline.REGION_PICKS
     assert "pasted" in order[pipeline.LEAD : pipeline.LEAD + picks] and pipeline.LEAD + picks <= pipeline.VERIFY_MAX  # verified
+    firsts = pipeline.LEAD + len(TURNS) * pipeline.TURNED_PICKS + (N_QUERY_VIEWS - 1 - len(TURNS))
+    assert order.index("pasted") < firsts  # a region's first pick is verified before any region's second
     by = {h.key: h for h in hits}
     assert by["turned"].cosine == pytest.approx(1.0 - pipeline.TURN_PENALTY, abs=2e-3)  # stored views are float16
     assert by["pasted"].cosine < 0.5  # a region's match is not a score

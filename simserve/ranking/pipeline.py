@@ -215,8 +215,8 @@ def _with_query_views(
     region's chance matches with other crops of a scene cost more than they found, so regions
     only bring candidates to verification); and each view's best few are moved up to be verified
     right after the upright query's first LEAD. Hits without stored views keep their place.
-    Also returns which region (REGION_BOXES' index) brought each hit a region picked, the region's
-    best-scored picks first."""
+    Also returns, for each hit regions picked, those regions (REGION_BOXES' indices) in the order
+    its boxes are tried."""
     found = collection.search(np.asarray(views, np.float32), VIEW_DEPTH, where, exclude, views=True, features=features)
     for c in (c for row in found for c in row):
         if c.id not in evidence and c.views is not None:
@@ -226,26 +226,29 @@ def _with_query_views(
     if not have:
         return hits, {}
     vectors = np.vstack([np.asarray(embedding, np.float32).reshape(1, -1), views])
-    s = view_score_matrix(vectors, np.stack([evidence[h.id].views for h in have]))  # [m, 13]
+    s = view_score_matrix(vectors, np.stack([evidence[h.id].views for h in have]))  # [m, N_QUERY_VIEWS]
     turned = s[:, 1 : 1 + len(TURNS)].max(axis=1) - TURN_PENALTY
     for h, upright, t in zip(have, s[:, 0], turned):
         h.cosine = float(max(upright, t))
     order = sorted(hits, key=lambda h: -h.cosine)
-    picks: dict[int, None] = {}
+    picks: dict[int, None] = {}  # in the order they are verified: the turned views', then the regions'
     for j in range(1, 1 + len(TURNS)):
         for i in np.argsort(-s[:, j], kind="stable")[:TURNED_PICKS]:
             picks[have[i].id] = None
     # A region picks its best by the index's own order: its crop of the scene is scored against
-    # the stored crops more often than against the whole it was pasted from.
-    by_region: list[tuple[float, int, int]] = []  # (the region's score for it, id, region)
-    for r, row in enumerate(found[len(TURNS) :]):
-        for c in [c for c in row if c.views is not None][:REGION_PICKS]:
-            picks[c.id] = None
-            by_region.append((c.score, c.id, r))
+    # the stored crops more often than against the whole it was pasted from. Every region's first
+    # is verified before any region's second, best-scored first: the region holding a paste
+    # usually ranks it first, and a certain hit ends verification (0.94x per uncertain query).
+    by_region = sorted(
+        (n, -c.score, c.id, r) for r, row in enumerate(found[len(TURNS) :]) for n, c in enumerate([c for c in row if c.views is not None][:REGION_PICKS])
+    )
+    for _, _, id_, _ in by_region:
+        picks[id_] = None
     lead = {h.id for h in order[:LEAD]}
-    ordered = order[:LEAD] + [h for h in order if h.id in picks and h.id not in lead] + [h for h in order if h.id not in lead and h.id not in picks]
+    by_id = {h.id: h for h in hits}
+    ordered = order[:LEAD] + [by_id[i] for i in picks if i not in lead] + [h for h in order if h.id not in lead and h.id not in picks]
     regions: dict[int, list[int]] = {}
-    for _, id_, r in sorted(by_region, key=lambda t: -t[0]):  # a hit several regions picked tries each box, best first
+    for _, _, id_, r in by_region:  # a hit several regions picked tries each box, in that order
         if id_ not in lead:
             regions.setdefault(id_, []).append(r)
     return ordered, regions
