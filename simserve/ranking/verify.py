@@ -200,7 +200,7 @@ class QueryFeatures(Sequence[LocalFeatures]):
         """ORB points of a region of the query (fractions x0, y0, x1, y1 of the image as given),
         found again on the region itself scaled to SIDE, as given only: a photo pasted small into
         another holds few of the whole query's points, and at twice the detail the region has
-        many (pasted copies found first 0.49 -> 0.62). SIFT there (on half of SIDE) found none
+        many (pasted copies found first 0.49 -> 0.62 on nine regions). SIFT there (on half of SIDE) found none
         more, at twice the cost (docs/decisions/query-views.md). None without the image; ~5 ms."""
         if self._image is None:
             return None
@@ -241,8 +241,8 @@ def query_features(image: Image.Image | np.ndarray, regions: bool = False) -> Qu
 
 
 def _for_regions(image: Image.Image | np.ndarray) -> Image.Image:
-    """The query as its regions are cut from, grey (as keypoints are found): a half-side region needs
-    no more than 2 x SIDE on the longer side, and a search holds it while it runs (a decoded PNG can
+    """The query as its regions are cut from, grey (as keypoints are found): a region (at most half
+    the side) needs no more than 2 x SIDE on the longer side, and a search holds it while it runs (a decoded PNG can
     be tens of megabytes)."""
     img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     img = ImageOps.grayscale(img) if img.mode != "L" else img
