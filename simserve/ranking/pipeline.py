@@ -82,7 +82,9 @@ class Hit:
 class Query:
     embedding: np.ndarray  # [d]
     features: np.ndarray | None = None  # the head's input, for re-ranking
-    keypoints: Sequence[verify.LocalFeatures] | None = None  # for a verifying collection (verify.query_features)
+    # For a verifying collection (verify.query_features); or what waits for them (found on another
+    # thread while the index is searched: they take longer than the embedding).
+    keypoints: Sequence[verify.LocalFeatures] | Callable[[], Sequence[verify.LocalFeatures]] | None = None
     exclude_id: int | None = None  # a stored item used as the query is not its own neighbour
     # [19, d]: the query turned (3), then its regions (16) (inference/crops.query_view_pixels), for
     # a crop-views collection, whose stored views score any candidate under any of them. Or what
@@ -148,6 +150,7 @@ def shortlist(
     depth = max(k, SHORTLIST) if cfg.crop_views or verifying else k
     exclude = () if query.exclude_id is None else (query.exclude_id,)
     found = collection.search(query.embedding.reshape(1, -1), depth, where, exclude, views=cfg.crop_views, features=features)[0]
+    keypoints = query.keypoints() if callable(query.keypoints) else query.keypoints
     hits = [Hit(c.key, c.score, c.id, c.metadata, cosine=c.score) for c in found]
     evidence = {c.id: c for c in found}
     need = certain_at or (lambda cosine: math.inf)
@@ -157,10 +160,10 @@ def shortlist(
             # The upright query's best is verified first; then its views are made while its next
             # few (which a search verifies anyway) are, and are not waited for if one is certain.
             hits = _rescore_views(query.embedding, hits, evidence)
-            if _verify(query.keypoints, hits[:1], collection, need):
+            if _verify(keypoints, hits[:1], collection, need):
                 return hits, evidence
             pending = views()
-            if _verify(query.keypoints, hits[:UPRIGHT_FIRST], collection, need):
+            if _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need):
                 pending.cancel()
                 return hits, evidence
             views = pending.result()
@@ -172,7 +175,7 @@ def shortlist(
     elif cfg.crop_views:
         hits = _rescore_views(query.embedding, hits, evidence)
     if verifying:
-        _verify(query.keypoints, hits, collection, need, regions)
+        _verify(keypoints, hits, collection, need, regions)
     return hits, evidence
 
 
