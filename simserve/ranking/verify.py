@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -172,12 +170,13 @@ _MIRROR = _mirror_permutation()
 
 class QueryFeatures(Sequence[LocalFeatures]):
     """A query's features as given, then mirrored. The mirrored ORB points (ORB's binary tests
-    have no mirror symmetry, so it runs again on the flipped image, ~5 ms) are found on another
-    thread while the given ones are matched, and waited for only when a match needs them: a
-    copy that is not flipped is usually certain on the given orientation alone."""
+    have no mirror symmetry, so it runs again on the flipped image, ~5 ms) are found only when a
+    match needs them: a copy that is not flipped is usually certain on the given orientation
+    alone, and found on another thread at once they took a core from the model and the index
+    (docs/decisions/query-views.md)."""
 
-    def __init__(self, given: LocalFeatures, sift: np.ndarray, width: float, mirrored_orb: Future, image: Image.Image | None = None) -> None:
-        self._given, self._sift, self._width, self._orb = given, sift, width, mirrored_orb
+    def __init__(self, given: LocalFeatures, sift: np.ndarray, grey: np.ndarray, image: Image.Image | None = None) -> None:
+        self._given, self._sift, self._grey = given, sift, grey
         self._mirrored: LocalFeatures | None = None
         self._lock = threading.Lock()
         self._image = image  # grey, at most 2 x SIDE (_for_regions): for regions found again at full detail
@@ -219,13 +218,11 @@ class QueryFeatures(Sequence[LocalFeatures]):
         with self._lock:
             if self._mirrored is None:
                 s = self._sift.copy()  # SIFT mirrors by re-arranging its bins (_MIRROR), not by detecting again
-                s["xy"][:, 0] = (self._width - self._sift["xy"][:, 0].astype(np.float32)).astype(np.float16)
+                s["xy"][:, 0] = (self._given.extent[0] - self._sift["xy"][:, 0].astype(np.float32)).astype(np.float16)
                 s["desc"] = self._sift["desc"][:, _MIRROR]
-                self._mirrored = _query_side(s, self._orb.result(), self._given.extent)
+                orb = _detect(np.ascontiguousarray(self._grey[:, ::-1]), sift=False)[1]
+                self._mirrored = _query_side(s, orb, self._given.extent)
             return self._mirrored
-
-
-_MIRRORING = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="keypoints-mirrored")
 
 
 def query_features(image: Image.Image | np.ndarray, regions: bool = False) -> QueryFeatures:
@@ -233,11 +230,9 @@ def query_features(image: Image.Image | np.ndarray, regions: bool = False) -> Qu
     ``regions``, able to find a region's points again (``QueryFeatures.region``): a search's query
     keeps a small grey copy of itself for that, which a batch of pairs has no use for."""
     grey = _grey(image)
-    flipped = np.ascontiguousarray(grey[:, ::-1])
-    mirrored_orb = _MIRRORING.submit(lambda: _detect(flipped, sift=False)[1])
     s, o = _detect(grey)
     extent = (grey.shape[1] / SIDE, grey.shape[0] / SIDE)
-    return QueryFeatures(_query_side(s, o, extent), s, extent[0], mirrored_orb, _for_regions(image) if regions else None)
+    return QueryFeatures(_query_side(s, o, extent), s, grey, _for_regions(image) if regions else None)
 
 
 def _for_regions(image: Image.Image | np.ndarray) -> Image.Image:
