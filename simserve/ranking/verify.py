@@ -293,6 +293,8 @@ def inliers(query: Sequence[LocalFeatures], stored: LocalFeatures, enough: float
     strong = _strongest(stored)
     for q in query:  # a QueryFeatures builds its mirrored orientation only when the loop gets there
         coarse = _inliers(_strongest(q), strong, COARSE_MIN, COARSE_ITERS)
+        if coarse >= enough:  # certain on the strongest points alone: the full match could only add to it
+            return coarse
         best = max(best, coarse, _inliers(q, stored) if coarse >= COARSE_MIN else 0)
         if best >= enough:
             break
