@@ -68,6 +68,14 @@ def test_matching_stops_at_enough_inliers_without_waiting_for_the_mirrored_point
     assert verify.inliers(flipped, original, enough=20) >= 20 and flipped._mirrored is not None  # the given fell short
 
 
+def test_a_copy_certain_on_its_strongest_points_skips_the_full_match(photos):
+    original = stored(photos["coffee"])
+    q = verify.query_features(copy_of(photos["coffee"]))
+    full = verify.inliers(q, original)
+    coarse = verify.inliers(q, original, enough=10)
+    assert 10 <= coarse < full  # the coarse pass's count, past the stop; the full match finds more
+
+
 def test_text_over_a_soft_photo_does_not_hide_it_from_the_coarse_pass(photos):
     """Five lines of text over a blurred photo hold its strongest corners: the coarse pass, matching
     only the strongest query points, found 3 inliers. The query's points are spread over the image

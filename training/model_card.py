@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def card(run: Path) -> str:
     recipe, cfg, m = r["recipe"], r["config"], r["metrics"]
     sources = recipe["data"].get("sources") or [recipe["data"].get("dataset") or recipe["data"].get("folder")]
     minutes = r["train_seconds"] / 60
+    epochs = [e["seconds"] for e in r.get("history", []) if "seconds" in e]  # a resumed run's history spans every part
     held = r.get("held_out_split_images", r["held_out_images"])
     lines = [
         f"# Model card: `{recipe['name']}`",
@@ -50,8 +52,9 @@ def card(run: Path) -> str:
         f"(fraction {recipe['data'].get('holdout')}), never trained on.",
         "- Self-supervised: two augmented views of one image are a positive; other images in the batch are negatives "
         "(hardest in-batch negative + a random one for the head; InfoNCE over the batch for the embedding).",
-        "- Augmentations: random resized crop (30-100% area), aspect change, padding, flip, rotation (+-20 deg), "
-        "colour jitter, greyscale, blur, text / shape overlays, JPEG quality 30-90.",
+        f"- Augmentations: random resized crop ({round(100 * recipe['data'].get('crop_min_area', 0.3))}-100% area), aspect change, "
+        "padding, flip, rotation (+-20 deg), colour jitter, greyscale, blur, text / shape overlays, JPEG quality 30-90"
+        + (f"; {round(100 * recipe['data']['paste'])}% of pairs pasted into a crop of another training image." if recipe["data"].get("paste") else "."),
         *(
             [
                 f"- After training, learned whitening (training/whiten.py) fitted on {r['whitening']['pairs']} (copy, original) "
@@ -68,6 +71,7 @@ def card(run: Path) -> str:
         "```",
         f"Seed {r['seed']}, {r['world_size']} process(es), torch {r['torch_version']}, {r['machine']}. "
         f"Training took {minutes:.1f} minutes of wall time"
+        + (f" in its last resumed part ({len(epochs)} epochs in all, a median {statistics.median(epochs) / 60:.1f} minutes each)" if sum(epochs) > 1.5 * r["train_seconds"] else "")
         + (f", whitening {r['whitening']['seconds'] / 60:.1f} more." if "seconds" in r.get("whitening", {}) else "."),
         "",
         "## Evaluation (held-out images, each query transformed with the training augmentations)",
