@@ -153,22 +153,10 @@ def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, pho
     photo's, so it reads a few inliers; of the two regions that found it, the one that scored it
     best (bottom left) holds none of it, and the other (top right, where it was pasted, and where
     it is only second) matches its own points and confirms it."""
-    import io
-
-    from PIL import Image
-
     from simserve.inference.crops import REGION_BOXES
     from simserve.ranking import verify
 
-    bg = photos["motorcycle_left"].resize((600, 450))
-    cat = photos["chelsea"]
-    bg.paste(cat.resize((200, round(200 * cat.height / cat.width))), (330, 40))
-    buf = io.BytesIO()
-    bg.save(buf, "JPEG", quality=75)
-    keypoints = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), regions=True)
-    stored = verify.keypoints(cat)
-    whole = verify.inliers(keypoints, verify.unpack(stored))
-    assert whole < 6  # the whole query alone does not confirm it
+    keypoints, stored, whole = _cat_pasted_top_right(photos)
 
     dim, rng = 16, np.random.default_rng(2)
     col = Collections(tmp_path).create("c", dim, crop_views=True, verify=True)
@@ -191,3 +179,47 @@ def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, pho
     found = {h.key: h for h in hits}["chelsea"]
     part = verify.part_inliers(verify.within(keypoints, REGION_BOXES[top_right]), verify.unpack(stored))
     assert found.inliers >= 2 * whole + 4 and found.inliers >= 2 * part  # the region's points found again, not just its share
+
+
+def _cat_pasted_top_right(photos):
+    """A cat pasted small at the top right of a motorcycle photo: the query's keypoints, the cat's
+    stored keypoints, and the inliers the whole query finds in it (few)."""
+    import io
+
+    from PIL import Image
+
+    from simserve.ranking import verify
+
+    bg = photos["motorcycle_left"].resize((600, 450))
+    cat = photos["chelsea"]
+    bg.paste(cat.resize((200, round(200 * cat.height / cat.width))), (330, 40))
+    buf = io.BytesIO()
+    bg.save(buf, "JPEG", quality=75)
+    keypoints = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), regions=True)
+    stored = verify.keypoints(cat)
+    whole = verify.inliers(keypoints, verify.unpack(stored))
+    assert whole < 6  # the whole query alone does not confirm it
+    return keypoints, stored, whole
+
+
+def test_a_hit_the_embedding_ranks_first_is_still_verified_by_the_region_that_picked_it(tmp_path, photos):
+    """The original of a pasted photo often leads by the embedding too, where only the whole
+    query's points were matched against it (a few inliers): the region that picked it confirms it."""
+    from simserve.inference.crops import REGION_BOXES
+    from simserve.ranking import verify
+
+    keypoints, stored, whole = _cat_pasted_top_right(photos)
+    dim, rng = 16, np.random.default_rng(3)
+    col = Collections(tmp_path).create("c", dim, crop_views=True, verify=True)
+    query = _unit(rng.normal(size=dim))
+    items = [NewItem("chelsea", query, None, views=np.stack([query] * 6), keypoints=stored)]
+    for i in range(150):
+        v = _unit(query + 0.8 * rng.normal(size=dim))
+        items.append(NewItem(f"d{i}", v, None, views=np.stack([v] * 6), keypoints=verify.keypoints(photos["coffee"])))
+    col.add(items)
+    extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(N_QUERY_VIEWS - 1)])
+    top_right = next(i for i, b in enumerate(REGION_BOXES) if b[0] > 0.4 and b[1] < 0.1)
+    extra[3 + top_right] = query
+    hits, _ = pipeline.shortlist(col, pipeline.Query(query, keypoints=keypoints, views=extra), 10)
+    assert hits[0].key == "chelsea"  # the upright query's lead
+    assert hits[0].inliers >= 2 * whole + 4  # confirmed by the region's points, not the whole query's
