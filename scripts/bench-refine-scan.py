@@ -12,12 +12,12 @@ index's. QT_8bit_direct_signed reads the vectors as whole numbers, so they are s
 """
 
 import pickle
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from simserve.bench.common import median_seconds
 from simserve.index.collection import Collections
 from simserve.inference.crops import query_view_pixels
 from simserve.inference.engine import load_engine
@@ -25,13 +25,8 @@ from simserve.inference.engine import load_engine
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "bench"
 
 
-def median_ms(f, n: int = 9) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+def median_ms(f) -> float:
+    return median_seconds(f, repeats=9) * 1000
 
 
 def main() -> None:

@@ -161,10 +161,7 @@ def test_a_hit_a_region_brought_is_verified_by_that_regions_points(tmp_path, pho
     dim, rng = 16, np.random.default_rng(2)
     col = Collections(tmp_path).create("c", dim, crop_views=True, verify=True)
     query = _unit(rng.normal(size=dim))
-    items = []
-    for i in range(150):
-        v = _unit(query + 0.8 * rng.normal(size=dim))
-        items.append(NewItem(f"d{i}", v, None, views=np.stack([v] * 6), keypoints=verify.keypoints(photos["coffee"])))
+    items = _near_distractors(query, rng, verify.keypoints(photos["coffee"]))
     cat_v = _unit(rng.normal(size=dim))
     items.append(NewItem("chelsea", cat_v, None, views=np.stack([cat_v] * 6), keypoints=stored))
     right = _unit(cat_v + 0.3 * rng.normal(size=dim))  # what the right region sees: nearer another item
@@ -202,6 +199,15 @@ def _cat_pasted_top_right(photos):
     return keypoints, stored, whole
 
 
+def _near_distractors(query: np.ndarray, rng: np.random.Generator, keypoints: bytes, n: int = 150) -> list[NewItem]:
+    """Items near the query by embedding whose points are another photo's (one set, found once)."""
+    items = []
+    for i in range(n):
+        v = _unit(query + 0.8 * rng.normal(size=len(query)))
+        items.append(NewItem(f"d{i}", v, None, views=np.stack([v] * 6), keypoints=keypoints))
+    return items
+
+
 def test_a_hit_the_embedding_ranks_first_is_still_verified_by_the_region_that_picked_it(tmp_path, photos):
     """The original of a pasted photo often leads by the embedding too, where only the whole
     query's points were matched against it (a few inliers): the region that picked it confirms it."""
@@ -212,11 +218,7 @@ def test_a_hit_the_embedding_ranks_first_is_still_verified_by_the_region_that_pi
     dim, rng = 16, np.random.default_rng(3)
     col = Collections(tmp_path).create("c", dim, crop_views=True, verify=True)
     query = _unit(rng.normal(size=dim))
-    items = [NewItem("chelsea", query, None, views=np.stack([query] * 6), keypoints=stored)]
-    for i in range(150):
-        v = _unit(query + 0.8 * rng.normal(size=dim))
-        items.append(NewItem(f"d{i}", v, None, views=np.stack([v] * 6), keypoints=verify.keypoints(photos["coffee"])))
-    col.add(items)
+    col.add([NewItem("chelsea", query, None, views=np.stack([query] * 6), keypoints=stored), *_near_distractors(query, rng, verify.keypoints(photos["coffee"]))])
     extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(N_QUERY_VIEWS - 1)])
     top_right = next(i for i, b in enumerate(REGION_BOXES) if b[0] > 0.4 and b[1] < 0.1)
     extra[3 + top_right] = query

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from simserve.ranking.scores import HEAD_WEIGHT, INLIER_WEIGHT
+from training.recipe import DataSettings
 
 DATA_NOTES = {
     "openclipart": "Open Clip Art Library drawings, Debian package `openclipart-png` (/usr/share/openclipart/png), "
@@ -52,7 +53,7 @@ def card(run: Path) -> str:
         f"(fraction {recipe['data'].get('holdout')}), never trained on.",
         "- Self-supervised: two augmented views of one image are a positive; other images in the batch are negatives "
         "(hardest in-batch negative + a random one for the head; InfoNCE over the batch for the embedding).",
-        f"- Augmentations: random resized crop ({round(100 * recipe['data'].get('crop_min_area', 0.3))}-100% area), aspect change, "
+        f"- Augmentations: random resized crop ({round(100 * recipe['data'].get('crop_min_area', DataSettings.crop_min_area))}-100% area), aspect change, "
         "padding, flip, rotation (+-20 deg), colour jitter, greyscale, blur, text / shape overlays, JPEG quality 30-90"
         + (f"; {round(100 * recipe['data']['paste'])}% of pairs pasted into a crop of another training image." if recipe["data"].get("paste") else "."),
         *(
