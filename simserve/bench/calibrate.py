@@ -43,7 +43,7 @@ async def _evidence(bundle: str | None, cs: CopySet, crop_views: bool, tick: Cal
     pair = not crop_views  # a pair is scored as a plain collection's hit, with the head beside it
     rows: dict[str, list] = {evidence_key(crop_views, False): [], evidence_key(crop_views, True): []}
     with tempfile.TemporaryDirectory() as d:
-        svc = Service(load_engine(bundle), Collections(d), ServerConfig(collection="calibrate", crop_views=crop_views, verify=True))
+        svc = Service(load_engine(bundle), Collections(d), ServerConfig(collection="calibrate", crop_views=crop_views, verify=True, search_budget_ms=0))
         items = [(key, data, None) for key, data in {**cs.references, **cs.distractors}.items()]
         for s in range(0, len(items), 32):
             await svc.add("calibrate", items[s : s + 32], None)

@@ -36,6 +36,7 @@ CONFIGS = {
     "crop-views": {"crop_views": True, "verify": False, "query_views": False},
     "crop-views+verify": {"crop_views": True, "verify": True, "query_views": False},  # the default before query views
     "default": {"crop_views": True, "verify": True, "query_views": True},  # what `simserve serve` gives
+    "default-unbudgeted": {"crop_views": True, "verify": True, "query_views": True, "search_budget_ms": 0},  # every candidate verified
 }
 PRECISION = 0.99
 
@@ -111,7 +112,8 @@ async def _measure(bundle: str | None, cs: CopySet, options: dict, k: int, progr
     from simserve.serve.service import ImageRef, Service
 
     with tempfile.TemporaryDirectory() as d:
-        svc = Service(load_engine(bundle), Collections(d), ServerConfig(collection="bench", **options))
+        cut = []  # searches the server's budget answered before every candidate was verified
+        svc = Service(load_engine(bundle), Collections(d), ServerConfig(collection="bench", **options), on_cut=lambda: cut.append(1))
         items = [(key, data, None) for key, data in {**cs.references, **cs.distractors}.items()]
         t = time.perf_counter()
         for s in range(0, len(items), 32):
@@ -134,6 +136,7 @@ async def _measure(bundle: str | None, cs: CopySet, options: dict, k: int, progr
         "calibrated": cal is not None,
         "search_p50_ms": statistics.median(times),
         "search_p99_ms": float(np.percentile(times, 99)),
+        "searches_cut_by_budget": len(cut) / len(cs.queries),
         "add_ms_per_image": add_ms,
         "stored_bytes_per_item": stored / len(items),
         "items": len(items),

@@ -15,8 +15,11 @@ keypoints: only the few candidates verified need them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
+import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -78,6 +81,32 @@ class Hit:
         return verified_score(self.cosine, self.inliers)
 
 
+class Deadline:
+    """When a search answers with what it has: candidates not verified by then keep no count,
+    and the query's views are not made or searched past it. ``cut`` tells whether it stopped
+    anything (set from verifying threads too)."""
+
+    def __init__(self, at: float) -> None:
+        self.at, self.cut = at, False  # time.monotonic()
+
+    @classmethod
+    def after(cls, seconds: float | None) -> "Deadline | None":
+        return None if seconds is None else cls(time.monotonic() + seconds)
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def passed(self) -> bool:
+        if self.left() > 0:
+            return False
+        self.cut = True
+        return True
+
+
+def _passed(deadline: Deadline | None) -> bool:
+    return deadline is not None and deadline.passed()
+
+
 @dataclass
 class Query:
     embedding: np.ndarray  # [d]
@@ -103,10 +132,12 @@ def search(
     where: dict[str, Any] | None = None,
     engine: Engine | None = None,
     calibrations: Calibrations | None = None,
+    deadline: Deadline | None = None,
 ) -> list[Hit]:
     """The top k for one query, each scored by ``calibrations`` (the bundle's) when it has one for
     this collection's evidence. With ``rerank`` > 0 (query features and an engine given), the top
-    max(k, rerank) are re-ordered by ``fused_scores`` and carry the head's score too."""
+    max(k, rerank) are re-ordered by ``fused_scores`` and carry the head's score too. Verification
+    stops at ``deadline`` (None: at VERIFY_MAX candidates or a certain one)."""
     cfg = collection.config
     fusing = rerank > 0 and query.features is not None and engine is not None
     keep = max(k, rerank) if fusing else k
@@ -114,7 +145,7 @@ def search(
     plain, verified = cal.get(evidence_key(cfg.crop_views, False)), cal.get(evidence_key(cfg.crop_views, True))
     if plain is None or (cfg.verify and verified is None):
         plain = verified = None  # half a calibration would order hits by two scales at once
-    hits, evidence = shortlist(collection, query, keep, where=where, features=fusing, certain_at=_certainty(verified))
+    hits, evidence = shortlist(collection, query, keep, where=where, features=fusing, certain_at=_certainty(verified), deadline=deadline)
     # A verifying search scores every hit with the inliers model, an unverified one as if it had
     # none: it ranked below the verified ones by cosine, and the embedding-only model's scale
     # would put it above verified candidates that found nothing (recall@1 0.66 -> 0.54).
@@ -139,11 +170,12 @@ def shortlist(
     where: dict[str, Any] | None = None,
     features: bool = False,
     certain_at: Callable[[float], float] | None = None,
+    deadline: Deadline | None = None,
 ) -> tuple[list[Hit], dict[int, Candidate]]:
     """The candidates and the evidence about them, best embedding (or view) score first: the top
     k, or in a crop-views or verifying collection the top SHORTLIST, re-scored by views; the first
     VERIFY_MAX verified, stopping after the first with the inliers ``certain_at`` its cosine asks
-    for (None: never stop).
+    for (None: never stop), or at ``deadline``.
     Scores are left to the caller: ``search`` calibrates them, ``simserve calibrate`` fits on them."""
     cfg = collection.config
     verifying = cfg.verify and query.keypoints is not None
@@ -155,28 +187,75 @@ def shortlist(
     evidence = {c.id: c for c in found}
     need = certain_at or (lambda cosine: math.inf)
     views = query.views
+    took = _VIEW_TIMES.setdefault(collection, _ViewTimes()) if cfg.crop_views and verifying and deadline is not None else None
     if cfg.crop_views and callable(views):
         if verifying:
             # The upright query's best is verified first; then its views are made while its next
             # few (which a search verifies anyway) are, and are not waited for if one is certain.
             hits = _rescore_views(query.embedding, hits, evidence)
-            if _verify(keypoints, hits[:1], collection, need):
+            if _verify(keypoints, hits[:1], collection, need, deadline=deadline) or _passed(deadline):
                 return hits, evidence
-            pending = views()
-            if _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need):
+            if took is not None and not took.fit(deadline, made=False):  # they could not be made and searched before it
+                _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need, deadline=deadline)
+                return hits, evidence
+            started, pending = time.monotonic(), views()
+            if _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need, deadline=deadline):
                 pending.cancel()
                 return hits, evidence
-            views = pending.result()
+            try:
+                views = pending.result(timeout=None if deadline is None else max(0.0, deadline.left()))
+            except concurrent.futures.TimeoutError:
+                pending.cancel()
+                deadline.cut = True
+                views = None
+            if took is not None:
+                took.made(time.monotonic() - started)  # at least this long, when they were not ready
+            if views is None:
+                return hits, evidence
         else:
             views = views().result()
     regions: dict[int, list[int]] = {}
     if cfg.crop_views and views is not None and len(views):
+        if took is not None and not took.fit(deadline, made=True):  # the scan would end past it, its picks unverified
+            return hits, evidence
+        started = time.monotonic()
         hits, regions = _with_query_views(collection, views, query.embedding, hits, evidence, where, exclude, features)  # re-scores by views too
+        if took is not None:
+            took.scanned(time.monotonic() - started)
     elif cfg.crop_views:
         hits = _rescore_views(query.embedding, hits, evidence)
     if verifying:
-        _verify(keypoints, hits, collection, need, regions)
+        _verify(keypoints, hits, collection, need, regions, deadline)
     return hits, evidence
+
+
+class _ViewTimes:
+    """How long a collection's query views took lately to be made (19 engine passes, beside the
+    upright query's verification) and to be searched (19 index scans: ~50 ms at 100,000 items on
+    2 cores), as exponential means: a search does not start them when they would end past its
+    deadline, having verified nothing more (at 100,000 items a 90 ms budget then answered at
+    ~135 ms instead of ~90). Each skip lowers the means a little, so that a faster machine, or a
+    longer budget, is noticed again."""
+
+    def __init__(self) -> None:
+        self.make = self.scan = 0.0
+
+    def made(self, seconds: float) -> None:
+        self.make = 0.8 * self.make + 0.2 * seconds if self.make else seconds
+
+    def scanned(self, seconds: float) -> None:
+        self.scan = 0.8 * self.scan + 0.2 * seconds if self.scan else seconds
+
+    def fit(self, deadline: Deadline | None, made: bool) -> bool:
+        need = self.scan + (0.0 if made else self.make)
+        if deadline is None or deadline.left() > need:
+            return True
+        deadline.cut = True
+        self.make, self.scan = 0.95 * self.make, 0.95 * self.scan
+        return False
+
+
+_VIEW_TIMES: weakref.WeakKeyDictionary[Collection, _ViewTimes] = weakref.WeakKeyDictionary()
 
 
 def _certainty(calibration: Calibration | None) -> Callable[[float], float]:
@@ -257,7 +336,12 @@ def _with_query_views(
 
 
 def _verify(
-    query: Sequence[verify.LocalFeatures], hits: list[Hit], collection: Collection, certain_at: Callable[[float], float], regions: dict[int, list[int]] | None = None
+    query: Sequence[verify.LocalFeatures],
+    hits: list[Hit],
+    collection: Collection,
+    certain_at: Callable[[float], float],
+    regions: dict[int, list[int]] | None = None,
+    deadline: Deadline | None = None,
 ) -> bool:
     """Counts inliers for the best-scored hits, in order, until one is certain (then True) or
     VERIFY_MAX are done: a copy is nearly always found among the first few, and each costs half a
@@ -267,14 +351,17 @@ def _verify(
     found again at full detail, until certain: a photo pasted small into another holds few of the
     whole query's points (pasted copies found first 0.49 -> 0.84, docs/decisions/query-views.md). Keypoints (~16 KB an item) are read in rounds of
     1, 2, 4, ... candidates: reading the whole shortlist's would cost more than verifying the one
-    a copy usually needs. Hits past that, and items added without keypoints, keep no count."""
+    a copy usually needs. Hits past that, those ``deadline`` left no time for, and items added
+    without keypoints, keep no count (or the one they had)."""
     regions = regions or {}
 
-    def count(h: Hit, blob: bytes) -> int:
+    def count(h: Hit, blob: bytes) -> int | None:
+        if _passed(deadline):  # checked by each candidate and box: a round may hold 32 of them
+            return h.inliers
         stored, need = verify.unpack(blob), certain_at(h.cosine)
         n = h.inliers if h.inliers is not None else verify.inliers(query, stored, need)
         for box in (REGION_BOXES[r] for r in regions.get(h.id, ())):
-            if n >= need:
+            if n >= need or _passed(deadline):
                 break
             n = max(n, verify.part_inliers(verify.within(query, box), stored))
             again = query.region(box) if n < need and isinstance(query, verify.QueryFeatures) else None
@@ -286,7 +373,7 @@ def _verify(
     # the upright query's lead) is matched again by the regions that picked it: the original of a
     # pasted photo often ranks high by the embedding too (7 of the photographs' 26 misses).
     todo, size = [h for h in hits[:VERIFY_MAX] if h.inliers is None or h.id in regions], 1
-    while todo:
+    while todo and not _passed(deadline):
         part, todo, size = todo[:size], todo[size:], 2 * size
         blobs = collection.keypoints([h.id for h in part])
         part = [h for h in part if h.id in blobs]
@@ -294,7 +381,7 @@ def _verify(
         counts = _VERIFYING.map(lambda h: count(h, blobs[h.id]), part) if len(part) > 1 else [count(h, blobs[h.id]) for h in part]
         for h, n in zip(part, counts):
             h.inliers = n
-        if any(h.inliers >= certain_at(h.cosine) for h in part):
+        if any(h.inliers is not None and h.inliers >= certain_at(h.cosine) for h in part):
             return True
     return False
 

@@ -112,7 +112,7 @@ def start(cfg: ServerConfig) -> RunningServer:
     # (the main thread's setting does not reach them): single queries are ~3x faster on 1 thread.
     tuning = IndexTuning(search_threads=cfg.faiss_threads or default_threads())
     collections = open_collections(cfg.index_backend, cfg.data_dir or None, cfg.milvus_uri, cfg.milvus_token, tuning)
-    service = Service(engine, collections, cfg, on_batch=metrics.on_batch, on_decode=metrics.decode.observe)
+    service = Service(engine, collections, cfg, on_batch=metrics.on_batch, on_decode=metrics.decode.observe, on_cut=metrics.searches_cut.inc)
     metrics.watch_collections(collections.census)
     loop = _Loop(cfg.workers)
     try:

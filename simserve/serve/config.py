@@ -47,6 +47,11 @@ class ServerConfig:
     # A crop-views collection's searches also look with the query turned and by regions of it
     # (inference/crops.query_view_pixels): 20 engine passes a query instead of 1.
     query_views: bool = True
+    # A verifying search answers this long after its request came in, with what it has verified
+    # (ranking/pipeline.Deadline; 0: never cut short). At 100,000 items on 2 cores: p99 384 -> 259 ms
+    # and the same answers; 150 ms lost 3.5 points of recall@1, 90 ms 11 (docs/decisions/search-budget.md).
+    # A request's own timeout brings it forward.
+    search_budget_ms: float = 250.0
     token: str = ""
     tls_cert: str = ""
     tls_key: str = ""

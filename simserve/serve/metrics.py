@@ -28,6 +28,7 @@ class Metrics:
         self.queue_depth = Gauge("simserve_queue_depth", "images waiting for the engine", registry=r)
         self.queue_wait = Histogram("simserve_queue_wait_seconds", "time an image waited for the engine", registry=r, buckets=_SECONDS)
         self.engine = Histogram("simserve_engine_seconds", "time of one engine call (a batch)", registry=r, buckets=_SECONDS)
+        self.searches_cut = Counter("simserve_searches_cut", "searches that answered at their budget (--search-budget-ms) with candidates left unverified", registry=r)
         self.decode = Histogram("simserve_decode_seconds", "time to decode one image (model pixels or keypoint image)", registry=r, buckets=_SECONDS)
 
     def on_batch(self, done: BatchDone) -> None:

@@ -74,10 +74,13 @@ class Service:
         config: ServerConfig | None = None,
         on_batch: Callable[[BatchDone], None] | None = None,
         on_decode: Callable[[float], None] | None = None,
+        on_cut: Callable[[], None] | None = None,
     ) -> None:
-        """``on_batch`` hears of each engine call, ``on_decode`` of each image's decode (seconds): for metrics."""
+        """``on_batch`` hears of each engine call, ``on_decode`` of each image's decode (seconds),
+        ``on_cut`` of each search its budget cut short: for metrics."""
         self.engine, self.collections = engine, collections
         self._on_decode = on_decode or (lambda seconds: None)
+        self._on_cut = on_cut or (lambda: None)
         self.config = cfg = config or ServerConfig()
         self.bundle: Bundle = engine.bundle
         try:
@@ -132,6 +135,7 @@ class Service:
 
     async def search(self, query: ImageRef, collection: str | None, k: int, rerank: int, where: dict[str, str], timeout: float | None) -> list[pipeline.Hit]:
         deadline = _deadline(timeout)
+        answer_by = _answer_by(self.config.search_budget_ms, timeout)
         k = k or 10
         if not 0 < k <= self.config.max_k:
             raise RequestError("invalid", f"k must be between 1 and {self.config.max_k}, got {k}")
@@ -169,11 +173,13 @@ class Service:
             q = pipeline.Query(got.embeddings[0], feats, found.result if found is not None else None, got.ids[0], views)
             if col.config.verify and found is None:
                 q.keypoints = self._query_keypoints(col, query, got.ids[0])
-            return pipeline.search(col, q, k, rerank=rerank, where=where or None, engine=self.engine, calibrations=self.calibrations)
+            return pipeline.search(col, q, k, rerank=rerank, where=where or None, engine=self.engine, calibrations=self.calibrations, deadline=answer_by)
 
         try:
             return await asyncio.to_thread(scan)
         finally:
+            if answer_by is not None and answer_by.cut:
+                self._on_cut()
             if found is not None:
                 _read_later(found)  # a search that failed before its verification never asked for them
 
@@ -399,6 +405,13 @@ async def _off_loop(heavy: bool, fn: Callable[..., T], *args: Any) -> T:
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
+
+
+def _answer_by(budget_ms: float, timeout: float | None) -> pipeline.Deadline | None:
+    """When a search stops verifying: its budget after now, or sooner, at 80% of the request's
+    own timeout, leaving the rest to finish the candidate in hand and answer."""
+    limits = ([budget_ms / 1000] if budget_ms > 0 else []) + ([0.8 * timeout] if timeout is not None else [])
+    return pipeline.Deadline.after(min(limits)) if limits else None
 
 
 def _left(deadline: float | None) -> float | None:
