@@ -236,10 +236,11 @@ def table(result: dict) -> str:
             (f"recall at precision {PRECISION}", f"recall_at_p{PRECISION}", "{:.3f}"),
             ("look-alikes above that score", "lookalike_fpr_at_threshold", "{:.3f}"),
             ("search p50 ms", "search_p50_ms", "{:.1f}"), ("search p99 ms", "search_p99_ms", "{:.1f}"),
+            ("searches cut by the budget", "searches_cut_by_budget", "{:.3f}"),
             ("add ms / image", "add_ms_per_image", "{:.1f}"), ("stored KB / item", "stored_bytes_per_item", "{:.1f}")]
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, key, fmt in rows:
-        vals = [result["configs"][c][key] for c in cols]
+        vals = [result["configs"][c].get(key) for c in cols]
         vals = [v / 1024 if key == "stored_bytes_per_item" else v for v in vals]
         lines.append(f"| {label} | " + " | ".join(fmt.format(v) if v is not None else "-" for v in vals) + " |")
     for label, key in (("photographs: recall@1", "recall@1"), ("photographs: µAP, first hit", "micro_ap")):
