@@ -82,3 +82,32 @@ def test_a_passed_deadline_leaves_candidates_unverified_and_the_service_counts_t
     assert all(h.inliers is None for hits in starved for h in hits) and len(cuts) == 2
     assert starved[0][0].key == "astronaut"  # the embedding's order still stands
     assert starved[1][0].score < threshold
+
+
+def test_views_that_could_not_end_before_the_deadline_are_not_started(tmp_path, photos):
+    """Once a collection's views are known to take longer than a search has left, they are not
+    made at all (the search answers with the upright query's candidates, verified); each such
+    skip lowers what they are thought to cost, so they are tried again later."""
+    keypoints, stored, _ = _cat_pasted_top_right(photos)
+    dim, rng = 16, np.random.default_rng(5)
+    col = Collections(tmp_path).create("c", dim, crop_views=True, verify=True)
+    query = _unit(rng.normal(size=dim))
+    col.add([NewItem("chelsea", _unit(rng.normal(size=dim)), None, views=np.stack([_unit(rng.normal(size=dim))] * 6), keypoints=stored), *_near_distractors(query, rng, verify.keypoints(photos["coffee"]))])
+    made: list[int] = []
+
+    def views() -> Future:
+        made.append(1)
+        done: Future = Future()
+        done.set_result(np.stack([_unit(rng.normal(size=dim)) for _ in range(N_QUERY_VIEWS - 1)]))
+        return done
+
+    took = pipeline._VIEW_TIMES.setdefault(col, pipeline._ViewTimes())
+    took.made(1.0)
+    took.scanned(1.0)  # as if they had taken 2 s here
+    deadline = pipeline.Deadline.after(1.5)  # ample for anything but those views
+    hits, _ = pipeline.shortlist(col, pipeline.Query(query, keypoints=keypoints, views=views), 10, certain_at=lambda c: 25, deadline=deadline)
+    assert not made and deadline.cut
+    assert sum(h.inliers is not None for h in hits) > 1  # the upright query's first candidates were verified
+    assert took.make == 0.95 and took.scan == 0.95
+    pipeline.shortlist(col, pipeline.Query(query, keypoints=keypoints, views=views), 10, certain_at=lambda c: 25, deadline=pipeline.Deadline.after(30.0))
+    assert made  # with time enough, they are made
