@@ -1,6 +1,9 @@
 """Search latency and quality with this checkout's ranking (ranking/pipeline.py, ranking/verify.py
-and the query views of inference/crops.py) beside an earlier revision's, each query through both in
-turn (the machine's noise falls on both alike), on the copydetect set's collection.
+and the regions of inference/crops.py) beside an earlier revision's, each query through both in
+turn (the machine's noise falls on both alike), on the copydetect set's collection. The query views
+are made by this checkout's service for both; searches are not budgeted. N_QUERIES are drawn at
+random (seed 0): the set lists each scene's transforms in a fixed order, so every k-th query is not
+a fair sample.
 
 Needs the caches scripts/bench-copydetect-100k.py makes under runs/bench/ (the set and its 10,100-item
 collection). An earlier ``inliers`` that takes no ``enough`` is called without it. TRANSFORMS (comma-
@@ -10,6 +13,7 @@ separated, e.g. paste_into,crop_paste) keeps only those queries.
 """
 
 import asyncio
+import random
 import importlib.util
 import pickle
 import statistics
@@ -51,12 +55,14 @@ def _crops(rev: str):
 
 
 def earlier(rev: str):
-    """(pipeline, verify, query views) as they were at ``rev``, each calling the others."""
+    """(pipeline, verify) as they were at ``rev``, each calling the other, with that revision's regions."""
     old_verify, old_crops = _module(rev, "verify"), _crops(rev)
     old_pipeline = _module(rev, "pipeline")
     old_pipeline.verify = old_verify
     old_pipeline.REGION_BOXES, old_pipeline.TURNS = old_crops.REGION_BOXES, old_crops.TURNS
-    return old_pipeline, old_verify, old_crops.query_view_pixels
+    search = old_pipeline.search
+    old_pipeline.search = lambda *a, deadline=None, **kw: search(*a, **kw)  # before search budgets
+    return old_pipeline, old_verify
 
 
 async def main(rev: str, n: int, only: set[str]) -> None:
@@ -66,16 +72,16 @@ async def main(rev: str, n: int, only: set[str]) -> None:
     from simserve.serve.service import ImageRef, Service
 
     cs, photos = pickle.loads((RUNS / "copyset-detail8.pkl").read_bytes())
-    svc = Service(load_engine(None), Collections(RUNS / "col-detail8"), ServerConfig(collection="bench"))
-    variants = {rev: earlier(rev), "checkout": (pipeline, verify, service.query_view_pixels)}
+    svc = Service(load_engine(None), Collections(RUNS / "col-detail8"), ServerConfig(collection="bench", search_budget_ms=0))
+    variants = {rev: earlier(rev), "checkout": (pipeline, verify)}
     qs = [q for q in cs.queries if not only or q.transform in only]
-    qs = qs[:: max(1, len(qs) // n)][:n]
+    qs = random.Random(0).sample(qs, min(n, len(qs)))
     await svc.search(ImageRef(data=qs[0].data), "bench", 10, 0, {}, None)
     ms = {k: [] for k in variants}
     hits = {k: [] for k in variants}
     for i, q in enumerate(qs):
         for name in list(variants)[:: 1 if i % 2 else -1]:
-            service.pipeline, service.verify, service.query_view_pixels = variants[name]
+            service.pipeline, service.verify = variants[name]
             t = time.perf_counter()
             found = await svc.search(ImageRef(data=q.data), "bench", 10, 0, {}, None)
             ms[name].append((time.perf_counter() - t) * 1000)

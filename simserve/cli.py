@@ -224,7 +224,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _index_search(args: argparse.Namespace) -> int:
     import concurrent.futures
 
-    from simserve.inference.crops import query_view_pixels
+    from simserve.inference.crops import query_view_embeddings
     from simserve.inference.decode import DecodeError, decode_image
     from simserve.inference.engine import load_engine
     from simserve.ranking.calibration import from_manifest
@@ -247,8 +247,8 @@ def _index_search(args: argparse.Namespace) -> int:
             features, emb = engine.embed_images([img])
             query = Query(emb[0], features[0], keypoints)
             if col.config.crop_views and args.query_views:  # as the server searches (serve --query-views): made when needed
-                c, pool = engine.config, concurrent.futures.ThreadPoolExecutor(1)
-                query.views = lambda: pool.submit(lambda: engine.embed(query_view_pixels(data, c.input_size, c.in_channels)[1:])[1])
+                pool = concurrent.futures.ThreadPoolExecutor(1)
+                query.views = lambda: pool.submit(query_view_embeddings, engine, data)
         except (DecodeError, OSError, VerifyUnavailable) as e:
             raise SystemExit(f"simserve index search: {e}")
     else:
@@ -453,7 +453,7 @@ def _add_job_args(p: argparse.ArgumentParser, batch_help: str, resumable: bool) 
 
 QUERY_VIEWS_HELP = (
     "searches of a crop-views collection also look with the query turned on its side and by 16 regions of it "
-    "(default on: finds copies rotated 90 degrees or pasted small into another photo, for 20 engine passes a query instead of 1); "
+    "(default on: finds copies rotated 90 degrees or pasted small into another photo, for 4 engine passes and one at 320 px a query instead of 1); "
     "--no-query-views searches with the query as it is"
 )
 CROP_VIEWS_HELP = (

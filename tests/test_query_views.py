@@ -7,7 +7,7 @@ import pytest
 
 from simserve.index.collection import Collections
 from simserve.index.store import NewItem
-from simserve.inference.crops import N_QUERY_VIEWS, TURNS, pool_views, query_view_pixels
+from simserve.inference.crops import N_QUERY_VIEWS, TURNS, pool_views, query_view_embeddings, query_view_pixels
 from simserve.inference.decode import decode
 from simserve.inference.decode_pool import pixels
 from simserve.inference.pixels import to_pixels
@@ -110,7 +110,7 @@ def test_views_are_made_only_when_the_upright_query_leaves_the_search_uncertain(
             def views(data=data, made=made) -> Future:
                 made.append(1)
                 done: Future = Future()
-                done.set_result(svc.engine.embed(query_view_pixels(data, c.input_size, c.in_channels)[1:])[1])
+                done.set_result(query_view_embeddings(svc.engine, data))
                 return done
 
             _, emb = svc.engine.embed(pixels(data, c.input_size, c.in_channels)[None])
@@ -225,3 +225,47 @@ def test_a_hit_the_embedding_ranks_first_is_still_verified_by_the_region_that_pi
     hits, _ = pipeline.shortlist(col, pipeline.Query(query, keypoints=keypoints, views=extra), 10)
     assert hits[0].key == "chelsea"  # the upright query's lead
     assert hits[0].inliers >= 2 * whole + 4  # confirmed by the region's points, not the whole query's
+
+
+def test_a_window_of_the_feature_map_pooled_as_the_tower_pools_gives_its_embedding(photo_jpeg):
+    """Engine.pool over the whole map of a 128 px image is the tower's own embedding; the regions'
+    windows of a 320 px image's map are the 4 x 4 grid of 0.4-side boxes, on its 16 px cells."""
+    from simserve.inference.crops import REGION_BOXES, region_windows
+    from simserve.inference.engine import load_engine
+
+    engine = load_engine(None)
+    x = pixels(photo_jpeg, 128, 3)[None]
+    fmap, emb = engine.embed(x)
+    rows, cols = fmap.shape[-2:]
+    assert np.allclose(engine.pool(fmap, [(0, 0, rows, cols)]), emb, atol=1e-4)
+    windows = region_windows(20, 20)
+    assert len(windows) == len(REGION_BOXES) and {w[2:] for w in windows} == {(8, 8)}
+    assert sorted({w[0] for w in windows}) == sorted({w[1] for w in windows}) == [0, 4, 8, 12]
+
+
+def test_a_region_pooled_from_one_pass_finds_a_photo_pasted_small(tmp_path, photos):
+    """A real photo pasted small into another, searched by the regions a search pools from one
+    320 px pass over it: the region where it was pasted ranks it first among real photos."""
+    import io
+
+    from simserve.inference.crops import REGION_BOXES, crop_view_pixels
+    from simserve.inference.engine import load_engine
+
+    engine = load_engine(None)
+    bg = photos["motorcycle_left"].resize((600, 450))
+    cat = photos["chelsea"]
+    bg.paste(cat.resize((200, round(200 * cat.height / cat.width))), (330, 40))
+    buf = io.BytesIO()
+    bg.save(buf, "JPEG", quality=75)
+    col = Collections(tmp_path).create("c", engine.bundle.embedding_dim, crop_views=True)
+    names = ("astronaut", "coffee", "rocket", "hubble_deep_field", "chelsea")
+    items = []
+    for name in names:
+        b = io.BytesIO()
+        photos[name].save(b, "JPEG", quality=90)
+        _, views = engine.embed(crop_view_pixels(b.getvalue(), 128, 3))
+        items.append(NewItem(name, pool_views(views[None])[0], None, views=views))
+    col.add(items)
+    regions = query_view_embeddings(engine, buf.getvalue())[len(TURNS) :]
+    top_right = next(i for i, b in enumerate(REGION_BOXES) if b[0] > 0.4 and b[1] < 0.1)
+    assert col.search(regions[top_right : top_right + 1], 1, views=True)[0][0].key == "chelsea"

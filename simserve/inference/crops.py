@@ -6,8 +6,9 @@ from a 30%-area crop's. A crop-views collection indexes the weighted mean of six
 shortlist by the best-matching view (ranking/views.py): recall@1 0.832 -> 0.900 for six engine
 passes per added item and nothing per query. docs/decisions/crop-views.md has the figures.
 
-A search describes its query by views too (``query_view_pixels``), never stored: the query turned
-on its side, and regions of it. docs/decisions/query-views.md has the figures.
+A search describes its query by views too (``query_view_embeddings``), never stored: the query
+turned on its side, and regions of it, pooled from one pass over the query at 320 px
+(``query_view_pixels`` cuts the same regions as crops: how they were first embedded). docs/decisions/query-views.md has the figures.
 """
 
 from __future__ import annotations
@@ -61,6 +62,33 @@ def query_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = D
     wide = to_pixels(img, round(size / REGION_SIDE), channels)
     at = [(round(y * wide.shape[-1]), round(x * wide.shape[-1])) for x, y, _, _ in REGION_BOXES]
     return np.ascontiguousarray(np.stack([whole, *turned] + [wide[:, y : y + size, x : x + size] for y, x in at]))
+
+
+def query_view_inputs(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes -> ([1 + len(TURNS), C, S, S] uint8: the whole image, then turned as in
+    ``query_view_pixels``; [1, C, W, W]: the image squashed to W = S / REGION_SIDE, the one the
+    regions are cut from). The regions' embeddings are pooled from windows of that image's
+    feature map (``region_windows``; Engine.pool): one pass instead of 16, finding a pasted
+    original as often (docs/decisions/search-budget.md)."""
+    img = decode(data, max_pixels=max_pixels, min_side=round(size / REGION_SIDE))
+    whole = to_pixels(img, size, channels)
+    turned = [np.rot90(whole, t, axes=(1, 2)) for t in TURNS]
+    return np.ascontiguousarray(np.stack([whole, *turned])), to_pixels(img, round(size / REGION_SIDE), channels)[None]
+
+
+def region_windows(rows: int, cols: int) -> list[tuple[int, int, int, int]]:
+    """REGION_BOXES as (row, col, height, width) windows of a rows x cols feature map of the image
+    ``query_view_inputs`` squashes (20 x 20 for this tower: each window 8 x 8, on its 16 px grid)."""
+    return [(round(y0 * rows), round(x0 * cols), round(REGION_SIDE * rows), round(REGION_SIDE * cols)) for x0, y0, _, _ in REGION_BOXES]
+
+
+def query_view_embeddings(engine, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> [N_QUERY_VIEWS - 1, d], as a search makes them: the turned views' embeddings, then
+    the regions', pooled from one pass over the image at S / REGION_SIDE (``engine``: an Engine)."""
+    c = engine.config
+    views, wide = query_view_inputs(data, c.input_size, c.in_channels, max_pixels)
+    fmap, _ = engine.embed(wide)
+    return np.concatenate([engine.embed(views[1:])[1], engine.pool(fmap, region_windows(*fmap.shape[-2:]))])
 
 
 def collapse_views(features: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -70,6 +70,19 @@ class Engine(ABC):
             return np.zeros((0,), np.float32)
         return np.concatenate([self._fuse(fa[s : s + self.max_batch], fb[s : s + self.max_batch]) for s in range(0, len(fa), self.max_batch)])
 
+    def pool(self, features: np.ndarray, windows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+        """A [1, C', H, W] feature map -> [len(windows), d]: each (row, col, height, width) window
+        pooled and projected as the tower pools a whole image (GeM, its projection, L2 norm), so a
+        region of an image gets its embedding without a pass of its own (inference/crops.py)."""
+        if not hasattr(self, "_pooling"):
+            with np.load(self.bundle.file(WEIGHTS_FILE), allow_pickle=False) as w:
+                self._pooling = float(np.clip(w["tower.gem_p"], 1.0, 8.0)), w["tower.proj.weight"].T.copy(), w["tower.proj.bias"].copy()
+        p, weight, bias = self._pooling
+        f = np.maximum(features[0], 1e-6)
+        pooled = np.stack([(f[:, r : r + h, c : c + w] ** p).mean(axis=(1, 2)) ** (1 / p) for r, c, h, w in windows])
+        out = pooled @ weight + bias
+        return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
     def close(self) -> None:
         """Release the engine's threads; an engine is not used after this."""
 
@@ -182,6 +195,12 @@ class OnnxEngine(Engine):
         return s
 
 
+def _fits(got: list, want: list) -> bool:
+    """A graph's shape against the manifest's: a named (dynamic) size fits any (the tower's
+    height and width are dynamic: a search pools its regions from one larger pass)."""
+    return len(got) == len(want) and all(isinstance(g, str) or g == w for g, w in zip(got, want))
+
+
 def _check_graphs(bundle: Bundle, tower, head) -> None:
     """The graphs' own shapes against the manifest: swapped or foreign model files fail here, at
     start, not on every request."""
@@ -191,9 +210,9 @@ def _check_graphs(bundle: Bundle, tower, head) -> None:
     outs = {o.name: list(o.shape[1:]) for o in tower.get_outputs()}
     head_in = [list(i.shape[1:]) for i in head.get_inputs()]
     problems = []
-    if len(tower.get_inputs()) != 1 or got_in != want_in:
+    if len(tower.get_inputs()) != 1 or not _fits(got_in, want_in):
         problems.append(f"the tower takes {got_in}, the manifest says {want_in}")
-    if sorted(map(str, outs.values())) != sorted(map(str, [shape, [bundle.embedding_dim]])):
+    if len(outs) != 2 or not any(_fits(a, shape) and _fits(b, [bundle.embedding_dim]) for a, b in (list(outs.values()), list(outs.values())[::-1])):
         problems.append(f"the tower gives {list(outs.values())}, the manifest says features {shape} and a {bundle.embedding_dim}-d embedding")
     if len(head_in) != 2 or any(h != shape for h in head_in):
         problems.append(f"the head takes {head_in}, the manifest says two {shape} feature maps")

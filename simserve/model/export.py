@@ -57,6 +57,39 @@ def _suggested_threshold(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _export_tower(model: SiameseNet, path: Path) -> torch.Tensor:
+    """The tower graph, batch, height and width dynamic: a search pools its regions' embeddings
+    from one pass over the query at 320 px (inference/crops.py). Returns a feature map, for the head's export."""
+    cfg = model.cfg
+    x = torch.zeros(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    with torch.no_grad():
+        fmap, _ = model.tower(x)
+    _onnx_export(
+        model.tower, (x,), str(path), dynamo=False, opset_version=OPSET,
+        input_names=["images"], output_names=["features", "embeddings"],
+        dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch", 2: "rows", 3: "cols"}, "embeddings": {0: "batch"}},
+    )
+    return fmap
+
+
+def refresh_tower(bundle_dir: str | os.PathLike) -> None:
+    """Export a bundle's tower graph again from its own weights (the same numbers, height and
+    width dynamic), and its manifest's checksum with it."""
+    from simserve.inference.bundle import load_bundle
+    from simserve.model import build_model
+
+    bundle = load_bundle(bundle_dir)
+    model = build_model(bundle.config)
+    with np.load(bundle.file(WEIGHTS_FILE), allow_pickle=False) as w:
+        model.load_state_dict({k: torch.from_numpy(w[k]) for k in w.files})
+    path = Path(bundle_dir) / TOWER_FILE
+    _export_tower(model.eval(), path)
+    mpath = Path(bundle_dir) / MANIFEST
+    manifest = json.loads(mpath.read_text())
+    manifest["files"][TOWER_FILE]["sha256"] = sha256_file(path)
+    mpath.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write a bundle atomically: built in a temp folder, then renamed into place."""
     model = model.eval().to(memory_format=torch.contiguous_format)
@@ -65,14 +98,7 @@ def export_bundle(model: SiameseNet, out_dir: str | os.PathLike, metrics: dict[s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
     try:
-        x = torch.zeros(2, cfg.in_channels, cfg.input_size, cfg.input_size)
-        with torch.no_grad():
-            fmap, emb = model.tower(x)
-        _onnx_export(
-            model.tower, (x,), str(tmp / TOWER_FILE), dynamo=False, opset_version=OPSET,
-            input_names=["images"], output_names=["features", "embeddings"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}, "embeddings": {0: "batch"}},
-        )
+        fmap = _export_tower(model, tmp / TOWER_FILE)
         _onnx_export(
             _Head(model), (fmap, fmap.flip(0)), str(tmp / HEAD_FILE), dynamo=False, opset_version=OPSET,
             input_names=["features_a", "features_b"], output_names=["scores"],

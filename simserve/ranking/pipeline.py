@@ -45,7 +45,7 @@ VERIFY_MAX = 50
 # non-copy photo).
 CERTAIN = 0.99
 CERTAIN_INLIERS = 25
-# Query views (inference/crops.query_view_pixels; docs/decisions/query-views.md): each searches the
+# Query views (inference/crops.query_view_inputs; docs/decisions/query-views.md): each searches the
 # index this deep, and its best few join the verified list after the upright query's first LEAD:
 # a turned view's best 2, a region's best 2 (at 1, pasted copies found first 0.78 -> 0.76 on 16
 # half-side regions, 0.70 -> 0.63 on nine). A turned view's score stands for a hit's, less this
@@ -115,7 +115,7 @@ class Query:
     # thread while the index is searched: they take longer than the embedding).
     keypoints: Sequence[verify.LocalFeatures] | Callable[[], Sequence[verify.LocalFeatures]] | None = None
     exclude_id: int | None = None  # a stored item used as the query is not its own neighbour
-    # [19, d]: the query turned (3), then its regions (16) (inference/crops.query_view_pixels), for
+    # [19, d]: the query turned (3), then its regions (16) (inference/crops.query_view_embeddings), for
     # a crop-views collection, whose stored views score any candidate under any of them. Or what
     # starts making them (a Future of the array), called only if the upright query's best
     # candidate leaves a verifying search uncertain: 19 engine passes saved on every query a

@@ -45,7 +45,7 @@ class ServerConfig:
     crop_views: bool = True
     verify: bool = True
     # A crop-views collection's searches also look with the query turned and by regions of it
-    # (inference/crops.query_view_pixels): 20 engine passes a query instead of 1.
+    # (inference/crops.query_view_inputs): 4 engine passes at 128 px and one at 320 a query, instead of 1.
     query_views: bool = True
     # A verifying search answers this long after its request came in, with what it has verified
     # (ranking/pipeline.Deadline; 0: never cut short). At 100,000 items on 2 cores: p99 384 -> 259 ms

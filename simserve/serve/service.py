@@ -23,7 +23,7 @@ from PIL import Image
 from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, Collections
 from simserve.index.store import NewItem, StoredItem, valid_filter_field
 from simserve.inference.bundle import Bundle, BundleError
-from simserve.inference.crops import collapse_views, query_view_pixels
+from simserve.inference.crops import collapse_views, query_view_inputs, region_windows
 from simserve.inference.decode import DecodeError, DecodeStopped, declared_pixels, stop_when
 from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import Engine, default_threads
@@ -318,7 +318,7 @@ class Service:
         return out
 
     async def embed_query_views(self, data: bytes, deadline: float | None) -> tuple[Embedded, np.ndarray]:
-        """A query and its views (inference/crops.query_view_pixels), embedded in one batch: the
+        """A query and its views (inference/crops.query_view_inputs), embedded together: the
         query as ``_embed_refs`` gives it, and the views' embeddings [N_QUERY_VIEWS - 1, d]."""
         feats, embs = await self._view_outputs(data, deadline, whole=True)
         return Embedded(feats[:1], embs[:1], [None]), embs[1:]
@@ -328,12 +328,15 @@ class Service:
         return (await self._view_outputs(data, deadline, whole=False))[1]
 
     async def _view_outputs(self, data: bytes, deadline: float | None, whole: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Always decoded off the loop: a 320 px decode and 20 cuts are ~2 ms, which the loop would hold from everyone."""
+        """Always decoded off the loop: a 320 px decode and its cuts are ~2 ms, which the loop would hold from everyone.
+        The turned views go through the batcher; the regions are pooled from one pass over the
+        image at 320 px, beside it (another shape: it is not batched with the others)."""
         c = self.bundle.config
-        decode = lambda data, where: self._timed(lambda: query_view_pixels(data, c.input_size, c.in_channels, self.config.max_pixels), where)  # noqa: E731
-        [views] = await self._decode_all([(data, "query")], True, deadline, decode)
-        out = await self.batcher.run_async(list(views if whole else views[1:]), _left(deadline))
-        return np.stack([f for f, _ in out]), np.stack([e for _, e in out])
+        decode = lambda data, where: self._timed(lambda: query_view_inputs(data, c.input_size, c.in_channels, self.config.max_pixels), where)  # noqa: E731
+        [(views, wide)] = await self._decode_all([(data, "query")], True, deadline, decode)
+        out, (fmap, _) = await asyncio.gather(self.batcher.run_async(list(views if whole else views[1:]), _left(deadline)), asyncio.to_thread(self.engine.embed, wide))
+        regions = self.engine.pool(fmap, region_windows(*fmap.shape[-2:]))
+        return np.stack([f for f, _ in out]), np.concatenate([np.stack([e for _, e in out]), regions])
 
     def _read_stored(self, out: Embedded, keyed: dict[int, str], where: Sequence[str], collection: str | None) -> None:
         col = self.collection(collection)
