@@ -212,3 +212,32 @@ def test_a_bundle_that_would_fail_every_request_is_refused_before_serving(tmp_pa
                        capture_output=True, text=True, timeout=60, env={**os.environ, "SIMSERVE_DATA_DIR": str(tmp_path / "data")})
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("simserve: error:")
     assert "model files do not match the manifest" in r.stderr
+
+
+def test_query_views_from_a_tower_of_any_size_and_from_an_older_fixed_size_one(tmp_path, photo_jpeg):
+    """A new bundle's tower takes any image size, so a query's regions are pooled from one larger
+    pass (as PyTorch pools them); a bundle exported before, whose tower takes only its input size,
+    still searches: its regions are embedded as crops."""
+    from simserve.inference.bundle import TOWER_FILE, sha256_file
+    from simserve.inference.crops import N_QUERY_VIEWS, query_view_embeddings, query_view_pixels
+    from simserve.model.export import _onnx_export
+
+    path = _exported("grouped", tmp_path / "b")
+    onnx, ref = load_engine(path, "onnx"), load_engine(path, "torch")
+    assert onnx.any_size
+    views = query_view_embeddings(onnx, photo_jpeg)
+    assert views.shape == (N_QUERY_VIEWS - 1, 24) and np.abs(views - query_view_embeddings(ref, photo_jpeg)).max() <= 1e-4
+
+    m = ref.model  # the older export: only the batch dynamic
+    _onnx_export(
+        m.tower, (torch.zeros(2, 3, 48, 48),), str(path / TOWER_FILE), dynamo=False, opset_version=17,
+        input_names=["images"], output_names=["features", "embeddings"],
+        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}, "embeddings": {0: "batch"}},
+    )  # fmt: skip
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][TOWER_FILE]["sha256"] = sha256_file(path / TOWER_FILE)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    old = load_engine(path, "onnx")
+    assert not old.any_size
+    crops = old.embed(query_view_pixels(photo_jpeg, 48, 3)[1:])[1]
+    assert np.abs(query_view_embeddings(old, photo_jpeg) - crops).max() <= 1e-6

@@ -86,6 +86,8 @@ def query_view_embeddings(engine, data: bytes, max_pixels: int = DEFAULT_MAX_PIX
     """Bytes -> [N_QUERY_VIEWS - 1, d], as a search makes them: the turned views' embeddings, then
     the regions', pooled from one pass over the image at S / REGION_SIDE (``engine``: an Engine)."""
     c = engine.config
+    if not engine.any_size:  # a bundle whose tower takes only input_size: the regions as crops
+        return engine.embed(query_view_pixels(data, c.input_size, c.in_channels, max_pixels)[1:])[1]
     views, wide = query_view_inputs(data, c.input_size, c.in_channels, max_pixels)
     fmap, _ = engine.embed(wide)
     return np.concatenate([engine.embed(views[1:])[1], engine.pool(fmap, region_windows(*fmap.shape[-2:]))])

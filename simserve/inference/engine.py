@@ -70,6 +70,10 @@ class Engine(ABC):
             return np.zeros((0,), np.float32)
         return np.concatenate([self._fuse(fa[s : s + self.max_batch], fb[s : s + self.max_batch]) for s in range(0, len(fa), self.max_batch)])
 
+    # Whether the tower takes images of any size (bundles exported before it did take only
+    # input_size: their query regions are embedded as 16 crops instead of pooled from one pass).
+    any_size = True
+
     def pool(self, features: np.ndarray, windows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
         """A [1, C', H, W] feature map -> [len(windows), d]: each (row, col, height, width) window
         pooled and projected as the tower pools a whole image (GeM, its projection, L2 norm), so a
@@ -158,6 +162,7 @@ class OnnxEngine(Engine):
         except Exception as e:  # noqa: BLE001 - ORT raises its own types for a file that is not a model
             raise BundleError(f"{bundle.path}: a model file does not load in ONNX Runtime ({str(e).splitlines()[0][:300]})") from None
         _check_graphs(bundle, self.towers[0], self.heads[0])
+        self.any_size = all(isinstance(d, str) for d in self.towers[0].get_inputs()[0].shape[2:])
         # Lane 0 runs on the caller's thread; the others on these (one each, so never queued).
         self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="ort-lane") if self.lanes > 1 else None
 
