@@ -54,26 +54,26 @@ def crop_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DE
 
 def query_view_pixels(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> [N_QUERY_VIEWS, C, S, S] uint8: the whole image, turned a quarter, a half and three
-    quarters, then the regions. A square's turn is the turned image squashed, so turning costs nothing;
-    the regions are cut from the image squashed to size / REGION_SIDE, as crop views are."""
+    quarters, then the regions cut as crops (``query_view_inputs`` with ``pooled=False``)."""
+    return query_view_inputs(data, size, channels, max_pixels, pooled=False)[0]
+
+
+def query_view_inputs(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS, pooled: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bytes -> (the S px views to embed: the whole image, turned a quarter, a half and three
+    quarters, and unless ``pooled`` the regions cut as crops; [1, C, W, W], the image squashed to
+    W = S / REGION_SIDE, whose feature map's windows are the regions (``region_windows``;
+    Engine.pool), or None). A square's turn is the turned image squashed, so turning costs nothing;
+    the regions are cut from the image at W, as crop views are. Pooled, the regions cost one pass
+    instead of 16 and find a pasted original as often (docs/decisions/query-views.md); a tower
+    that takes only S px (``Engine.any_size`` False) needs the crops."""
     img = decode(data, max_pixels=max_pixels, min_side=round(size / REGION_SIDE))
     whole = to_pixels(img, size, channels)
     turned = [np.rot90(whole, t, axes=(1, 2)) for t in TURNS]
     wide = to_pixels(img, round(size / REGION_SIDE), channels)
+    if pooled:
+        return np.ascontiguousarray(np.stack([whole, *turned])), wide[None]
     at = [(round(y * wide.shape[-1]), round(x * wide.shape[-1])) for x, y, _, _ in REGION_BOXES]
-    return np.ascontiguousarray(np.stack([whole, *turned] + [wide[:, y : y + size, x : x + size] for y, x in at]))
-
-
-def query_view_inputs(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
-    """Bytes -> ([1 + len(TURNS), C, S, S] uint8: the whole image, then turned as in
-    ``query_view_pixels``; [1, C, W, W]: the image squashed to W = S / REGION_SIDE, the one the
-    regions are cut from). The regions' embeddings are pooled from windows of that image's
-    feature map (``region_windows``; Engine.pool): one pass instead of 16, finding a pasted
-    original as often (docs/decisions/search-budget.md)."""
-    img = decode(data, max_pixels=max_pixels, min_side=round(size / REGION_SIDE))
-    whole = to_pixels(img, size, channels)
-    turned = [np.rot90(whole, t, axes=(1, 2)) for t in TURNS]
-    return np.ascontiguousarray(np.stack([whole, *turned])), to_pixels(img, round(size / REGION_SIDE), channels)[None]
+    return np.ascontiguousarray(np.stack([whole, *turned] + [wide[:, y : y + size, x : x + size] for y, x in at])), None
 
 
 def region_windows(rows: int, cols: int) -> list[tuple[int, int, int, int]]:
@@ -84,13 +84,20 @@ def region_windows(rows: int, cols: int) -> list[tuple[int, int, int, int]]:
 
 def query_view_embeddings(engine, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> [N_QUERY_VIEWS - 1, d], as a search makes them: the turned views' embeddings, then
-    the regions', pooled from one pass over the image at S / REGION_SIDE (``engine``: an Engine)."""
+    the regions', pooled from one pass over the image at S / REGION_SIDE where the engine's tower
+    takes that size (``engine``: an Engine)."""
     c = engine.config
-    if not engine.any_size:  # a bundle whose tower takes only input_size: the regions as crops
-        return engine.embed(query_view_pixels(data, c.input_size, c.in_channels, max_pixels)[1:])[1]
-    views, wide = query_view_inputs(data, c.input_size, c.in_channels, max_pixels)
+    views, wide = query_view_inputs(data, c.input_size, c.in_channels, max_pixels, pooled=engine.any_size)
+    return np.concatenate([engine.embed(views[1:])[1], *pooled_regions(engine, wide)])
+
+
+def pooled_regions(engine, wide: np.ndarray | None) -> list[np.ndarray]:
+    """The regions' [16, d] embeddings pooled from one pass over ``wide`` (``query_view_inputs``);
+    none when the regions were cut as crops (``wide`` None)."""
+    if wide is None:
+        return []
     fmap, _ = engine.embed(wide)
-    return np.concatenate([engine.embed(views[1:])[1], engine.pool(fmap, region_windows(*fmap.shape[-2:]))])
+    return [engine.pool(fmap, region_windows(*fmap.shape[-2:]))]
 
 
 def collapse_views(features: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import simserve
-from simserve.inference.bundle import FORMAT, FORMAT_VERSION, HEAD_FILE, MANIFEST, TOWER_FILE, WEIGHTS_FILE, sha256_file
+from simserve.inference.bundle import FORMAT, FORMAT_VERSION, HEAD_FILE, MANIFEST, TOWER_FILE, WEIGHTS_FILE, load_bundle, sha256_file
 from simserve.model import SiameseNet, load_checkpoint
 from simserve.model.profile import count_params, flops_per_pair
 
@@ -75,15 +75,10 @@ def _export_tower(model: SiameseNet, path: Path) -> torch.Tensor:
 def refresh_tower(bundle_dir: str | os.PathLike) -> None:
     """Export a bundle's tower graph again from its own weights (the same numbers, height and
     width dynamic), and its manifest's checksum with it."""
-    from simserve.inference.bundle import load_bundle
-    from simserve.model import build_model
+    from simserve.inference.engine import TorchEngine
 
-    bundle = load_bundle(bundle_dir)
-    model = build_model(bundle.config)
-    with np.load(bundle.file(WEIGHTS_FILE), allow_pickle=False) as w:
-        model.load_state_dict({k: torch.from_numpy(w[k]) for k in w.files})
     path = Path(bundle_dir) / TOWER_FILE
-    _export_tower(model.eval(), path)
+    _export_tower(TorchEngine(load_bundle(bundle_dir)).model, path)
     mpath = Path(bundle_dir) / MANIFEST
     manifest = json.loads(mpath.read_text())
     manifest["files"][TOWER_FILE]["sha256"] = sha256_file(path)

@@ -241,10 +241,10 @@ class _ViewTimes:
         self.make = self.scan = 0.0
 
     def made(self, seconds: float) -> None:
-        self.make = 0.8 * self.make + 0.2 * seconds if self.make else seconds
+        self.make = _mean(self.make, seconds)
 
     def scanned(self, seconds: float) -> None:
-        self.scan = 0.8 * self.scan + 0.2 * seconds if self.scan else seconds
+        self.scan = _mean(self.scan, seconds)
 
     def fit(self, deadline: Deadline | None, made: bool) -> bool:
         need = self.scan + (0.0 if made else self.make)
@@ -253,6 +253,11 @@ class _ViewTimes:
         deadline.cut = True
         self.make, self.scan = 0.95 * self.make, 0.95 * self.scan
         return False
+
+
+def _mean(mean: float, seconds: float) -> float:
+    """An exponential mean's next value (the first measurement stands alone)."""
+    return 0.8 * mean + 0.2 * seconds if mean else seconds
 
 
 _VIEW_TIMES: weakref.WeakKeyDictionary[Collection, _ViewTimes] = weakref.WeakKeyDictionary()

@@ -23,7 +23,7 @@ from PIL import Image
 from simserve.index.collection import NAME_RE, Collection, CollectionNotFound, Collections
 from simserve.index.store import NewItem, StoredItem, valid_filter_field
 from simserve.inference.bundle import Bundle, BundleError
-from simserve.inference.crops import collapse_views, query_view_inputs, query_view_pixels, region_windows
+from simserve.inference.crops import collapse_views, pooled_regions, query_view_inputs
 from simserve.inference.decode import DecodeError, DecodeStopped, declared_pixels, stop_when
 from simserve.inference.decode_pool import pixels
 from simserve.inference.engine import Engine, default_threads
@@ -332,16 +332,12 @@ class Service:
         The turned views go through the batcher; the regions are pooled from one pass over the
         image at 320 px, beside it (another shape: it is not batched with the others)."""
         c = self.bundle.config
-        if not self.engine.any_size:  # a bundle whose tower takes only input_size: the regions as 16 crops
-            decode = lambda data, where: self._timed(lambda: query_view_pixels(data, c.input_size, c.in_channels, self.config.max_pixels), where)  # noqa: E731
-            [views] = await self._decode_all([(data, "query")], True, deadline, decode)
-            out = await self.batcher.run_async(list(views if whole else views[1:]), _left(deadline))
-            return np.stack([f for f, _ in out]), np.stack([e for _, e in out])
-        decode = lambda data, where: self._timed(lambda: query_view_inputs(data, c.input_size, c.in_channels, self.config.max_pixels), where)  # noqa: E731
+        decode = lambda data, where: self._timed(  # noqa: E731
+            lambda: query_view_inputs(data, c.input_size, c.in_channels, self.config.max_pixels, pooled=self.engine.any_size), where
+        )
         [(views, wide)] = await self._decode_all([(data, "query")], True, deadline, decode)
-        out, (fmap, _) = await asyncio.gather(self.batcher.run_async(list(views if whole else views[1:]), _left(deadline)), asyncio.to_thread(self.engine.embed, wide))
-        regions = self.engine.pool(fmap, region_windows(*fmap.shape[-2:]))
-        return np.stack([f for f, _ in out]), np.concatenate([np.stack([e for _, e in out]), regions])
+        out, regions = await asyncio.gather(self.batcher.run_async(list(views if whole else views[1:]), _left(deadline)), asyncio.to_thread(pooled_regions, self.engine, wide))
+        return np.stack([f for f, _ in out]), np.concatenate([np.stack([e for _, e in out]), *regions])
 
     def _read_stored(self, out: Embedded, keyed: dict[int, str], where: Sequence[str], collection: str | None) -> None:
         col = self.collection(collection)
