@@ -359,11 +359,13 @@ def test_rwlock_serves_readers_and_writers_past_a_writer_that_keeps_coming_back(
         r.join()
 
 
-def test_searches_use_the_configured_openmp_threads_in_whatever_thread_they_run(tmp_path):
+def test_searches_use_the_configured_threads_in_whatever_thread_they_run(tmp_path):
     """OpenMP's thread count is per thread: a setting made in the main thread does not reach
-    gRPC handler threads, so the index applies it where the search runs."""
+    gRPC handler threads, so the index applies it where the search runs (a filtered search goes
+    through FAISS); an unfiltered flat search is the exact scan, whose session gets as many."""
     import faiss
 
+    from simserve.index import exact_scan
     from simserve.index.vector_index import IndexTuning
 
     c = Collections(tmp_path, tuning=IndexTuning(search_threads=1)).create("c", DIM)
@@ -372,10 +374,14 @@ def test_searches_use_the_configured_openmp_threads_in_whatever_thread_they_run(
 
     def handler():
         before = faiss.omp_get_max_threads()
-        c.search(vecs(1, seed=9), 3)
+        c.search(vecs(1, seed=9), 3, where={"i": 4})
         seen.append((before, faiss.omp_get_max_threads()))
+        exact_scan._sessions.clear()
+        c.search(vecs(1, seed=9), 3)
+        seen.append(set(exact_scan._sessions))
 
     t = threading.Thread(target=handler)
     t.start()
     t.join()
     assert seen[0][1] == 1
+    assert seen[1] == {1}

@@ -359,6 +359,7 @@ def _verify(
     a copy usually needs. Hits past that, those ``deadline`` left no time for, and items added
     without keypoints, keep no count (or the one they had)."""
     regions = regions or {}
+    parts: dict[tuple[float, float, float, float], list[verify.LocalFeatures]] = {}  # the query's points in a box, the same for every hit
 
     def count(h: Hit, blob: bytes) -> int | None:
         if _passed(deadline):  # checked by each candidate and box: a round may hold 32 of them
@@ -368,9 +369,11 @@ def _verify(
         for box in (REGION_BOXES[r] for r in regions.get(h.id, ())):
             if n >= need or _passed(deadline):
                 break
-            n = max(n, verify.part_inliers(verify.within(query, box), stored))
+            if box not in parts:
+                parts[box] = verify.within(query, box)
+            n = max(n, verify.part_inliers(parts[box], stored))
             again = query.region(box) if n < need and isinstance(query, verify.QueryFeatures) else None
-            if again is not None:  # the region's own points, found again (a search's query keeps its image for them)
+            if again is not None:  # the region's own points at full detail (a search's query keeps its image for them)
                 n = max(n, verify.inliers(again, stored, need))
         return n
 
