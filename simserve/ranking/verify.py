@@ -10,6 +10,7 @@ verifying collection is used.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import threading
@@ -67,6 +68,9 @@ def require() -> None:
     """Raise ``VerifyUnavailable`` now, at start-up, rather than at a verifying collection's first use."""
     _cv2()
 
+
+# The queries' regions' points are found here, one query at a time (QueryFeatures.find_regions).
+_FINDING = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="regions")
 
 _local = threading.local()  # OpenCV detectors and matchers are not documented thread-safe: one set per thread
 
@@ -185,8 +189,8 @@ class QueryFeatures(Sequence[LocalFeatures]):
         self._given, self._sift, self._grey = given, sift, grey
         self._mirrored: LocalFeatures | None = None
         self._lock = threading.Lock()
-        self._image = image  # grey, at most REGION_DETAIL (_for_regions): for regions' points at full detail
-        self._fine: tuple[np.ndarray, tuple[float, float]] | None = None
+        self._image = image  # grey, at most 2 x SIDE (_for_regions): for regions' points at full detail
+        self._fine: concurrent.futures.Future | None = None  # of (points, extent): _fine_points
         self._region_lock = threading.Lock()
         self._regions: dict[tuple[float, float, float, float], list[LocalFeatures]] = {}
 
@@ -202,18 +206,35 @@ class QueryFeatures(Sequence[LocalFeatures]):
             return self.mirrored()
         raise IndexError(i)
 
-    def region(self, box: tuple[float, float, float, float]) -> list[LocalFeatures] | None:
+    @property
+    def keeps_image(self) -> bool:
+        """Whether its regions' points can be found (a search's query; a pair's keeps no image)."""
+        return self._image is not None
+
+    def find_regions(self) -> None:
+        """Start finding the regions' points on a worker thread, for a search about to need them:
+        the one pass costs 10-50 ms, and found while the query's views are made and searched it
+        is ready when the hits they bring are verified."""
+        with self._region_lock:
+            if self._fine is None and self._image is not None:
+                self._fine = _FINDING.submit(self._fine_points)
+
+    def region(self, box: tuple[float, float, float, float], timeout: float | None = None) -> list[LocalFeatures] | None:
         """ORB points of a region of the query (fractions x0, y0, x1, y1 of the image as given), as
         given only, at the detail the region alone would have at SIDE: a photo pasted small into
         another holds few of the whole query's points, and at that detail the region has many
         (pasted copies found first 0.49 -> 0.62 on nine regions). Found once for every region, on the
-        whole query at REGION_DETAIL: one pass ~10 ms against ~2.5 ms a region found on its own
-        crop, as many copies reached (docs/decisions/query-views.md). None without the image."""
-        if self._image is None:
+        whole query at REGION_DETAIL (docs/decisions/query-views.md). None without the image, or
+        when they are not found within ``timeout`` seconds."""
+        self.find_regions()
+        if self._fine is None:
             return None
-        with self._region_lock:  # its own: the mirrored points may be wanted meanwhile
+        try:
+            points, extent = self._fine.result(timeout=None if timeout is None else max(0.0, timeout))
+        except concurrent.futures.TimeoutError:
+            return None
+        with self._region_lock:
             if box not in self._regions:
-                points, extent = self._fine_points()
                 lo, hi = np.array(box[:2]) * extent, np.array(box[2:]) * extent
                 xy = points["xy"].astype(np.float32)
                 keep = np.all((xy >= lo) & (xy < hi), axis=1)
@@ -223,17 +244,14 @@ class QueryFeatures(Sequence[LocalFeatures]):
             return self._regions[box]
 
     def _fine_points(self) -> tuple[np.ndarray, tuple[float, float]]:
-        """The whole query's ORB points at REGION_DETAIL (units of its longer side), found once."""
-        if self._fine is None:
-            img = self._image
-            s = REGION_DETAIL / max(img.size)  # 1 unless the query was smaller: then up, as a small stored image is
-            grey = np.asarray(img if s == 1 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BICUBIC))
-            if min(grey.shape) < MIN_SIDE:
-                points = np.zeros(0, ORB_POINT)
-            else:
-                points = _points(ORB_POINT, *_tools()[2].detectAndCompute(grey, None), side=REGION_DETAIL)
-            self._fine = points, (grey.shape[1] / REGION_DETAIL, grey.shape[0] / REGION_DETAIL)
-        return self._fine
+        """The whole query's ORB points at REGION_DETAIL (units of its longer side)."""
+        img = self._image
+        s = REGION_DETAIL / max(img.size)
+        grey = np.asarray(img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BICUBIC))
+        if min(grey.shape) < MIN_SIDE:
+            return np.zeros(0, ORB_POINT), (1.0, 1.0)
+        points = _points(ORB_POINT, *_tools()[2].detectAndCompute(grey, None), side=REGION_DETAIL)
+        return points, (grey.shape[1] / REGION_DETAIL, grey.shape[0] / REGION_DETAIL)
 
     def mirrored(self) -> LocalFeatures:
         with self._lock:
@@ -257,11 +275,13 @@ def query_features(image: Image.Image | np.ndarray, regions: bool = False) -> Qu
 
 
 def _for_regions(image: Image.Image | np.ndarray) -> Image.Image:
-    """The query as its regions' points are found on, grey: no more than REGION_DETAIL on the
-    longer side, since a search holds it while it runs (a decoded PNG can be tens of megabytes)."""
+    """The query its regions' points are found on (scaled up to REGION_DETAIL then), grey and at
+    most 2 x SIDE on the longer side: a search holds it while it runs (a decoded PNG can be tens
+    of megabytes), and a sharper one has ~3x the corners, each ORB point costing its time (~40 ms
+    of CPU against ~10 for all 16 regions, as many copies confirmed)."""
     img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     img = ImageOps.grayscale(img) if img.mode != "L" else img
-    s = REGION_DETAIL / max(img.size)
+    s = 2 * SIDE / max(img.size)
     return img if s >= 1 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
