@@ -61,6 +61,12 @@ async def main(args: argparse.Namespace) -> None:
             f"{name}: p50 {statistics.median(m):.1f} p90 {np.percentile(m, 90):.1f} p99 {np.percentile(m, 99):.1f} mean {np.mean(m):.1f} ms; "
             f"recall@1 {sc['recall@1']:.3f} µAP {sc['micro_ap']:.3f} photographs {sc['photographs']['recall@1']:.3f} / {sc['photographs']['micro_ap']:.3f}"
         )
+    per = {name: score(queries, hits[name], photos)["per_transform_recall@1"] for name in names}
+    print("recall@1 by transform: " + ", ".join(names))
+    for t in sorted(per[names[0]]):
+        row = [per[name].get(t) for name in names]
+        if any(r != row[0] for r in row):
+            print(f"  {t}: " + " ".join(f"{r:.2f}" for r in row))
     base = names[0]
     for name in names[1:]:
         r = np.array(ms[name]) / np.array(ms[base])
