@@ -269,25 +269,3 @@ def test_a_region_pooled_from_one_pass_finds_a_photo_pasted_small(tmp_path, phot
     regions = query_view_embeddings(engine, buf.getvalue())[len(TURNS) :]
     top_right = next(i for i, b in enumerate(REGION_BOXES) if b[0] > 0.4 and b[1] < 0.1)
     assert col.search(regions[top_right : top_right + 1], 1, views=True)[0][0].key == "chelsea"
-
-
-def test_a_regions_points_not_found_in_time_are_not_waited_for(photos):
-    """The regions' points are found on a worker thread (started as the views are made); a
-    verification whose deadline comes first goes on without them rather than waiting."""
-    import threading
-
-    from simserve.inference.crops import REGION_BOXES
-    from simserve.ranking import verify
-
-    q = verify.query_features(photos["chelsea"], regions=True)
-    busy, release = threading.Event(), threading.Event()
-    verify._FINDING.submit(lambda: (busy.set(), release.wait(30)))  # the finder is busy elsewhere
-    busy.wait(30)
-    try:
-        q.find_regions()
-        assert q.region(REGION_BOXES[5], timeout=0.01) is None
-    finally:
-        release.set()
-    points = q.region(REGION_BOXES[5])
-    assert points is not None and len(points[0].orb) > 50
-    assert verify.query_features(photos["chelsea"]).region(REGION_BOXES[5]) is None  # a pair's features keep no image

@@ -199,8 +199,6 @@ def shortlist(
                 _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need, deadline=deadline)
                 return hits, evidence
             started, pending = time.monotonic(), views()
-            if isinstance(keypoints, verify.QueryFeatures):
-                keypoints.find_regions()  # what the views bring is verified with them
             if _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need, deadline=deadline):
                 pending.cancel()
                 return hits, evidence
@@ -354,16 +352,14 @@ def _verify(
     VERIFY_MAX are done: a copy is nearly always found among the first few, and each costs half a
     millisecond. Hits counted before keep their count. A hit regions of the query brought
     (``regions``: id -> the REGION_BOXES indices of the regions that picked it, best first) is
-    matched by each region's ORB points at full detail, until certain: a photo pasted small into
-    another holds few of the whole query's points (pasted copies found first 0.49 -> 0.84,
-    docs/decisions/query-views.md); a stored item used as the query, whose image is not kept, by
-    its points in the region. Keypoints (~16 KB an item) are read in rounds of
+    matched by each region's share of the query's points too, then by the region's ORB points
+    found again at full detail, until certain: a photo pasted small into another holds few of the
+    whole query's points (pasted copies found first 0.49 -> 0.84, docs/decisions/query-views.md). Keypoints (~16 KB an item) are read in rounds of
     1, 2, 4, ... candidates: reading the whole shortlist's would cost more than verifying the one
     a copy usually needs. Hits past that, those ``deadline`` left no time for, and items added
     without keypoints, keep no count (or the one they had)."""
     regions = regions or {}
-    fine = isinstance(query, verify.QueryFeatures) and query.keeps_image
-    parts: dict[tuple[float, float, float, float], list[verify.LocalFeatures]] = {}  # the query's points in a box, the same for every hit
+    parts: dict[tuple[float, float, float, float], list[verify.LocalFeatures]] = {}  # the query's points in a box: the same for every hit
 
     def count(h: Hit, blob: bytes) -> int | None:
         if _passed(deadline):  # checked by each candidate and box: a round may hold 32 of them
@@ -373,13 +369,12 @@ def _verify(
         for box in (REGION_BOXES[r] for r in regions.get(h.id, ())):
             if n >= need or _passed(deadline):
                 break
-            if fine:  # the box's share of the whole query's points confirmed no copy these did not (docs/decisions/query-views.md)
-                again = query.region(box, None if deadline is None else deadline.left())
-                n = n if again is None else max(n, verify.inliers(again, stored, need))
-            else:
-                if box not in parts:
-                    parts[box] = verify.within(query, box)
-                n = max(n, verify.part_inliers(parts[box], stored))
+            if box not in parts:
+                parts[box] = verify.within(query, box)
+            n = max(n, verify.part_inliers(parts[box], stored))
+            again = query.region(box) if n < need and isinstance(query, verify.QueryFeatures) else None
+            if again is not None:  # the region's own points, found again (a search's query keeps its image for them)
+                n = max(n, verify.inliers(again, stored, need))
         return n
 
     # A hit the whole query's points left uncertain (verified before the views were made, or among

@@ -10,7 +10,6 @@ verifying collection is used.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 import threading
@@ -21,7 +20,6 @@ import numpy as np
 import threadpoolctl
 from PIL import Image, ImageOps
 
-from simserve.inference.crops import REGION_SIDE
 from simserve.inference.decode import DEFAULT_MAX_PIXELS, decode_image
 
 SIDE = 256  # keypoints are found on the image scaled to this longer side (192 / 384: fewer right)
@@ -43,9 +41,6 @@ COARSE_ITERS = 300  # RANSAC tries on the coarse pass: as many copies pass as wi
 # coarse set covers the whole image: text or an emoji pasted on a copy holds its strongest corners,
 # and the coarse pass then saw only those (copies of 15+ inliers passing, text 0.32 -> 0.47).
 SPREAD_CELLS = 4
-# A query's regions (REGION_SIDE of each side) have their points found on the whole query at this
-# longer side, so that each region is seen at SIDE, as a stored image is.
-REGION_DETAIL = round(SIDE / REGION_SIDE)
 
 SIFT_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (128,))])  # 132 bytes
 ORB_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (32,))])  # 36 bytes
@@ -69,9 +64,6 @@ def require() -> None:
     _cv2()
 
 
-# The queries' regions' points are found here, one query at a time (QueryFeatures.find_regions).
-_FINDING = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="regions")
-
 _local = threading.local()  # OpenCV detectors and matchers are not documented thread-safe: one set per thread
 
 
@@ -85,8 +77,6 @@ def _tools():
         t = _local.tools = (
             cv2.SIFT_create(nfeatures=MAX_SIFT),
             cv2.ORB_create(nfeatures=MAX_ORB, fastThreshold=ORB_FAST_THRESHOLD, edgeThreshold=15),
-            # The query's regions' points, all at once: enough for each of the 16 to keep MAX_ORB.
-            cv2.ORB_create(nfeatures=8 * MAX_ORB, fastThreshold=ORB_FAST_THRESHOLD, edgeThreshold=15),
         )
     return t
 
@@ -143,7 +133,7 @@ def _pack(s: np.ndarray, o: np.ndarray) -> bytes:
 def _detect(grey: np.ndarray, sift: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """SIFT (unless not wanted; on the image at SIFT_SIDE) and ORB points of a grey image at SIDE."""
     cv2 = _cv2()
-    detect_sift, orb, _ = _tools()
+    detect_sift, orb = _tools()
     if min(grey.shape) < MIN_SIDE:  # a strip (1000 x 4 is 256 x 1 here): nothing to find, and OpenCV asserts
         return np.zeros(0, SIFT_POINT), np.zeros(0, ORB_POINT)
     points = np.zeros(0, SIFT_POINT)
@@ -189,10 +179,9 @@ class QueryFeatures(Sequence[LocalFeatures]):
         self._given, self._sift, self._grey = given, sift, grey
         self._mirrored: LocalFeatures | None = None
         self._lock = threading.Lock()
-        self._image = image  # grey, at most 2 x SIDE (_for_regions): for regions' points at full detail
-        self._fine: concurrent.futures.Future | None = None  # of (points, extent): _fine_points
-        self._region_lock = threading.Lock()
+        self._image = image  # grey, at most 2 x SIDE (_for_regions): for regions found again at full detail
         self._regions: dict[tuple[float, float, float, float], list[LocalFeatures]] = {}
+        self._region_locks: dict[tuple[float, float, float, float], threading.Lock] = {}
 
     def __len__(self) -> int:
         return 2
@@ -206,52 +195,24 @@ class QueryFeatures(Sequence[LocalFeatures]):
             return self.mirrored()
         raise IndexError(i)
 
-    @property
-    def keeps_image(self) -> bool:
-        """Whether its regions' points can be found (a search's query; a pair's keeps no image)."""
-        return self._image is not None
-
-    def find_regions(self) -> None:
-        """Start finding the regions' points on a worker thread, for a search about to need them:
-        the one pass costs 10-50 ms, and found while the query's views are made and searched it
-        is ready when the hits they bring are verified."""
-        with self._region_lock:
-            if self._fine is None and self._image is not None:
-                self._fine = _FINDING.submit(self._fine_points)
-
-    def region(self, box: tuple[float, float, float, float], timeout: float | None = None) -> list[LocalFeatures] | None:
-        """ORB points of a region of the query (fractions x0, y0, x1, y1 of the image as given), as
-        given only, at the detail the region alone would have at SIDE: a photo pasted small into
-        another holds few of the whole query's points, and at that detail the region has many
-        (pasted copies found first 0.49 -> 0.62 on nine regions). Found once for every region, on the
-        whole query at REGION_DETAIL (docs/decisions/query-views.md). None without the image, or
-        when they are not found within ``timeout`` seconds."""
-        self.find_regions()
-        if self._fine is None:
+    def region(self, box: tuple[float, float, float, float]) -> list[LocalFeatures] | None:
+        """ORB points of a region of the query (fractions x0, y0, x1, y1 of the image as given),
+        found again on the region itself scaled to SIDE, as given only: a photo pasted small into
+        another holds few of the whole query's points, and at twice the detail the region has
+        many (pasted copies found first 0.49 -> 0.62 on nine regions). SIFT there (on half of SIDE) found none
+        more, at twice the cost (docs/decisions/query-views.md). None without the image; ~5 ms."""
+        if self._image is None:
             return None
-        try:
-            points, extent = self._fine.result(timeout=None if timeout is None else max(0.0, timeout))
-        except concurrent.futures.TimeoutError:
-            return None
-        with self._region_lock:
+        with self._lock:  # one lock a region: two verifying threads find two regions at once
+            lock = self._region_locks.setdefault(box, threading.Lock())
+        with lock:
             if box not in self._regions:
-                lo, hi = np.array(box[:2]) * extent, np.array(box[2:]) * extent
-                xy = points["xy"].astype(np.float32)
-                keep = np.all((xy >= lo) & (xy < hi), axis=1)
-                inside = points[keep][:MAX_ORB]  # strongest first
-                inside["xy"] = (xy[keep][:MAX_ORB] - lo).astype(np.float16)  # in the region's own frame, as _spread's grid wants
-                self._regions[box] = [_query_side(np.zeros(0, SIFT_POINT), inside, tuple(hi - lo))]
+                w, h = self._image.size
+                crop = self._image.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
+                grey = _grey(crop)
+                s, o = _detect(grey, sift=False)
+                self._regions[box] = [_query_side(s, o, (grey.shape[1] / SIDE, grey.shape[0] / SIDE))]
             return self._regions[box]
-
-    def _fine_points(self) -> tuple[np.ndarray, tuple[float, float]]:
-        """The whole query's ORB points at REGION_DETAIL (units of its longer side)."""
-        img = self._image
-        s = REGION_DETAIL / max(img.size)
-        grey = np.asarray(img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BICUBIC))
-        if min(grey.shape) < MIN_SIDE:
-            return np.zeros(0, ORB_POINT), (1.0, 1.0)
-        points = _points(ORB_POINT, *_tools()[2].detectAndCompute(grey, None), side=REGION_DETAIL)
-        return points, (grey.shape[1] / REGION_DETAIL, grey.shape[0] / REGION_DETAIL)
 
     def mirrored(self) -> LocalFeatures:
         with self._lock:
@@ -275,10 +236,9 @@ def query_features(image: Image.Image | np.ndarray, regions: bool = False) -> Qu
 
 
 def _for_regions(image: Image.Image | np.ndarray) -> Image.Image:
-    """The query its regions' points are found on (scaled up to REGION_DETAIL then), grey and at
-    most 2 x SIDE on the longer side: a search holds it while it runs (a decoded PNG can be tens
-    of megabytes), and a sharper one has ~3x the corners, each ORB point costing its time (~40 ms
-    of CPU against ~10 for all 16 regions, as many copies confirmed)."""
+    """The query as its regions are cut from, grey (as keypoints are found): a region (at most half
+    the side) needs no more than 2 x SIDE on the longer side, and a search holds it while it runs (a decoded PNG can
+    be tens of megabytes)."""
     img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     img = ImageOps.grayscale(img) if img.mode != "L" else img
     s = 2 * SIDE / max(img.size)

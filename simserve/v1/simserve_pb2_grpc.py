@@ -72,7 +72,7 @@ class SimilarityServicer:
     def Search(self, request, context):
         """The k nearest items of a collection. INVALID_ARGUMENT (k outside 1..max-k, rerank outside
         0..max-rerank, a bad filter or image), NOT_FOUND (the collection, or a query key).
-        Verification stops at the server's budget (--search-budget-ms, default 150 ms) or at 80% of
+        Verification stops at the server's budget (--search-budget-ms, default 250 ms) or at 80% of
         the call's own deadline if sooner, and the search answers with what it has verified.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
