@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend", choices=["onnx", "torch"])
     sv.add_argument("--threads", type=int, help="engine threads: one single-threaded ONNX Runtime session each, a batch cut across them (default: all cores)")
     sv.add_argument("--workers", type=int, help="server threads for blocking work: SQLite reads and writes, index scans, keypoint matching, heavy decodes; every RPC itself runs on the event loop (default 32; not the batch jobs' --workers, which are engine lanes)")
-    sv.add_argument("--faiss-threads", dest="faiss_threads", type=int, help="OpenMP threads per FAISS search (default 1: concurrent requests fill the cores)")
+    sv.add_argument("--faiss-threads", dest="faiss_threads", type=int, help="threads per index search: FAISS's OpenMP, or the exact scan's for a flat index (default 1: concurrent requests fill the cores)")
     sv.add_argument("--max-batch", dest="max_batch", type=int, help="micro-batcher: most images per engine call (default 32)")
     sv.add_argument("--max-delay-ms", dest="max_delay_ms", type=float, help="micro-batcher: longest wait for a fuller batch (default 2)")
     sv.add_argument("--max-queue", dest="max_queue", type=int, help="images waiting before RESOURCE_EXHAUSTED (default 1024)")

@@ -19,7 +19,7 @@ class ServerConfig:
     bundle: str = ""
     backend: str = "onnx"
     threads: int = 0  # engine threads (one single-threaded ORT session each); 0 = all cores
-    faiss_threads: int = 1  # per search: concurrent requests already use every core
+    faiss_threads: int = 1  # per index search (FAISS, or the exact scan): concurrent requests already use every core
     workers: int = 32  # threads for blocking work (SQLite, index scans, heavy decodes); handlers run on the event loop
     max_batch: int = 32
     max_delay_ms: float = 2.0
