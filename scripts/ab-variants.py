@@ -28,21 +28,18 @@ from simserve.bench.copydetect import score
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "bench"
 
 
-async def main(args: argparse.Namespace) -> None:
+async def compare(collection: str, n: int, variants: dict, budget_ms: float = 0, transforms: str = "") -> None:
+    """Each of ``n`` random queries searched under every variant in turn; prints the figures."""
     from simserve.index.collection import Collections
     from simserve.inference.engine import load_engine
     from simserve.serve.config import ServerConfig
     from simserve.serve.service import ImageRef, Service
 
-    spec = importlib.util.spec_from_file_location("variants", args.variants)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    variants = module.VARIANTS
     cs, photos = pickle.loads((RUNS / "copyset-detail8.pkl").read_bytes())
-    keep = set(filter(None, args.transforms.split(",")))
+    keep = set(filter(None, transforms.split(",")))
     queries = [q for q in cs.queries if not keep or q.transform in keep]
-    queries = random.Random(0).sample(queries, min(args.n, len(queries)))
-    svc = Service(load_engine(None), Collections(RUNS / args.collection), ServerConfig(collection="bench", search_budget_ms=args.budget_ms))
+    queries = random.Random(0).sample(queries, min(n, len(queries)))
+    svc = Service(load_engine(None), Collections(RUNS / collection), ServerConfig(collection="bench", search_budget_ms=budget_ms))
     await svc.search(ImageRef(data=queries[0].data), "bench", 10, 0, {}, None)  # warm
     names = list(variants)
     ms: dict[str, list[float]] = {n: [] for n in names}
@@ -81,4 +78,8 @@ if __name__ == "__main__":
     p.add_argument("variants", help="a Python file defining VARIANTS = {name: switch(service)}")
     p.add_argument("--budget-ms", type=int, default=0, help="the service's search budget (0: none, to compare CPU cost)")
     p.add_argument("--transforms", default="", help="only these transforms' queries (comma-separated)")
-    asyncio.run(main(p.parse_args()))
+    args = p.parse_args()
+    spec = importlib.util.spec_from_file_location("variants", args.variants)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    asyncio.run(compare(args.collection, args.n, module.VARIANTS, args.budget_ms, args.transforms))
