@@ -26,9 +26,10 @@ import numpy as np
 from simserve.atomic import atomic_write
 from simserve.index import exact_scan
 
-# Several query vectors at once (a search's 12 query views) are scored as one matrix product from
-# this many on, not scanned one by one: 12 views 10 deep on a flat 100,000-item index 68 -> 35 ms,
-# one query unchanged (faiss's default here is 128,000: never, for a search).
+# Several query vectors at once are scored by FAISS as one matrix product from this many on, not
+# scanned one by one: 12 views 10 deep on a flat 100,000-item index 68 -> 35 ms, one query unchanged
+# (faiss's default here is 128,000: never, for a search). Unfiltered flat searches skip FAISS for
+# the exact scan (exact_scan.py); filtered ones still come here.
 faiss.cvar.distance_compute_blas_threshold = 8
 
 SNAPSHOT_FORMAT = 1
