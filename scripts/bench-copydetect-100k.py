@@ -37,6 +37,8 @@ def copy_set():
     cache = RUNS / "copyset-detail8.pkl"
     if not cache.exists():
         chosen = photo_scenes("eval")
+        if not chosen:
+            raise SystemExit("no benchmark photos installed: run scripts/install-data.sh --photos")
         photos = frozenset(s.name for s in chosen if getattr(s, "photograph", False))
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_bytes(pickle.dumps((build(chosen, refs_per_scene=8, distractors=10_000, transforms=tuple(TRANSFORMS), seed=0), photos)))

@@ -384,4 +384,4 @@ def test_searches_use_the_configured_threads_in_whatever_thread_they_run(tmp_pat
     t.start()
     t.join()
     assert seen[0][1] == 1
-    assert seen[1] == {1}
+    assert seen[1] == {("float", 1)}

@@ -78,6 +78,7 @@ class VectorIndex:
         self.seq = 0  # store sequence folded in
         self.max_id = -1  # ids only grow, so this tells which removals concern this index
         self.index = self._empty(trained_type=min_train_size(factory) == 0)
+        self._codes = exact_scan.Codes()  # a flat index's rows as int8, for the exact scan's first ranking
 
     def _empty(self, trained_type: bool) -> faiss.Index:
         if not trained_type:  # IVF before training: exact search stands in
@@ -119,6 +120,7 @@ class VectorIndex:
         idx = self._empty(trained_type=True)
         idx.train(np.ascontiguousarray(sample, np.float32))
         self.index = idx
+        self._codes.reset()
         self.deleted = set()
         self._excl = None
         self.max_id = -1
@@ -133,8 +135,14 @@ class VectorIndex:
         if not len(ids):
             return
         ids = np.ascontiguousarray(ids, np.int64)
+        flat = exact_scan.flat_rows(self.index)
+        gone = None if flat is None or flat[1] is None else np.isin(flat[1], ids)  # before FAISS compacts its rows
         try:
             self.index.remove_ids(ids)
+            if gone is None:
+                self._codes.reset()
+            else:
+                self._codes.drop(gone)
         except RuntimeError:  # HNSW: cannot remove, exclude from searches instead
             self.deleted.update(int(i) for i in ids)
             self._excl = None
@@ -152,7 +160,7 @@ class VectorIndex:
         flat = exact_scan.flat_rows(self.index) if sel is None else None
         if flat is not None:  # exact and unfiltered: one matrix product on this CPU's own kernels
             vectors, ids = flat
-            scores, rows = exact_scan.search(vectors, q, k, self.tuning.search_threads)
+            scores, rows = exact_scan.search(vectors, q, k, self.tuning.search_threads, self._codes)
             return scores, (rows if ids is None else ids[rows])
         params = self._params(sel)
         want = self.tuning.search_threads
@@ -185,7 +193,7 @@ class VectorIndex:
         last = getattr(self, "_sized", None)
         if last is None or last[0] != id(self.index) or abs(n - last[1]) > 0.05 * max(last[1], 1000):
             self._sized = last = (id(self.index), n, int(faiss.serialize_index(self.index).nbytes))
-        return int(last[2] * n / last[1]) if last[1] else last[2]
+        return (int(last[2] * n / last[1]) if last[1] else last[2]) + self._codes.nbytes
 
     # -- snapshots --------------------------------------------------------------
     def save(self, path: str | Path) -> None:
