@@ -42,8 +42,8 @@ SHORTLIST = 100
 VERIFY_MAX = 50
 # Verification stops at a candidate this sure to be a copy (calibrated): above the shipped
 # threshold at precision 0.99 (~0.90), so a user's decision is made; at 0.99 copies found with
-# 50-65 inliers at a low cosine went on through all 50 candidates (the same answers for all 1,884
-# benchmark queries at 100k, p50 34.6 -> 30.7 ms: docs/decisions/search-budget.md). Uncalibrated,
+# 50-65 inliers at a low cosine went on through all 50 candidates (all 1,884 benchmark queries at
+# 100k: the same recall@1 and µAP, p50 34.6 -> 30.7 ms: docs/decisions/search-budget.md). Uncalibrated,
 # it stops at this many inliers (12 at most on a non-copy photo; a repeated pattern reached 79).
 CERTAIN = 0.95
 CERTAIN_INLIERS = 25
