@@ -61,6 +61,10 @@ class Codes:
     def nbytes(self) -> int:
         return int(self._buf.nbytes)
 
+    def __len__(self) -> int:
+        """Rows encoded: none for an index never scanned by codes (below QUANTIZED_FROM rows)."""
+        return self._n
+
     def reset(self) -> None:
         with self._lock:
             self._n = 0
@@ -89,19 +93,23 @@ class Codes:
                 self._buf = buf
             tmp = np.empty((min(_CHUNK, n), d), np.float32)
             for i in range(self._n, n, _CHUNK):
-                t = tmp[: min(n, i + _CHUNK) - i]
-                np.multiply(vectors[i : i + len(t)], SCALE, out=t)
-                np.rint(t, out=t)
-                np.clip(t, -127, 127, out=t)
-                np.add(t, 128, out=t)  # as stored: code + 128
-                self._buf[i : i + len(t)] = t
+                t = _codes_into(tmp[: min(n, i + _CHUNK) - i], vectors[i : i + _CHUNK])
+                self._buf[i : i + len(t)] = np.add(t, 128, out=t)  # as stored: code + 128
             self._n = n
             return self._buf[:n]
 
 
 def encode(x: np.ndarray) -> np.ndarray:
     """Vectors -> int8 codes, round(x * SCALE) clipped to +-127."""
-    return np.clip(np.rint(np.asarray(x, np.float32) * SCALE), -127, 127).astype(np.int8)
+    x = np.asarray(x, np.float32)
+    return _codes_into(np.empty(x.shape, np.float32), x).astype(np.int8)
+
+
+def _codes_into(out: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """round(x * SCALE) clipped to +-127, written into ``out`` (float32, x's shape) in place."""
+    np.multiply(x, SCALE, out=out)
+    np.rint(out, out=out)
+    return np.clip(out, -127, 127, out=out)
 
 
 def flat_rows(index: faiss.Index) -> tuple[np.ndarray, np.ndarray | None] | None:

@@ -135,8 +135,9 @@ class VectorIndex:
         if not len(ids):
             return
         ids = np.ascontiguousarray(ids, np.int64)
-        flat = exact_scan.flat_rows(self.index)
-        gone = None if flat is None or flat[1] is None else np.isin(flat[1], ids)  # before FAISS compacts its rows
+        # The rows removed, marked before FAISS compacts them, for the codes to follow (none made: nothing to mark).
+        flat = exact_scan.flat_rows(self.index) if len(self._codes) else None
+        gone = None if flat is None or flat[1] is None else np.isin(flat[1], ids)
         try:
             self.index.remove_ids(ids)
             if gone is None:
