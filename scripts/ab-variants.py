@@ -28,8 +28,9 @@ from simserve.bench.copydetect import score
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "bench"
 
 
-async def compare(collection: str, n: int, variants: dict, budget_ms: float = 0, transforms: str = "") -> None:
-    """Each of ``n`` random queries searched under every variant in turn; prints the figures."""
+async def compare(collection: str, n: int, variants: dict, budget_ms: float = 0, transforms: str = "", dump: str = "") -> None:
+    """Each of ``n`` random queries searched under every variant in turn; prints the figures, and
+    with ``dump`` pickles each query's (name, transform, truth) with each variant's ms and hits."""
     from simserve.index.collection import Collections
     from simserve.inference.engine import load_engine
     from simserve.serve.config import ServerConfig
@@ -52,6 +53,8 @@ async def compare(collection: str, n: int, variants: dict, budget_ms: float = 0,
             ms[name].append((time.perf_counter() - t) * 1000)
             hits[name].append([(h.key, h.score) for h in found])
     svc.close()
+    if dump:
+        Path(dump).write_bytes(pickle.dumps({"queries": [(q.name, q.transform, q.truth) for q in queries], "ms": ms, "hits": hits}))
     for name in names:
         sc, m = score(queries, hits[name], photos), ms[name]
         print(
@@ -78,8 +81,9 @@ if __name__ == "__main__":
     p.add_argument("variants", help="a Python file defining VARIANTS = {name: switch(service)}")
     p.add_argument("--budget-ms", type=int, default=0, help="the service's search budget (0: none, to compare CPU cost)")
     p.add_argument("--transforms", default="", help="only these transforms' queries (comma-separated)")
+    p.add_argument("--dump", default="", help="pickle each query's figures under every variant to this file")
     args = p.parse_args()
     spec = importlib.util.spec_from_file_location("variants", args.variants)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    asyncio.run(compare(args.collection, args.n, module.VARIANTS, args.budget_ms, args.transforms))
+    asyncio.run(compare(args.collection, args.n, module.VARIANTS, args.budget_ms, args.transforms, args.dump))

@@ -57,7 +57,7 @@ def extra(i: int, cs) -> tuple[str, bytes, None]:
     return f"extra{i:06d}", buf.getvalue(), None
 
 
-async def main(out: str | None) -> None:
+async def main(out: str | None, budget_ms: float | None = None) -> None:
     from simserve.index.collection import Collections
     from simserve.inference.engine import load_engine
     from simserve.serve.config import ServerConfig
@@ -76,7 +76,7 @@ async def main(out: str | None) -> None:
         shutil.copytree(small_root, big_root)
     cuts = {"10100": [], "100100": []}
     small, big = (Service(engine, Collections(r), ServerConfig(collection="bench"), on_cut=lambda n=n: cuts[n].append(1)) for n, r in (("10100", small_root), ("100100", big_root)))
-    budget = big.config.search_budget_ms
+    budget = big.config.search_budget_ms if budget_ms is None else budget_ms
     runs = (("10100", small, budget), ("100100", big, budget), ("100100-unbudgeted", big, 0.0))
     t, start = time.perf_counter(), await big.count("bench") - base
     for s in range(start, EXTRA, 32):
@@ -113,4 +113,6 @@ async def main(out: str | None) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the figures here as JSON")
-    asyncio.run(main(p.parse_args().out))
+    p.add_argument("--budget-ms", type=float, help="the search budget of the budgeted runs (default: the server's)")
+    a = p.parse_args()
+    asyncio.run(main(a.out, a.budget_ms))
