@@ -78,6 +78,13 @@ def test_a_turned_view_scores_a_hit_and_a_region_brings_one_to_verification(tmp_
     assert by["pasted"].cosine < 0.5  # a region's match is not a score
 
 
+def test_the_hit_most_regions_picked_is_verified_first():
+    """Every region holding a pasted photo picks its original: a hit several regions picked goes
+    before one region's best-scored first pick; among equals, the better pick, then the score."""
+    by_region = sorted([(0, -0.9, 1, 0), (0, -0.8, 2, 1), (1, -0.7, 3, 0), (1, -0.6, 2, 2), (0, -0.5, 4, 3), (1, -0.95, 5, 1)])
+    assert pipeline._region_order(by_region) == [2, 1, 4, 5, 3]
+
+
 def test_views_are_made_only_when_the_upright_query_leaves_the_search_uncertain(tmp_path, photos):
     """A verifying collection of real photos through the service core, searched as the server
     searches: a copy of an indexed photo is certain among the upright query's first candidates,
@@ -123,6 +130,55 @@ def test_views_are_made_only_when_the_upright_query_leaves_the_search_uncertain(
     assert made == 0 and hits[0].key == "astronaut" and hits[0].score >= threshold
     hits, made = found["chelsea"]
     assert made == 1 and hits[0].score < threshold
+
+
+def test_views_are_asked_for_before_the_first_candidate_when_its_cosine_is_low(tmp_path, photos, monkeypatch):
+    """Below EARLY_VIEWS_BELOW the upright query's best is seldom certain at once: the views are
+    asked for before the query's keypoints are awaited, so a pasted photo's regions are searched
+    sooner; above it, only if that candidate is left uncertain. Real photos, a real collection:
+    one copy, searched with the bar above and below its cosine."""
+    import asyncio
+    import io
+    from concurrent.futures import Future
+
+    from simserve.inference.engine import load_engine
+    from simserve.ranking import verify
+    from simserve.serve.config import ServerConfig
+    from simserve.serve.service import Service
+
+    def jpeg(img, q=90) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=q)
+        return buf.getvalue()
+
+    svc = Service(load_engine(None), Collections(tmp_path), ServerConfig(collection="c"))
+    try:
+        asyncio.run(svc.add("c", [(n, jpeg(photos[n]), None) for n in ("astronaut", "coffee", "rocket")], None))
+        col, c = svc.collection("c"), svc.bundle.config
+        data = jpeg(photos["astronaut"].resize((400, 400)), 75)
+        _, emb = svc.engine.embed(pixels(data, c.input_size, c.in_channels)[None])
+        features = verify.query_features(verify.decode(data))
+        runs = {}
+        for bar in (0.0, 1.01):  # below every cosine: as before; above: at once
+            monkeypatch.setattr(pipeline, "EARLY_VIEWS_BELOW", bar)
+            events: list[str] = []
+
+            def views(events=events) -> Future:
+                events.append("views")
+                done: Future = Future()
+                done.set_result(query_view_embeddings(svc.engine, data))
+                return done
+
+            def keypoints(events=events):
+                events.append("keypoints")
+                return features
+
+            hits = pipeline.search(col, pipeline.Query(emb[0], keypoints=keypoints, views=views), 1, calibrations=svc.calibrations)
+            runs[bar] = (hits[0].key, events)
+    finally:
+        svc.close()
+    assert runs[0.0] == ("astronaut", ["keypoints"])  # certain on its first candidate: no views made
+    assert runs[1.01] == ("astronaut", ["views", "keypoints"])  # asked for first; the answer is the same
 
 
 def test_a_region_found_again_at_full_detail_confirms_a_photo_pasted_small(photos):
