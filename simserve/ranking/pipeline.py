@@ -3,7 +3,8 @@ calibration -> head fusion.
 
 The index finds a deep shortlist by the embedding; a crop-views collection re-scores it by the
 stored views, and widens it with what the query turned and its regions find (in a verifying
-collection, only when the upright query's best candidate is not certain); a verifying one
+collection, only when the upright query's best candidate is not certain, or its cosine is too
+low to expect that it will be); a verifying one
 counts, best first, the inliers one affine map gives between the query's keypoints and each
 candidate's, until one is certain; the bundle's calibration turns
 each candidate's evidence into P(copy), the score returned and ordered by; with ``rerank`` the
@@ -127,8 +128,8 @@ class Query:
     # [19, d]: the query turned (3), then its regions (16) (inference/crops.query_view_embeddings), for
     # a crop-views collection, whose stored views score any candidate under any of them. Or what
     # starts making them (a Future of the array), called only if the upright query's best
-    # candidate leaves a verifying search uncertain: 19 engine passes saved on every query a
-    # copy answers at once.
+    # candidate leaves a verifying search uncertain, or its cosine is below EARLY_VIEWS_BELOW:
+    # 19 engine passes saved on every query a copy answers at once.
     views: np.ndarray | Callable[[], Future] | None = None
 
 
@@ -339,9 +340,9 @@ def _with_query_views(
         for i in np.argsort(-s[:, j], kind="stable")[:TURNED_PICKS]:
             picks[have[i].id] = None
     # A region picks its best by the index's own order: its crop of the scene is scored against
-    # the stored crops more often than against the whole it was pasted from. Every region's first
-    # is verified before any region's second, best-scored first: the region holding a paste
-    # usually ranks it first, and a certain hit ends verification (0.94x per uncertain query).
+    # the stored crops more often than against the whole it was pasted from. The picks are
+    # verified in _region_order's order: the region holding a paste usually ranks it first, and a
+    # certain hit ends verification.
     by_region = sorted(
         (n, -c.score, c.id, r) for r, row in enumerate(found[len(TURNS) :]) for n, c in enumerate([c for c in row if c.views is not None][:REGION_PICKS])
     )
