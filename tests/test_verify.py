@@ -269,3 +269,13 @@ def test_a_pair_is_scored_with_the_head_in_its_evidence(tmp_path):
         assert scores[0] < threshold  # two different drawings
     finally:
         svc.close()
+
+
+def test_a_query_finds_the_same_points_with_sift_on_another_thread(photos):
+    """A search's query finds its SIFT points on a worker thread beside ORB: each thread keeps its
+    own detectors, which must be set up alike, so the points are the ones one thread finds."""
+    for name in ("astronaut", "coffee"):
+        grey = verify._grey(photos[name])
+        (s1, o1), (s2, o2) = verify._detect(grey), verify._detect_apart(grey)
+        assert len(s1) > 50 and len(o1) > 50
+        assert s1.tobytes() == s2.tobytes() and o1.tobytes() == o2.tobytes()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -132,16 +134,32 @@ def _pack(s: np.ndarray, o: np.ndarray) -> bytes:
 
 def _detect(grey: np.ndarray, sift: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """SIFT (unless not wanted; on the image at SIFT_SIDE) and ORB points of a grey image at SIDE."""
-    cv2 = _cv2()
-    detect_sift, orb = _tools()
     if min(grey.shape) < MIN_SIDE:  # a strip (1000 x 4 is 256 x 1 here): nothing to find, and OpenCV asserts
         return np.zeros(0, SIFT_POINT), np.zeros(0, ORB_POINT)
-    points = np.zeros(0, SIFT_POINT)
-    if sift:
-        h, w = (max(1, round(n * SIFT_SIDE / SIDE)) for n in grey.shape)
-        small = cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
-        points = _points(SIFT_POINT, *detect_sift.detectAndCompute(small, None), side=SIFT_SIDE)
-    return points, _points(ORB_POINT, *orb.detectAndCompute(grey, None))
+    return _sift_points(grey) if sift else np.zeros(0, SIFT_POINT), _orb_points(grey)
+
+
+def _detect_apart(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_detect``, SIFT on another thread beside ORB: a search waits for its query's points before
+    it verifies anything (~7 ms on one thread, ~4.5 on two)."""
+    if min(grey.shape) < MIN_SIDE:
+        return _detect(grey)
+    sift = _APART.submit(_sift_points, grey)
+    orb = _orb_points(grey)
+    return sift.result(), orb
+
+
+_APART = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="query-sift")
+
+
+def _sift_points(grey: np.ndarray) -> np.ndarray:
+    h, w = (max(1, round(n * SIFT_SIDE / SIDE)) for n in grey.shape)
+    small = _cv2().resize(grey, (w, h), interpolation=_cv2().INTER_AREA)
+    return _points(SIFT_POINT, *_tools()[0].detectAndCompute(small, None), side=SIFT_SIDE)
+
+
+def _orb_points(grey: np.ndarray) -> np.ndarray:
+    return _points(ORB_POINT, *_tools()[1].detectAndCompute(grey, None))
 
 
 def unpack(blob: bytes) -> LocalFeatures:
@@ -230,7 +248,7 @@ def query_features(image: Image.Image | np.ndarray, regions: bool = False) -> Qu
     ``regions``, able to find a region's points again (``QueryFeatures.region``): a search's query
     keeps a small grey copy of itself for that, which a batch of pairs has no use for."""
     grey = _grey(image)
-    s, o = _detect(grey)
+    s, o = _detect_apart(grey)
     extent = (grey.shape[1] / SIDE, grey.shape[0] / SIDE)
     return QueryFeatures(_query_side(s, o, extent), s, grey, _for_regions(image) if regions else None)
 
