@@ -211,10 +211,10 @@ def shortlist(
                 if pending is not None:
                     pending.cancel()
                 return hits, evidence
-            if pending is None and took is not None and not took.fit(deadline, made=False):  # they could not be made and searched before it
-                _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need, deadline=deadline)
-                return hits, evidence
             if pending is None:
+                if took is not None and not took.fit(deadline, made=False):  # they could not be made and searched before it
+                    _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need, deadline=deadline)
+                    return hits, evidence
                 started, pending = time.monotonic(), views()
             if _verify(keypoints, hits[:UPRIGHT_FIRST], collection, need, deadline=deadline):
                 pending.cancel()

@@ -153,8 +153,9 @@ _APART = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix=
 
 
 def _sift_points(grey: np.ndarray) -> np.ndarray:
+    cv2 = _cv2()
     h, w = (max(1, round(n * SIFT_SIDE / SIDE)) for n in grey.shape)
-    small = _cv2().resize(grey, (w, h), interpolation=_cv2().INTER_AREA)
+    small = cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
     return _points(SIFT_POINT, *_tools()[0].detectAndCompute(small, None), side=SIFT_SIDE)
 
 
