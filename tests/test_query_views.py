@@ -264,6 +264,64 @@ def _near_distractors(query: np.ndarray, rng: np.random.Generator, keypoints: by
     return items
 
 
+def _verify_round(tmp_path, photos, monkeypatch, stored_by_key: dict[str, bytes], regions_by_key: dict[str, list[int]]):
+    """``pipeline._verify`` of the cat pasted at the top right against real stored items (the
+    first counted alone, the others in one round), certain at 30 inliers. Returns whether one was
+    certain, the hits by key, the stored points each box's share of the query was matched
+    against, in order, and the threads that found regions' points."""
+    import threading
+
+    from simserve.ranking import verify
+
+    keypoints, _, _ = _cat_pasted_top_right(photos)
+    col = Collections(tmp_path).create("c", 4, crop_views=True, verify=True)
+    v = np.ones(4, np.float32) / 2
+    ids = col.add([NewItem(k, v, None, views=np.stack([v] * 6), keypoints=b) for k, b in stored_by_key.items()])
+    hits = [pipeline.Hit(k, 0.5, i, cosine=0.5) for k, i in zip(stored_by_key, ids)]
+    matched, threads = [], []
+    region, part = verify.QueryFeatures.region, verify.part_inliers
+
+    def found_where(self, box):
+        threads.append(threading.current_thread().name)
+        return region(self, box)
+
+    def share(query, stored):
+        matched.append(stored)
+        return part(query, stored)
+
+    monkeypatch.setattr(verify.QueryFeatures, "region", found_where)
+    monkeypatch.setattr(verify, "part_inliers", share)
+    regions = {h.id: regions_by_key[h.key] for h in hits if h.key in regions_by_key}
+    certain = pipeline._verify(keypoints, hits, col, lambda cosine: 30, regions)
+    return certain, {h.key: h for h in hits}, matched, threads
+
+
+def test_a_round_stops_at_its_first_certain_hit(tmp_path, photos, monkeypatch):
+    """The original of a pasted photo and a decoy in one round: once a region's points confirm the
+    original, the decoy stops trying its boxes (it would try all sixteen)."""
+    from simserve.inference.crops import REGION_BOXES
+    from simserve.ranking import verify
+
+    top_right = next(i for i, b in enumerate(REGION_BOXES) if b[0] > 0.4 and b[1] < 0.1)
+    coffee, cat = verify.keypoints(photos["coffee"]), verify.keypoints(photos["chelsea"])
+    stored = {"lead": coffee, "chelsea": cat, "decoy": coffee}
+    certain, hits, matched, _ = _verify_round(tmp_path, photos, monkeypatch, stored, {"chelsea": [top_right], "decoy": list(range(16))})
+    assert certain and hits["chelsea"].inliers >= 30 and hits["decoy"].inliers is not None
+    decoy = verify.unpack(coffee).orb
+    assert sum(np.array_equal(m.orb, decoy) for m in matched) < 8  # stopped, not through its sixteen boxes
+
+
+def test_a_round_of_one_hit_finds_its_regions_points_on_the_idle_threads(tmp_path, photos, monkeypatch):
+    """A hit alone in its round tries its boxes one after another on the search's thread; the
+    verifying threads, idle otherwise, find its later boxes' points ahead of it."""
+    from simserve.ranking import verify
+
+    coffee = verify.keypoints(photos["coffee"])
+    certain, hits, _, threads = _verify_round(tmp_path, photos, monkeypatch, {"decoy": coffee}, {"decoy": list(range(16))})
+    assert not certain and hits["decoy"].inliers is not None
+    assert any(t.startswith("verify") for t in threads)
+
+
 def test_a_hit_the_embedding_ranks_first_is_still_verified_by_the_region_that_picked_it(tmp_path, photos):
     """The original of a pasted photo often leads by the embedding too, where only the whole
     query's points were matched against it (a few inliers): the region that picked it confirms it."""

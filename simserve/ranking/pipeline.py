@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import math
 import os
+import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -386,18 +387,23 @@ def _verify(
     found again at full detail, until certain: a photo pasted small into another holds few of the
     whole query's points (pasted copies found first 0.49 -> 0.84, docs/decisions/query-views.md). Keypoints (~16 KB an item) are read in rounds of
     1, 2, 4, ... candidates: reading the whole shortlist's would cost more than verifying the one
-    a copy usually needs. Hits past that, those ``deadline`` left no time for, and items added
-    without keypoints, keep no count (or the one they had)."""
+    a copy usually needs. A round stops where it is once one of its hits is certain. Hits past
+    that, those ``deadline`` left no time for, and items added without keypoints, keep no count
+    (or the one they had, or what they reached)."""
     regions = regions or {}
     parts: dict[tuple[float, float, float, float], list[verify.LocalFeatures]] = {}  # the query's points in a box: the same for every hit
+    done = threading.Event()  # a hit is certain (or verification is over): the others stop where they are
+
+    def stop() -> bool:
+        return done.is_set() or _passed(deadline)
 
     def count(h: Hit, blob: bytes) -> int | None:
-        if _passed(deadline):  # checked by each candidate and box: a round may hold 32 of them
+        if stop():  # checked by each candidate and box: a round may hold 32 of them
             return h.inliers
         stored, need = verify.unpack(blob), certain_at(h.cosine)
         n = h.inliers if h.inliers is not None else verify.inliers(query, stored, need)
         for box in (REGION_BOXES[r] for r in regions.get(h.id, ())):
-            if n >= need or _passed(deadline):
+            if n >= need or stop():
                 break
             if box not in parts:
                 parts[box] = verify.within(query, box)
@@ -405,23 +411,42 @@ def _verify(
             again = query.region(box) if n < need and isinstance(query, verify.QueryFeatures) else None
             if again is not None:  # the region's own points, found again (a search's query keeps its image for them)
                 n = max(n, verify.inliers(again, stored, need))
+        if n >= need:
+            done.set()
         return n
 
     # A hit the whole query's points left uncertain (verified before the views were made, or among
     # the upright query's lead) is matched again by the regions that picked it: the original of a
     # pasted photo often ranks high by the embedding too (7 of the photographs' 26 misses).
     todo, size = [h for h in hits[:VERIFY_MAX] if h.inliers is None or h.id in regions], 1
-    while todo and not _passed(deadline):
-        part, todo, size = todo[:size], todo[size:], 2 * size
-        blobs = collection.keypoints([h.id for h in part])
-        part = [h for h in part if h.id in blobs]
-        # A round's candidates are counted on worker threads: OpenCV and FAISS let go of the GIL.
-        counts = _VERIFYING.map(lambda h: count(h, blobs[h.id]), part) if len(part) > 1 else [count(h, blobs[h.id]) for h in part]
-        for h, n in zip(part, counts):
-            h.inliers = n
-        if any(h.inliers is not None and h.inliers >= certain_at(h.cosine) for h in part):
-            return True
-    return False
+    try:
+        while todo and not _passed(deadline):
+            part, todo, size = todo[:size], todo[size:], 2 * size
+            blobs = collection.keypoints([h.id for h in part])
+            part = [h for h in part if h.id in blobs]
+            # A round's candidates are counted on worker threads (OpenCV and FAISS let go of the
+            # GIL), and its regions' points found ahead of them on threads that fall idle.
+            counts = _VERIFYING.map(lambda h: count(h, blobs[h.id]), part) if len(part) > 1 else None  # queued first
+            _regions_ahead(query, [b for h in part for b in regions.get(h.id, ())], stop)
+            for h, n in zip(part, counts if counts is not None else [count(h, blobs[h.id]) for h in part]):
+                h.inliers = n
+            if done.is_set():
+                return True
+        return False
+    finally:
+        done.set()  # regions still queued ahead are not found
+
+
+def _regions_ahead(query: Sequence[verify.LocalFeatures], boxes: Sequence[int], stop: Callable[[], bool]) -> None:
+    """A round's regions' points (REGION_BOXES' indices ``boxes``, in the order its hits try
+    them) found on the verifying threads as they fall idle, ahead of the hits that need them:
+    a round of one hit tries its boxes one after another on one core, and a round's last hit
+    alone on the other. Each is found once (``QueryFeatures.region`` locks a box), and not at
+    all once ``stop()``."""
+    if not isinstance(query, verify.QueryFeatures):
+        return
+    for box in dict.fromkeys(REGION_BOXES[b] for b in boxes):
+        _VERIFYING.submit(lambda box=box: None if stop() else query.region(box))
 
 
 def _fuse(engine: Engine, features: np.ndarray, hits: list[Hit], evidence: dict[int, Candidate], shape: Sequence[int]) -> list[Hit]:
