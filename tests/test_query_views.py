@@ -264,7 +264,7 @@ def _near_distractors(query: np.ndarray, rng: np.random.Generator, keypoints: by
     return items
 
 
-def _verify_round(tmp_path, photos, monkeypatch, stored_by_key: dict[str, bytes], regions_by_key: dict[str, list[int]]):
+def _verify_round(tmp_path, photos, monkeypatch, stored_by_key: dict[str, bytes], regions_by_key: dict[str, list[int]], verify_with=pipeline._verify):
     """``pipeline._verify`` of the cat pasted at the top right against real stored items (the
     first counted alone, the others in one round), certain at 30 inliers. Returns whether one was
     certain, the hits by key, the stored points each box's share of the query was matched
@@ -292,7 +292,7 @@ def _verify_round(tmp_path, photos, monkeypatch, stored_by_key: dict[str, bytes]
     monkeypatch.setattr(verify.QueryFeatures, "region", found_where)
     monkeypatch.setattr(verify, "part_inliers", share)
     regions = {h.id: regions_by_key[h.key] for h in hits if h.key in regions_by_key}
-    certain = pipeline._verify(keypoints, hits, col, lambda cosine: 30, regions)
+    certain = verify_with(keypoints, hits, col, lambda cosine: 30, regions)
     return certain, {h.key: h for h in hits}, matched, threads
 
 
@@ -309,6 +309,21 @@ def test_a_round_stops_at_its_first_certain_hit(tmp_path, photos, monkeypatch):
     assert certain and hits["chelsea"].inliers >= 30 and hits["decoy"].inliers is not None
     decoy = verify.unpack(coffee).orb
     assert sum(np.array_equal(m.orb, decoy) for m in matched) < 8  # stopped, not through its sixteen boxes
+
+
+def test_every_region_pick_tries_its_first_box_before_any_pick_tries_its_second(tmp_path, photos, monkeypatch):
+    """A decoy sixteen regions picked, verified before the pasted photo's original: it tries one
+    box, the original's first box confirms it, and the decoy's other fifteen are never tried."""
+    from simserve.inference.crops import REGION_BOXES
+    from simserve.ranking import verify
+
+    top_right = next(i for i, b in enumerate(REGION_BOXES) if b[0] > 0.4 and b[1] < 0.1)
+    coffee, cat = verify.keypoints(photos["coffee"]), verify.keypoints(photos["chelsea"])
+    stored, regions = {"decoy": coffee, "chelsea": cat}, {"decoy": list(range(16)), "chelsea": [top_right]}
+    certain, hits, matched, _ = _verify_round(tmp_path, photos, monkeypatch, stored, regions, pipeline._verify_picks)
+    assert certain and hits["chelsea"].inliers >= 30
+    decoy = verify.unpack(coffee).orb
+    assert sum(np.array_equal(m.orb, decoy) for m in matched) == 1
 
 
 def test_a_round_of_one_hit_finds_its_regions_points_on_the_idle_threads(tmp_path, photos, monkeypatch):

@@ -243,7 +243,7 @@ def shortlist(
     elif cfg.crop_views:
         hits = _rescore_views(query.embedding, hits, evidence)
     if verifying:
-        _verify(keypoints, hits, collection, need, regions, deadline)
+        _verify_picks(keypoints, hits, collection, need, regions, deadline)
     return hits, evidence
 
 
@@ -369,6 +369,24 @@ def _region_order(by_region: list[tuple[int, float, int, int]]) -> list[int]:
     for n, neg_score, id_, _ in by_region:  # sorted, so an id's best pick comes first
         best.setdefault(id_, (n, neg_score))
     return sorted(best, key=lambda i: (-count[i], *best[i]))
+
+
+def _verify_picks(
+    query: Sequence[verify.LocalFeatures],
+    hits: list[Hit],
+    collection: Collection,
+    certain_at: Callable[[float], float],
+    regions: dict[int, list[int]],
+    deadline: Deadline | None = None,
+) -> bool:
+    """``_verify`` with every region pick's first box (the region that ranked it best) tried
+    before any pick's second: a pasted photo's original is mostly confirmed by its first, while a
+    pick many regions made (a texture like the query's background) tried all its boxes before
+    the next pick was reached. At 90 ms, all 248 pasted queries at 100k, photographs
+    0.912 -> 0.930, 0.921 -> 0.947, 0.912 -> 0.939 in three runs; 600 random: the same."""
+    first = {i: r[:1] for i, r in regions.items()}
+    later = {i: r[1:] for i, r in regions.items() if len(r) > 1}
+    return _verify(query, hits, collection, certain_at, first, deadline) or (bool(later) and _verify(query, hits, collection, certain_at, later, deadline))
 
 
 def _verify(
