@@ -181,6 +181,40 @@ def test_views_are_asked_for_before_the_first_candidate_when_its_cosine_is_low(t
     assert runs[1.01] == ("astronaut", ["views", "keypoints"])  # asked for first; the answer is the same
 
 
+def test_views_asked_for_early_are_scanned_after_fewer_upright_candidates(tmp_path, photos, monkeypatch):
+    """A query whose views were asked for early (its best cosine low: a pasted photo, often on a
+    background that half-matches many items) verifies UPRIGHT_FIRST_EARLY upright candidates
+    before it scans them, not UPRIGHT_FIRST: the rest wait behind the views' picks."""
+    from concurrent.futures import Future
+
+    from simserve.ranking import verify
+
+    keypoints, _, _ = _cat_pasted_top_right(photos)
+    dim, rng = 16, np.random.default_rng(4)
+    col = Collections(tmp_path).create("c", dim, crop_views=True, verify=True)
+    query = _unit(rng.normal(size=dim))
+    col.add(_near_distractors(query, rng, verify.keypoints(photos["coffee"]), n=40))  # none a copy: every candidate uncertain
+    extra = np.stack([_unit(rng.normal(size=dim)) for _ in range(N_QUERY_VIEWS - 1)])
+    read, search = col.keypoints, col.search
+    runs = {}
+    for bar in (1.01, 0.0):  # early (above every cosine), then late
+        monkeypatch.setattr(pipeline, "EARLY_VIEWS_BELOW", bar)
+        before: list[int] = []  # candidates whose keypoints were read before the views' scan
+        scanned: list[bool] = []
+        monkeypatch.setattr(col, "keypoints", lambda ids, before=before, scanned=scanned: (before.extend(ids) if not any(scanned) else None, read(ids))[1])
+        monkeypatch.setattr(col, "search", lambda v, *a, scanned=scanned, **kw: (scanned.append(len(v) > 1), search(v, *a, **kw))[1])
+
+        def views() -> Future:
+            done: Future = Future()
+            done.set_result(extra)
+            return done
+
+        pipeline.shortlist(col, pipeline.Query(query, keypoints=keypoints, views=views), 10)
+        assert any(scanned)
+        runs[bar] = len(before)
+    assert runs == {1.01: pipeline.UPRIGHT_FIRST_EARLY, 0.0: pipeline.UPRIGHT_FIRST} and pipeline.UPRIGHT_FIRST_EARLY < pipeline.UPRIGHT_FIRST
+
+
 def test_a_region_found_again_at_full_detail_confirms_a_photo_pasted_small(photos):
     """A photo pasted at 140 of 600 px: the whole query's points, and the region's share of them,
     are mostly the other photo's; the region's own points, found on the region itself, are not."""
