@@ -668,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--search-budget-ms", dest="search_budget_ms", type=float,
         help="a verifying search answers this long after its request came in, with the candidates it has verified by then "
-        "(default 90: p99 under 100 ms on 2 cores at 100,000 items, 0.5-1 point of photographs' recall@1 given up by the machine's speed, mostly pasted copies; "
+        "(default 90: p99 under 100 ms on 2 cores at 100,000 items, 0.3-0.6 points of photographs' recall@1 given up by the machine's speed, mostly pasted copies; "
         "more finds more of those on a slow machine; 0 verifies every candidate however long it takes). A request's own timeout brings it forward",
     )  # fmt: skip
     sv.add_argument("--token", help="require 'authorization: Bearer TOKEN' (health and reflection stay open)")
