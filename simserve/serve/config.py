@@ -50,7 +50,7 @@ class ServerConfig:
     # A verifying search answers this long after its request came in, with what it has verified
     # (ranking/pipeline.Deadline; 0: never cut short). At 100,000 items on 2 cores, all 1,884
     # benchmark queries: p99 141 -> 95 ms, photographs recall@1 0.978 -> 0.975, µAP 0.975 -> 0.972
-    # (the budget is wall-clock: µAP 0.969-0.972 by the hour; docs/decisions/search-budget.md).
+    # (the budget is wall-clock: µAP 0.967-0.972 by the hour; docs/decisions/search-budget.md).
     # A request's own timeout brings it forward.
     search_budget_ms: float = 90.0
     token: str = ""
