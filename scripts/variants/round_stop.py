@@ -1,18 +1,14 @@
-"""For scripts/ab-variants.py: a verification round that waits for all its candidates, one hit's
-boxes tried one after another (as before), against a round that stops at its first certain hit,
-with and without its regions' points found ahead on idle threads (docs/decisions/search-budget.md)."""
+"""For scripts/ab-variants.py: a verification round that waits for all its candidates (fd4b52a's
+``_verify``), against a round that stops at its first certain hit, with and without its regions'
+points found ahead on idle threads (docs/decisions/search-budget.md; measured before
+``_verify_picks``, which now calls whichever ``_verify`` is in place once a pass)."""
 
-import subprocess
-import sys
-import types
+import runpy
 from pathlib import Path
 
 from simserve.ranking import pipeline
 
-_root = Path(__file__).resolve().parents[2]
-_before = types.ModuleType("pipeline_before")
-sys.modules[_before.__name__] = _before  # its dataclasses look their module up
-exec(subprocess.check_output(["git", "-C", str(_root), "show", "fd4b52a:simserve/ranking/pipeline.py"], text=True), _before.__dict__)
+_before = runpy.run_path(str(Path(__file__).with_name("verify_order.py")))["_before"]  # pipeline.py at fd4b52a
 _now, _ahead = pipeline._verify, pipeline._regions_ahead
 
 

@@ -417,7 +417,6 @@ def _verify(
     that, those ``deadline`` left no time for, and items added without keypoints, keep no count
     (or the one they had, or what they reached)."""
     regions = regions or {}
-    parts: dict[tuple[float, float, float, float], list[verify.LocalFeatures]] = {}  # the query's points in a box: the same for every hit
     done = threading.Event()  # a hit is certain (or verification is over): the others stop where they are
 
     def stop() -> bool:
@@ -431,9 +430,8 @@ def _verify(
         for box in (REGION_BOXES[r] for r in regions.get(h.id, ())):
             if n >= need or stop():
                 break
-            if box not in parts:
-                parts[box] = verify.within(query, box)
-            n = max(n, verify.part_inliers(parts[box], stored))
+            share = query.share(box) if isinstance(query, verify.QueryFeatures) else verify.within(query, box)
+            n = max(n, verify.part_inliers(share, stored))
             again = query.region(box) if n < need and isinstance(query, verify.QueryFeatures) else None
             if again is not None:  # the region's own points, found again (a search's query keeps its image for them)
                 n = max(n, verify.inliers(again, stored, need))

@@ -201,6 +201,7 @@ class QueryFeatures(Sequence[LocalFeatures]):
         self._image = image  # grey, at most 2 x SIDE (_for_regions): for regions found again at full detail
         self._regions: dict[tuple[float, float, float, float], list[LocalFeatures]] = {}
         self._region_locks: dict[tuple[float, float, float, float], threading.Lock] = {}
+        self._shares: dict[tuple[float, float, float, float], list[LocalFeatures]] = {}
 
     def __len__(self) -> int:
         return 2
@@ -232,6 +233,13 @@ class QueryFeatures(Sequence[LocalFeatures]):
                 s, o = _detect(grey, sift=False)
                 self._regions[box] = [_query_side(s, o, (grey.shape[1] / SIDE, grey.shape[0] / SIDE))]
             return self._regions[box]
+
+    def share(self, box: tuple[float, float, float, float]) -> list[LocalFeatures]:
+        """The query's points inside ``box`` (``within``), cut once: every candidate a region
+        picked, in each pass over the picks, matches the same share."""
+        if box not in self._shares:
+            self._shares[box] = within(self, box)  # two threads may cut one box at once: the same result
+        return self._shares[box]
 
     def mirrored(self) -> LocalFeatures:
         with self._lock:
