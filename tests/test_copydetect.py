@@ -140,7 +140,11 @@ def test_calibrate_fits_every_evidence_set_and_a_server_scores_with_it(photo_sce
     for key, c in cals.items():
         assert c.probability(0.9) > c.probability(0.3), key
         assert 0.0 < c.threshold <= 1.0 and result[key]["copies"] > 0
-    assert cals["views+inliers"].probability(0.5, 40) > cals["views+inliers"].probability(0.5, 0)
+    views = cals["views+inliers"]
+    assert views.probability(0.5, 40) > views.probability(0.5, 0)
+    # An affine map passes through any three matches: three inliers are no evidence, a fourth is.
+    assert views.free == 3 and views.probability(0.5, 3) == views.probability(0.5, 0) < views.probability(0.5, 4)
+    assert result["views+inliers"]["free_inliers"] == 3
     pair = cals["pooled+inliers+head"]  # a pair's model weighs the head's score in too
     assert pair.head > 0 and pair.probability(0.5, 10, 0.9) > pair.probability(0.5, 10, 0.1)
     load_bundle(bundle)  # checksums still hold: only the manifest's calibration changed
@@ -187,3 +191,21 @@ def test_the_shipped_default_finds_a_photo_copy_first_and_keeps_a_lookalike_belo
         assert other[0].score < cal.threshold, [(h.key, h.score, h.cosine, h.inliers) for h in other]
         assert hits[0].score > 10 * other[0].score and hits[0].score > 2 * hits[1].score
     svc.close()
+
+
+def test_a_calibration_written_before_free_inliers_scores_every_inlier_as_it_was_fitted():
+    """A bundle calibrated before the first inliers were set apart keeps its scores (its weights
+    were fitted on every inlier); a malformed count is refused at load, not used to mis-score."""
+    from simserve.ranking.calibration import Calibration, fit
+
+    old = Calibration.from_dict({"bias": -10.0, "score": 6.0, "inliers": 0.15, "threshold": 0.9})
+    assert old.free == 0 and old.probability(0.5, 3) > old.probability(0.5, 0)
+    again = Calibration.from_dict(Calibration(-10.0, 6.0, 0.15, 0.9, free=3.0).to_dict())
+    assert again.free == 3.0 and again.probability(0.5, 7) == pytest.approx(old.probability(0.5, 4))
+    for bad in (-1, "3", float("nan")):
+        with pytest.raises(ValueError, match="free_inliers"):
+            Calibration.from_dict({"bias": -10.0, "score": 6.0, "inliers": 0.15, "free_inliers": bad})
+    rng = np.random.default_rng(0)  # fitted: the count that is evidence is the one past the free three
+    n = rng.integers(0, 40, 400)
+    y = rng.random(400) < 1 / (1 + np.exp(-(-4 + 0.3 * np.maximum(n - 3, 0))))
+    assert fit(rng.random(400), n, y).free == 3 and fit(rng.random(400), None, y).free == 0

@@ -54,16 +54,38 @@ def test_a_copy_shares_many_inliers_with_its_original_and_few_with_another_photo
 def test_a_mirrored_copy_is_verified_through_the_mirrored_query_features(photos):
     q = verify.query_features(copy_of(photos["astronaut"], mirror=True))
     original = stored(photos["astronaut"])
-    as_given, mirrored = (verify.inliers([f], original) for f in q)
+    as_given, mirrored = (verify.inliers([f], original) for f in q[:2])
     assert mirrored >= 25 and mirrored >= 5 * as_given
     assert verify.inliers(q, original) == mirrored
+
+
+def test_a_hazy_photo_cut_to_a_quarter_is_verified_through_its_points_found_zoomed_out(photos):
+    """A washed-out photo's quarter, as a re-poster saves it: at the keypoints' size its content is
+    twice the original's scale, and its strongest corners are detail the original never had. The
+    query's points found again at ZOOM_OUT of its size confirm it; another photo stays at chance."""
+    from PIL import ImageEnhance, ImageFilter
+
+    hazy = {n: ImageEnhance.Contrast(im.resize((512, round(512 * im.height / im.width))).filter(ImageFilter.GaussianBlur(1))).enhance(0.25) for n, im in photos.items()}
+    w, h = hazy["chelsea"].size
+    buf = io.BytesIO()
+    hazy["chelsea"].crop((int(0.45 * w), int(0.4 * h), int(0.95 * w), int(0.9 * h))).save(buf, "JPEG", quality=75)
+    q = verify.query_features(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert len(q) == 3 and q[2].extent == q[0].extent  # given, mirrored, zoomed out: in the given frame
+    textured = verify.query_features(photos["astronaut"])  # its points span both sides alike: one frame, where a box cuts them
+    assert np.allclose(textured[2].orb_xy.max(axis=0), textured[0].orb_xy.max(axis=0), atol=0.05)
+    original = stored(hazy["chelsea"])
+    given, mirrored, zoomed = (verify.inliers([f], original) for f in q)
+    assert max(given, mirrored) <= 8 and zoomed >= 12, (given, mirrored, zoomed)
+    assert verify.inliers(q, original) == zoomed
+    assert len(q.share((0.0, 0.0, 1.0, 1.0))) == 2  # a region's share is cut from the given and mirrored sides only
+    assert max(verify.inliers([q[2]], stored(hazy[n])) for n in ("astronaut", "coffee", "rocket")) <= 6
 
 
 def test_matching_stops_at_enough_inliers_without_waiting_for_the_mirrored_points(photos):
     original = stored(photos["coffee"])
     q = verify.query_features(copy_of(photos["coffee"]))
     assert verify.inliers(q, original, enough=20) >= 20
-    assert q._mirrored is None  # the given orientation sufficed: the mirrored one was never built
+    assert q._mirrored is None and q._zoomed is None  # the given side sufficed: the others were never built
     flipped = verify.query_features(copy_of(photos["coffee"], mirror=True))
     assert verify.inliers(flipped, original, enough=20) >= 20 and flipped._mirrored is not None  # the given fell short
 

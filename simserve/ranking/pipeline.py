@@ -297,7 +297,7 @@ def _certainty(calibration: Calibration | None) -> Callable[[float], float]:
     if calibration.inliers <= 0:
         return lambda cosine: math.inf
     z = math.log(CERTAIN / (1 - CERTAIN))
-    return lambda cosine: (z - calibration.bias - calibration.score * cosine) / calibration.inliers
+    return lambda cosine: calibration.free + (z - calibration.bias - calibration.score * cosine) / calibration.inliers
 
 
 def stored_keypoints(collection: Collection, id: int) -> list[verify.LocalFeatures] | None:
