@@ -353,7 +353,7 @@ class Service:
 
     def _pair_inliers(self, refs: Sequence[ImageRef], where: Sequence[str], ids: Sequence[int | None], collection: str | None) -> np.ndarray:
         """Inliers of each pair (refs in pairs), the better of both directions, so (a, b) and (b, a)
-        agree. Bytes are described as given and mirrored; a stored item by its stored keypoints
+        agree. Bytes are described as given, mirrored and zoomed out; a stored item by its stored keypoints
         (none stored: 0 inliers, as a search scores a hit it did not verify)."""
         stored = {}
         if any(i is not None for i in ids):
