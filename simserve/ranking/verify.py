@@ -47,8 +47,9 @@ SPREAD_CELLS = 4
 # strongest points at SIDE are then detail the original at SIDE never had: its points are found
 # again on it at this fraction of SIDE (QueryFeatures' third side). Photographs' copies reaching
 # 10 inliers, 600 random queries: 0.890 -> 0.916; crop to 25% 0.66 -> 0.76, crop + colour + text
-# 0.82 -> 0.95, pasted 0.48 -> 0.59 (0.6: 0.905). At 90 ms, 900 random at 100k: recall@1
-# 0.943 -> 0.950, photographs 0.978 -> 0.981 (docs/decisions/geometric-verification.md). None: no such side.
+# 0.82 -> 0.95, pasted 0.48 -> 0.59 (0.6: 0.905). At 90 ms, all 1,884 queries at 100k: recall@1
+# 0.943 -> 0.947, photographs 0.974 -> 0.977, p50 25.7 -> 25.4 ms (docs/decisions/
+# geometric-verification.md). None: no such side.
 ZOOM_OUT: float | None = 0.7
 
 SIFT_POINT = np.dtype([("xy", "<f2", (2,)), ("desc", "u1", (128,))])  # 132 bytes
@@ -267,7 +268,8 @@ class QueryFeatures(Sequence[LocalFeatures]):
     def zoomed(self) -> LocalFeatures:
         """The query's ORB points found again on it at ZOOM_OUT of its size (~1 ms), placed in the
         given side's frame: what a crop's content looks like at the original's scale. SIFT there
-        (~2 ms more) brought copies reaching 10 inliers from 0.916 to 0.919 of 600."""
+        too (~2 ms more): copies reaching 10 inliers 0.916 -> 0.919 of 600, but at 90 ms, every
+        query at 100k, photographs 0.977 -> 0.975 (scripts/variants/zoom_out.py)."""
         with self._zoom_lock:
             if self._zoomed is None:
                 h, w = self._grey.shape
@@ -279,9 +281,10 @@ class QueryFeatures(Sequence[LocalFeatures]):
 
 
 def query_features(image: Image.Image | np.ndarray, regions: bool = False) -> QueryFeatures:
-    """A query image -> its features as given and mirrored (copies are often flipped); with
-    ``regions``, able to find a region's points again (``QueryFeatures.region``): a search's query
-    keeps a small grey copy of itself for that, which a batch of pairs has no use for."""
+    """A query image -> its features as given, mirrored (copies are often flipped) and zoomed
+    out (often cropped: ``QueryFeatures``); with ``regions``, able to find a region's points
+    again (``QueryFeatures.region``): a search's query keeps a small grey copy of itself for
+    that, which a batch of pairs has no use for."""
     grey = _grey(image)
     s, o = _detect_apart(grey)
     extent = (grey.shape[1] / SIDE, grey.shape[0] / SIDE)
