@@ -93,7 +93,8 @@ class Calibration:
 
 # What ``fit`` sets apart by default: the three matches any affine map passes through. On the
 # benchmark's 1,884 queries at 100k, refitted on the calibration set with 0, 2-6 set apart:
-# photographs 0.980 at 0 and 4, 0.981 at 2 and 3, 0.979 at 5 (docs/decisions/calibrated-score.md).
+# photographs 0.980 at 0 and 4, 0.981 at 2 and 3, 0.979 at 5 (scripts/rescore-free-inliers.py;
+# docs/decisions/calibrated-score.md).
 FREE_INLIERS = 3
 
 
