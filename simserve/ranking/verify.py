@@ -47,7 +47,8 @@ SPREAD_CELLS = 4
 # strongest points at SIDE are then detail the original at SIDE never had: its points are found
 # again on it at this fraction of SIDE (QueryFeatures' third side). Photographs' copies reaching
 # 10 inliers, 600 random queries: 0.890 -> 0.916; crop to 25% 0.66 -> 0.76, crop + colour + text
-# 0.82 -> 0.95, pasted 0.48 -> 0.59 (0.6: 0.905). At 90 ms, all 1,884 queries at 100k: recall@1
+# 0.82 -> 0.95, pasted 0.48 -> 0.59 (0.6: 0.905, 0.8: 0.919; scripts/zoom-inliers.py); hard negatives
+# reaching 6: 0.025 -> 0.036. At 90 ms, all 1,884 queries at 100k: recall@1
 # 0.943 -> 0.947, photographs 0.974 -> 0.977, p50 25.7 -> 25.4 ms (docs/decisions/
 # geometric-verification.md). None: no such side.
 ZOOM_OUT: float | None = 0.7
