@@ -17,10 +17,7 @@ _orb_only = verify.QueryFeatures.zoomed
 def _with_sift(self) -> verify.LocalFeatures:
     with self._zoom_lock:
         if self._zoomed is None:
-            cv2 = verify._cv2()
-            h, w = self._grey.shape
-            small = cv2.resize(self._grey, (max(1, round(w * verify.ZOOM_OUT)), max(1, round(h * verify.ZOOM_OUT))), interpolation=cv2.INTER_AREA)
-            s, o = verify._detect(small)
+            s, o = verify._detect(verify._scaled(self._grey, verify.ZOOM_OUT))
             for points in (s, o):
                 points["xy"] = (points["xy"].astype(np.float32) / verify.ZOOM_OUT).astype(np.float16)
             self._zoomed = verify._query_side(s, o, self._given.extent)

@@ -112,7 +112,7 @@ def fit(
     nothing."""
     y = np.asarray(labels, np.float64)
     cols = [np.ones_like(y), np.asarray(score, np.float64)]
-    free = free if inliers is not None else 0.0
+    free = float(free) if inliers is not None else 0.0
     if inliers is not None:
         cols.append(counted(inliers, free))
     if head is not None:

@@ -162,11 +162,15 @@ def _detect_apart(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _APART = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="query-sift")
 
 
-def _sift_points(grey: np.ndarray) -> np.ndarray:
+def _scaled(grey: np.ndarray, fraction: float) -> np.ndarray:
+    """A grey image at ``fraction`` of its size (area-averaged, as a smaller copy would be saved)."""
     cv2 = _cv2()
-    h, w = (max(1, round(n * SIFT_SIDE / SIDE)) for n in grey.shape)
-    small = cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
-    return _points(SIFT_POINT, *_tools()[0].detectAndCompute(small, None), side=SIFT_SIDE)
+    h, w = (max(1, round(n * fraction)) for n in grey.shape)
+    return cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
+
+
+def _sift_points(grey: np.ndarray) -> np.ndarray:
+    return _points(SIFT_POINT, *_tools()[0].detectAndCompute(_scaled(grey, SIFT_SIDE / SIDE), None), side=SIFT_SIDE)
 
 
 def _orb_points(grey: np.ndarray) -> np.ndarray:
@@ -273,9 +277,7 @@ class QueryFeatures(Sequence[LocalFeatures]):
         query at 100k, photographs 0.977 -> 0.975 (scripts/variants/zoom_out.py)."""
         with self._zoom_lock:
             if self._zoomed is None:
-                h, w = self._grey.shape
-                small = _cv2().resize(self._grey, (max(1, round(w * ZOOM_OUT)), max(1, round(h * ZOOM_OUT))), interpolation=_cv2().INTER_AREA)
-                s, o = _detect(small, sift=False)
+                s, o = _detect(_scaled(self._grey, ZOOM_OUT), sift=False)
                 o["xy"] = (o["xy"].astype(np.float32) / ZOOM_OUT).astype(np.float16)
                 self._zoomed = _query_side(s, o, self._given.extent)
             return self._zoomed
